@@ -1,0 +1,272 @@
+"""Typed run configurations: one dataclass per command, the CLI and `--help` come from them.
+
+Every field is documented where it is declared (`arg(default, help)`). A run's settings are
+resolved in one order: the dataclass defaults, then a YAML file (`--config FILE`), then the
+command-line flags. `validate()` refuses bad settings before any model loads, naming the field
+and what it accepts. The resolved config is written next to every run as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from preftune.errors import PreftuneError
+
+
+def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """A config field with its documentation (shown by `--help`) and allowed values."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every training command."""
+
+    # --- model -----------------------------------------------------------------------------
+    model: str = arg("tiny", "Model to train: a local folder, a hub name, or `tiny` (a small "
+                     "Llama-style model with random weights and a byte-level tokenizer).")
+    dtype: str = arg("auto", "Weights dtype when loading the model.",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision: str = arg("auto", "Autocast precision: `auto` is bf16 where the hardware "
+                               "supports it (CUDA) and no autocast on the CPU.",
+                               choices=("auto", "no", "bf16", "fp16"))
+    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to "
+                                       "save memory.")
+    lora: bool = arg(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA scaling alpha.")
+    lora_dropout: float = arg(0.0, "LoRA dropout.")
+    lora_target_modules: str = arg("all-linear", "Modules that get adapters: `all-linear` or a "
+                                   "comma-separated list of module names.")
+    chat_template: str = arg("", "Jinja chat template file overriding the tokenizer's own.")
+
+    # --- data ------------------------------------------------------------------------------
+    data: str = arg("", "Training data: a JSONL/JSON/Parquet/CSV file or folder, or a dataset "
+                    "name for `datasets.load_dataset`.")
+    split: str = arg("train", "Dataset split to read when `data` is a hub dataset name.")
+    columns: str = arg("", "Column mapping from your names to preftune's, e.g. "
+                       "`prompt=question,chosen=good,rejected=bad`.")
+    eval_data: str = arg("", "Held-out data (same formats as `data`).")
+    eval_fraction: float = arg(0.0, "Hold out this fraction of `data` for evaluation when no "
+                               "`eval_data` is given.")
+    max_length: int = arg(512, "Maximum tokens of prompt + completion.")
+    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: half of `max_length`).")
+    prompt_truncation: str = arg("keep_end", "Which part of a long prompt survives truncation.",
+                                 choices=("keep_end", "keep_start"))
+    on_bad_row: str = arg("error", "What to do with a malformed row inside otherwise good "
+                          "data: stop with an error naming it, or skip it and count it.",
+                          choices=("error", "skip"))
+
+    # --- optimisation ----------------------------------------------------------------------
+    output_dir: str = arg("", "Where the run writes config, metrics, checkpoints and the final "
+                          "model (default: runs/<command>).")
+    overwrite: bool = arg(False, "Replace a different run already in `output_dir`.")
+    resume: bool = arg(False, "Continue from the latest checkpoint in `output_dir`.")
+    max_steps: int = arg(0, "Optimizer steps to run (0: use `epochs`).")
+    epochs: float = arg(1.0, "Passes over the training data when `max_steps` is 0.")
+    batch_size: int = arg(8, "Examples per device per micro-batch (a pair counts as one).")
+    grad_accum: int = arg(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = arg(5e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.999, "AdamW beta2.")
+    lr_scheduler: str = arg("cosine", "Learning-rate schedule after warmup.",
+                            choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = arg(0.0, "Fraction of the steps spent warming up linearly.")
+    warmup_steps: int = arg(0, "Warmup steps (overrides `warmup_ratio` when > 0).")
+    max_grad_norm: float = arg(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    seed: int = arg(0, "Seed for weights of `tiny`, data order, sampling and dropout.")
+
+    # --- logging and checkpoints -------------------------------------------------------------
+    logging_steps: int = arg(10, "Log training metrics every this many steps.")
+    eval_steps: int = arg(0, "Evaluate on held-out data every this many steps (0: at the end).")
+    save_steps: int = arg(500, "Write a checkpoint every this many steps (0: only at the end).")
+    save_total_limit: int = arg(2, "Keep at most this many checkpoints (0: keep all).")
+    report_to: str = arg("", "Extra trackers through accelerate, comma-separated: "
+                         "tensorboard, wandb, mlflow. `metrics.jsonl` is always written.")
+
+    def validate(self) -> None:
+        """Refuse out-of-range settings before anything loads."""
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
+        _require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0")
+        _require(self.epochs > 0, "epochs", self.epochs, "a number > 0")
+        _require(self.lr > 0, "lr", self.lr, "a number > 0")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _require(0 <= self.adam_beta1 < 1, "adam_beta1", self.adam_beta1, "a number in [0, 1)")
+        _require(0 <= self.adam_beta2 < 1, "adam_beta2", self.adam_beta2, "a number in [0, 1)")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio,
+                 "a number in [0, 1)")
+        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a number >= 0")
+        _require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction,
+                 "a number in [0, 1)")
+        _require(self.max_length >= 8, "max_length", self.max_length, "an integer >= 8")
+        _require(0 <= self.max_prompt_length < self.max_length, "max_prompt_length",
+                 self.max_prompt_length, f"an integer in [0, max_length={self.max_length})")
+        _require(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
+        _require(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")
+        _require(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
+        _require(self.save_total_limit >= 0, "save_total_limit", self.save_total_limit,
+                 "an integer >= 0")
+        _require(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
+        _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout,
+                 "a number in [0, 1)")
+        if self.eval_data and self.eval_fraction:
+            raise PreftuneError("eval_data and eval_fraction were both given: pass one of them "
+                                "(eval_fraction splits `data`; eval_data is a separate file)")
+        if self.overwrite and self.resume:
+            raise PreftuneError("overwrite and resume were both given: --resume continues the "
+                                "run in output_dir, --overwrite replaces it; pass one")
+        trackers = [t for t in self.report_to.split(",") if t.strip()]
+        for tracker in trackers:
+            if tracker.strip() not in ("tensorboard", "wandb", "mlflow"):
+                raise PreftuneError(f"report_to: unknown tracker {tracker.strip()!r}; "
+                                    "expected a comma-separated list of tensorboard, wandb, mlflow")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
+                                    f"{', '.join(map(str, choices))}")
+
+    @property
+    def prompt_limit(self) -> int:
+        """The effective maximum prompt length in tokens."""
+        return self.max_prompt_length or self.max_length // 2
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise PreftuneError(f"{name}: got {value!r}, expected {expected}")
+
+
+# --- dataclass -> argparse, YAML ------------------------------------------------------------
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field; defaults are suppressed so that only given flags override YAML."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML file of settings; flags given on the command line win.")
+    for f in dataclasses.fields(cls):
+        tp = _field_type(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if default not in ("", None) and not isinstance(default, bool):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif tp in (list, typing.List) or typing.get_origin(tp) is list:
+            item = (typing.get_args(tp) or (str,))[0]
+            kwargs.update(nargs="+", type=item, metavar=item.__name__.upper())
+        else:
+            kwargs.update(type=tp, metavar=tp.__name__.upper())
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+                kwargs.pop("metavar")
+        parser.add_argument(flag, **kwargs)
+
+
+def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
+    tp = _field_type(cls, f)
+    if value is None:
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typing.get_origin(tp) is list or tp is list:
+        item = (typing.get_args(tp) or (str,))[0]
+        values = value if isinstance(value, list) else [value]
+        try:
+            return [item(v) for v in values]
+        except (TypeError, ValueError):
+            pass
+    else:
+        return value
+    raise PreftuneError(f"{where}: {f.name} is {value!r} ({type(value).__name__}), "
+                        f"expected {getattr(tp, '__name__', tp)}")
+
+
+def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML mapping of field names to values, naming the file and key of any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreftuneError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise PreftuneError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise PreftuneError(f"{path}: expected a mapping of setting names to values, "
+                            f"got {type(raw).__name__}")
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in fields_by_name:
+            close = difflib.get_close_matches(name, fields_by_name, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PreftuneError(f"{path}: unknown setting {key!r}{hint}")
+        values[name] = _coerce(cls, fields_by_name[name], value, str(path))
+    return values
+
+
+def build_config(cls: type, namespace: argparse.Namespace) -> Any:
+    """Defaults, then the YAML file, then the flags given; then validate."""
+    given = vars(namespace).copy()
+    values: dict[str, Any] = {}
+    config_file = given.pop("config", None)
+    if config_file:
+        values.update(load_yaml_config(config_file, cls))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in given.items() if k in names})
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from preftune.utils import atomic_write_text
+
+    data = {**config_to_dict(cfg), **(extra or {})}
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
