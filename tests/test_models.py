@@ -122,6 +122,12 @@ def test_tiny_model_save_load_and_generate(tmp_path):
     again, again_tok = load_causal_lm(str(tmp_path))
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
     assert again_tok(TEXTS[1]).input_ids == tok(TEXTS[1]).input_ids
+    # A causal LM checkpoint as a reward model: same backbone, a fresh score head chosen by the seed.
+    rm_a, _ = load_sequence_classifier(str(tmp_path), seed=3)
+    rm_b, _ = load_sequence_classifier(str(tmp_path), seed=3)
+    assert torch.equal(rm_a.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert torch.equal(rm_a.score.weight, rm_b.score.weight)
+    assert rm_a.config.pad_token_id == tok.pad_token_id
 
 
 def test_tiny_sequence_classifier_scores_one_per_row_padding_invariant():

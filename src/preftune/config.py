@@ -65,9 +65,10 @@ class TrainConfig:
     max_prompt_length: int = arg(0, "Maximum prompt tokens (0: half of `max_length`).")
     prompt_truncation: str = arg("keep_end", "Which part of a long prompt survives truncation.",
                                  choices=("keep_end", "keep_start"))
-    on_bad_row: str = arg("error", "What to do with a malformed row inside otherwise good "
-                          "data: stop with an error naming it, or skip it and count it.",
-                          choices=("error", "skip"))
+    on_bad_row: str = arg("skip", "What to do with a malformed row (empty text, chosen equal "
+                          "to rejected, wrong type, ...) inside otherwise good data: skip it "
+                          "and report the count and the first one, or stop with an error "
+                          "naming its file and line.", choices=("skip", "error"))
 
     # --- optimisation ----------------------------------------------------------------------
     output_dir: str = arg("", "Where the run writes config, metrics, checkpoints and the final "

@@ -103,7 +103,7 @@ def completion_logprobs(
             f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
         )
     # Mask once: completion tokens that are real tokens and have a context to predict them from.
-    target_mask = completion_mask.bool()
+    target_mask = completion_mask.bool() & attention_mask.bool()
     target_mask[:, 0] = False
     # The hidden state at t predicts the token at t + 1.
     predict_mask = torch.zeros_like(target_mask)
