@@ -63,8 +63,10 @@ class TrainConfig:
                                "`eval_data` is given.")
     max_length: int = arg(512, "Maximum tokens of prompt + completion.")
     max_prompt_length: int = arg(0, "Maximum prompt tokens (0: half of `max_length`).")
-    prompt_truncation: str = arg("keep_end", "Which part of a long prompt survives truncation.",
-                                 choices=("keep_end", "keep_start"))
+    prompt_truncation: str = arg("keep_end", "A prompt over max_prompt_length keeps its end "
+                                 "(the latest turns), keeps its start, or stops the run with "
+                                 "an error naming the example.",
+                                 choices=("keep_end", "keep_start", "error"))
     on_bad_row: str = arg("skip", "What to do with a malformed row (empty text, chosen equal "
                           "to rejected, wrong type, ...) inside otherwise good data: skip it "
                           "and report the count and the first one, or stop with an error "

@@ -11,7 +11,8 @@ Policy, for each example (and shared by chosen/rejected of a pair, which share t
    doubled when the template already wrote it), the completion without special tokens, then
    append EOS to the completion unless it already ends with it.
 3. If the prompt is longer than `max_prompt_length`, cut it: "keep_end" keeps its last tokens
-   (after the BOS token, which stays first), "keep_start" keeps its first tokens.
+   (after the BOS token, which stays first), "keep_start" keeps its first tokens; "error"
+   refuses the data instead, naming the example and its length.
 4. Cut the completion from the right to fit `max_length`. An example with no completion token
    left to learn from is dropped and counted in the report.
 
@@ -33,6 +34,11 @@ from preftune.data.formats import Pair, PromptExample, Ranked, SFTExample, Text,
 from preftune.errors import PreftuneError
 
 PROGRESS_MIN_EXAMPLES = 2000
+PROMPT_TRUNCATION = ("keep_end", "keep_start", "error")
+
+
+class PromptTooLong(PreftuneError):
+    """A prompt over the limit under prompt_truncation="error"."""
 
 
 @dataclass
@@ -66,9 +72,9 @@ class TruncationConfig:
                 f"max_prompt_length ({self.prompt_limit}) must be smaller than max_length "
                 f"({self.max_length}), otherwise a long prompt leaves no room for the completion"
             )
-        if self.prompt_truncation not in ("keep_end", "keep_start"):
+        if self.prompt_truncation not in PROMPT_TRUNCATION:
             raise PreftuneError(
-                f"prompt_truncation must be 'keep_end' or 'keep_start', got "
+                f"prompt_truncation must be one of {', '.join(PROMPT_TRUNCATION)}, got "
                 f"{self.prompt_truncation!r}"
             )
         return self
@@ -182,7 +188,10 @@ class _Tokens:
         self.prefix = list(with_special[:k]) if k + len(plain) <= len(with_special) else []
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        if not text:
+            return []
+        # verbose=False: texts longer than the model are expected here; truncation follows.
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def prompt_ids(self, text: str) -> list[int]:
         ids = self.encode(text)
@@ -200,6 +209,8 @@ class _Tokens:
 def _cut_prompt(ids: list[int], limit: int, how: str, prefix: list[int]) -> tuple[list[int], bool]:
     if len(ids) <= limit:
         return ids, False
+    if how == "error":
+        raise PromptTooLong(f"a prompt is {len(ids)} tokens long, over max_prompt_length={limit}")
     if how == "keep_start":
         return ids[:limit], True
     keep = prefix if prefix and ids[: len(prefix)] == prefix and len(prefix) < limit else []
@@ -240,6 +251,7 @@ class _Encoder:
         self.tokenizer = tokenizer
         self.trunc = trunc
         self.report = report
+        self.index = 0  # 1-based number of the example being encoded, for error messages
 
     def sequences(self, prompt: Text, completions: list[Text]):
         """-> list of sequence features (None for a completion with nothing left)."""
@@ -251,12 +263,17 @@ class _Encoder:
                 raise PreftuneError("the chat template renders the same prompt differently")
             prompt_text = p_text
             completion_texts.append(c_text)
-        prompt_ids, prompt_cut = _cut_prompt(
-            self.tokens.prompt_ids(prompt_text),
-            self.trunc.prompt_limit,
-            self.trunc.prompt_truncation,
-            self.tokens.prefix,
-        )
+        self.index += 1
+        try:
+            prompt_ids, prompt_cut = _cut_prompt(
+                self.tokens.prompt_ids(prompt_text),
+                self.trunc.prompt_limit,
+                self.trunc.prompt_truncation,
+                self.tokens.prefix,
+            )
+        except PromptTooLong as exc:
+            raise PreftuneError(f"example {self.index}: {exc} (prompt_truncation=error; use "
+                                "keep_end or keep_start to truncate instead)") from None
         self.report.n_prompt_truncated += prompt_cut
         features, any_cut = [], False
         for text in completion_texts:
@@ -354,18 +371,22 @@ def tokenize_prompts(
         raise PreftuneError(
             f"max_prompt_length must be a positive integer, got {max_prompt_length!r}"
         )
-    if prompt_truncation not in ("keep_end", "keep_start"):
+    if prompt_truncation not in PROMPT_TRUNCATION:
         raise PreftuneError(
-            f"prompt_truncation must be 'keep_end' or 'keep_start', got {prompt_truncation!r}"
+            f"prompt_truncation must be one of {', '.join(PROMPT_TRUNCATION)}, got "
+            f"{prompt_truncation!r}"
         )
     tokens = _Tokens(tokenizer)
     report = TokenizeReport(n_examples=len(examples))
     features = []
-    for ex in _progress(examples, progress, "tokenize"):
+    for index, ex in enumerate(_progress(examples, progress, "tokenize"), start=1):
         prompt_text, _ = render(tokenizer, ex.prompt, None)
-        ids, cut = _cut_prompt(
-            tokens.prompt_ids(prompt_text), max_prompt_length, prompt_truncation, tokens.prefix
-        )
+        try:
+            ids, cut = _cut_prompt(
+                tokens.prompt_ids(prompt_text), max_prompt_length, prompt_truncation, tokens.prefix
+            )
+        except PromptTooLong as exc:
+            raise PreftuneError(f"prompt {index}: {exc}") from None
         report.n_prompt_truncated += cut
         if not ids:
             report.drop("empty_prompt")

@@ -91,6 +91,10 @@ def train_offline(engine: Engine, module: torch.nn.Module, train_set: Sequence[A
             return evaluate(engine, module, eval_set, collate, objective)
         return {}
 
+    if start == 0:  # the starting point, so that every run shows how far held-out loss moved
+        ev = run_eval()
+        if ev:
+            engine.log(0, ev)
     for sb in engine.batches(len(train_set), start):
         t0 = time.perf_counter()
         batches = [to_device(collate([train_set[i] for i in mb]), device)

@@ -1,0 +1,548 @@
+"""`preftune eval-rm`: evaluate any reward on preference pairs.
+
+Three kinds of reward, each turned into two arrays r_chosen[i], r_rejected[i]:
+- a sequence classifier with one output (`preftune reward`'s, or any in the transformers
+  layout): `--model DIR`;
+- a causal-LM policy through its implicit reward β·Σ_t [log π(y_t|x, y_<t) − log π_ref(...)]
+  (Rafailov et al. 2023, Eq. 5; scored as RewardBench does, Lambert et al. 2024):
+  `--model POLICY --ref-model REF`; or reference-free, β·log π(y|x) summed or averaged over
+  the completion tokens: `--model POLICY --reference-free [--logprob-agg mean]`;
+- a python function `fn(prompts, completions) -> scores`: `--model module:function` or
+  `--model path/to/file.py:function`.
+
+Models see exactly what `preftune reward` trains on: the same data conversion, tokenization,
+truncation (by default read from the `config.yaml` the training run left next to the model)
+and right-padded batches. The statistics are pure functions in `evaluation.stats`.
+
+Outputs in `--output-dir`: results.json, scores.jsonl (one line per pair), reliability.png,
+rewards.png, config.yaml; the accuracy table is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from preftune.config import _require, arg, save_config
+from preftune.errors import PreftuneError
+from preftune.evaluation import stats
+from preftune.evaluation.plots import reliability_diagram, reward_distributions
+from preftune.evaluation.report import format_table, write_json_atomic
+
+REWARD_KINDS = ("classifier", "implicit", "reference_free", "function")
+RESULT_FILES = ("results.json", "scores.jsonl", "reliability.png", "rewards.png")
+
+
+@dataclass
+class EvalRMConfig:
+    """Settings of `preftune eval-rm` (an evaluation, not a training run)."""
+
+    # --- the reward --------------------------------------------------------------------------
+    model: str = arg("", "The reward to evaluate: a reward model folder (or hub id in the "
+                     "offline cache) in the transformers sequence-classification layout; a "
+                     "causal-LM policy with --ref-model or --reference-free; or a python "
+                     "function as `module:function` or `path/to/file.py:function`, called as "
+                     "fn(prompts, completions) and returning one number per completion.")
+    ref_model: str = arg("", "Reference model of a DPO-trained policy: the reward is then the "
+                         "implicit reward beta * sum_t log pi(y_t|..)/pi_ref(y_t|..).")
+    reference_free: bool = arg(False, "Score a policy by beta * its own log-prob of the "
+                               "completion, with no reference model.")
+    logprob_agg: str = arg("sum", "How a policy's per-token log-probs (or log-ratios) are "
+                           "combined: summed over the completion, or averaged (length-"
+                           "normalised, as in SimPO).", choices=("sum", "mean"))
+    beta: float = arg(1.0, "Scale of a policy's implicit reward (the beta it was trained with "
+                      "makes sigma(r_c - r_r) its own preference probability, for calibration).")
+    dtype: str = arg("auto", "Weights dtype when loading models.",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = arg("auto", "Where models run: `auto` is CUDA when available, else the CPU.",
+                      choices=("auto", "cpu", "cuda"))
+    seed: int = arg(0, "Seed (only matters for models built at random, like `tiny`).")
+
+    # --- data --------------------------------------------------------------------------------
+    data: str = arg("", "Preference pairs: paired (prompt, chosen, rejected [, subset]), "
+                    "implicit pairs (chosen, rejected) or ranked rows (split into all pairs).")
+    split: str = arg("train", "Dataset split to read when `data` is a hub dataset name.")
+    columns: str = arg("", "Column mapping from your names to preftune's, e.g. "
+                       "`prompt=question,chosen=good,rejected=bad`.")
+    on_bad_row: str = arg("skip", "Skip malformed rows (reporting the count) or stop at the "
+                          "first one.", choices=("skip", "error"))
+    max_length: int = arg(0, "Maximum tokens of prompt + completion (0: the value the reward "
+                          "model was trained with, read from its config.yaml, else 512).")
+    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: as trained, else half of "
+                                 "max_length).")
+    prompt_truncation: str = arg("", "Which part of a long prompt survives truncation (empty: "
+                                 "as trained, else keep_end).", choices=("", "keep_end", "keep_start"))
+    chat_template: str = arg("", "Jinja chat template file overriding the tokenizer's own.")
+    batch_size: int = arg(16, "Pairs scored per forward pass.")
+
+    # --- statistics --------------------------------------------------------------------------
+    ties: str = arg("wrong", "How a pair with equal rewards counts: as wrong, or as half "
+                    "right.", choices=stats.TIE_MODES)
+    confidence: float = arg(0.95, "Confidence level of the Wilson intervals.")
+    n_bins: int = arg(10, "Bins of the reliability diagram and of the calibration error.")
+    section_weights: str = arg("", "Weights of the `subset` sections for a weighted accuracy "
+                               "row, e.g. `chat=1,safety=2` (subsets not named get weight 0).")
+
+    # --- output ------------------------------------------------------------------------------
+    output_dir: str = arg("", "Where results.json, scores.jsonl and the plots go "
+                          "(default: runs/eval-rm).")
+    overwrite: bool = arg(False, "Replace the results already in `output_dir`.")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise PreftuneError("model: no reward given; pass --model (a reward model folder, a "
+                                "policy with --ref-model, or module:function)")
+        if not self.data:
+            raise PreftuneError("data: no evaluation data given; pass --data FILE")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(0 < self.confidence < 1, "confidence", self.confidence, "a number in (0, 1)")
+        _require(self.n_bins >= 1, "n_bins", self.n_bins, "an integer >= 1")
+        _require(self.max_length == 0 or self.max_length >= 8, "max_length", self.max_length,
+                 "0 (as trained) or an integer >= 8")
+        _require(self.max_prompt_length >= 0, "max_prompt_length", self.max_prompt_length,
+                 "an integer >= 0")
+        if self.max_length and self.max_prompt_length >= self.max_length:
+            raise PreftuneError(f"max_prompt_length: got {self.max_prompt_length}, expected an "
+                                f"integer in [0, max_length={self.max_length})")
+        _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "a number > 0")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
+                                    f"{', '.join(map(repr, choices))}")
+        if self.ref_model and self.reference_free:
+            raise PreftuneError("ref_model and reference_free were both given: --ref-model scores "
+                                "log-ratios against a reference, --reference-free the policy alone; "
+                                "pass one")
+        kind = self.reward_kind
+        if kind in ("classifier", "function"):
+            for name, value, default in (("logprob_agg", self.logprob_agg, "sum"),
+                                         ("beta", self.beta, 1.0)):
+                if value != default:
+                    raise PreftuneError(f"{name} only applies to a policy's implicit reward "
+                                        "(--ref-model or --reference-free); a "
+                                        f"{kind} reward would ignore it")
+        if kind == "function":
+            for name in ("max_length", "max_prompt_length", "prompt_truncation", "chat_template"):
+                if getattr(self, name):
+                    raise PreftuneError(f"{name}: a python-function reward reads the raw text, "
+                                        "not tokens; drop the setting")
+        parse_section_weights(self.section_weights)
+
+    @property
+    def reward_kind(self) -> str:
+        if looks_like_function(self.model):
+            if self.ref_model or self.reference_free:
+                raise PreftuneError(f"model {self.model!r} is a python function; --ref-model and "
+                                    "--reference-free only apply to a policy model")
+            return "function"
+        if self.ref_model:
+            return "implicit"
+        if self.reference_free:
+            return "reference_free"
+        return "classifier"
+
+
+def looks_like_function(spec: str) -> bool:
+    """`module:function` or `file.py:function` (a hub id or folder has no colon, or exists)."""
+    if ":" not in spec or os.path.exists(os.path.expanduser(spec)):
+        return False
+    where, _, attr = spec.rpartition(":")
+    return bool(where) and attr.isidentifier()
+
+
+def parse_section_weights(spec: str) -> dict[str, float] | None:
+    if not spec.strip():
+        return None
+    weights: dict[str, float] = {}
+    for item in spec.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name or not math.isfinite(weight) or weight < 0:
+            raise PreftuneError(f"section_weights: item {item.strip()!r} is not of the form "
+                                "subset=weight with a finite weight >= 0 (e.g. `chat=1,safety=2`)")
+        if name in weights:
+            raise PreftuneError(f"section_weights: subset {name!r} is given twice")
+        weights[name] = weight
+    return weights
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def read_pairs(cfg: EvalRMConfig, log) -> list:
+    from preftune.data import formats
+    from preftune.data.loading import load_rows, parse_column_map
+    from preftune.trainers.common import resolve_data_source
+
+    column_map = parse_column_map(cfg.columns) if cfg.columns else None
+    rows = load_rows(resolve_data_source(cfg.data), split=cfg.split, column_map=column_map)
+    pairs, report = formats.to_pairs(rows, cfg.data, on_bad_row=cfg.on_bad_row)
+    log(report.summary())
+    return pairs
+
+
+def training_truncation(model_dir: str) -> dict:
+    """max_length etc. from the config.yaml that `preftune reward` wrote next to the model."""
+    path = Path(os.path.expanduser(model_dir)) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {k: saved[k] for k in ("max_length", "max_prompt_length", "prompt_truncation")
+            if k in saved}
+
+
+def resolve_truncation(cfg: EvalRMConfig, model_dir: str, log):
+    from preftune.data.tokenize import TruncationConfig
+
+    trained = training_truncation(model_dir)
+    max_length = cfg.max_length or int(trained.get("max_length", 512))
+    prompt = cfg.max_prompt_length or int(trained.get("max_prompt_length", 0)) or max_length // 2
+    how = cfg.prompt_truncation or trained.get("prompt_truncation", "keep_end")
+    if prompt >= max_length:
+        raise PreftuneError(f"max_prompt_length ({prompt}) must be smaller than max_length "
+                            f"({max_length})")
+    source = " (as trained)" if trained else ""
+    log(f"truncation{source}: max_length {max_length}, max_prompt_length {prompt}, {how}")
+    return TruncationConfig(max_length=max_length, max_prompt_length=prompt, prompt_truncation=how)
+
+
+def tokenize_each(tokenizer, pairs: list, trunc, log) -> tuple[list[dict], list[int], dict[str, int]]:
+    """Tokenize pair by pair so that every feature keeps the index of its pair.
+
+    -> (features, index of each feature's pair, {reason: pairs dropped}).
+    """
+    from preftune.data.tokenize import TokenizeReport, tokenize_pairs
+
+    features, index = [], []
+    total = TokenizeReport(n_examples=len(pairs))
+    for i, pair in enumerate(_progress(pairs, "tokenize", len(pairs) > 2000)):
+        feats, report = tokenize_pairs(tokenizer, [pair], trunc, progress=False)
+        if feats:
+            features.append(feats[0])
+            index.append(i)
+        total.n_prompt_truncated += report.n_prompt_truncated
+        total.n_completion_truncated += report.n_completion_truncated
+        for reason, n in report.n_dropped.items():
+            total.n_dropped[reason] = total.n_dropped.get(reason, 0) + n
+    log(total.summary())
+    return features, index, dict(total.n_dropped)
+
+
+def _progress(items, desc: str, show: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=not (show and sys.stderr.isatty()), dynamic_ncols=True)
+
+
+def _device(cfg: EvalRMConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise PreftuneError("device: cuda was asked for but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _batches(features: list[dict], batch_size: int):
+    """Batches of similar lengths (sorted), each with the positions of its features."""
+    order = sorted(range(len(features)), key=lambda i: -max(len(features[i]["chosen_input_ids"]),
+                                                             len(features[i]["rejected_input_ids"])))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def completion_lengths(features: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Completion tokens (after truncation) of the chosen and rejected sequences."""
+    return (np.array([sum(f["chosen_completion_mask"]) for f in features], dtype=np.float64),
+            np.array([sum(f["rejected_completion_mask"]) for f in features], dtype=np.float64))
+
+
+# --- the three scorers -------------------------------------------------------------------------
+
+@torch.no_grad()
+def score_classifier(model, features: list[dict], pad_id: int, batch_size: int,
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """r(x, y) of a one-output sequence classifier for each pair's chosen and rejected rows."""
+    from preftune.data.collate import collate_pairs
+
+    r_c = np.empty(len(features))
+    r_r = np.empty(len(features))
+    batches = list(_batches(features, batch_size))
+    for idx in _progress(batches, "scoring"):
+        batch = collate_pairs([features[i] for i in idx], pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        rewards = logits.float().reshape(-1).cpu().numpy()
+        r_c[idx], r_r[idx] = rewards[:len(idx)], rewards[len(idx):]
+    return r_c, r_r
+
+
+@torch.no_grad()
+def score_policy(policy, ref, features: list[dict], pad_id: int, batch_size: int,
+                 device: torch.device, *, agg: str, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """β·Σ_t log π(y_t|·) − log π_ref(y_t|·) (Rafailov et al. 2023, Eq. 5), or β·log π without a
+    reference; with agg="mean" divided by the completion's token count."""
+    from preftune.data.collate import collate_pairs
+    from preftune.models.logprobs import completion_logprobs
+
+    r_c = np.empty(len(features))
+    r_r = np.empty(len(features))
+    for idx in _progress(list(_batches(features, batch_size)), "scoring"):
+        batch = collate_pairs([features[i] for i in idx], pad_id)
+        args = [batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")]
+        out = completion_logprobs(policy, *args)
+        logps = out.seq_logps.double()
+        if ref is not None:
+            logps = logps - completion_logprobs(ref, *args).seq_logps.double()
+        if agg == "mean":
+            logps = logps / out.n_tokens.clamp(min=1).double()
+        rewards = (beta * logps).cpu().numpy()
+        r_c[idx], r_r[idx] = rewards[:len(idx)], rewards[len(idx):]
+    return r_c, r_r
+
+
+def score_function(spec: str, pairs: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """fn(prompts, completions) on batches of chosen, then rejected, completions."""
+    from preftune.rewards.sources import FunctionReward
+
+    source = FunctionReward.from_spec(spec)
+    r_c = np.empty(len(pairs))
+    r_r = np.empty(len(pairs))
+    for start in _progress(range(0, len(pairs), batch_size), "scoring"):
+        chunk = pairs[start:start + batch_size]
+        prompts = [p.prompt for p in chunk]
+        r_c[start:start + len(chunk)] = source(prompts, [p.chosen for p in chunk]).double().numpy()
+        r_r[start:start + len(chunk)] = source(prompts, [p.rejected for p in chunk]).double().numpy()
+    return r_c, r_r
+
+
+def _text_length(text) -> int:
+    return len(text) if isinstance(text, str) else sum(len(m.get("content", "")) for m in text)
+
+
+# --- loading models ------------------------------------------------------------------------------
+
+def load_classifier(cfg: EvalRMConfig):
+    """A one-output sequence classifier with its trained head; anything else is refused with
+    what to pass instead."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from preftune.models.loading import _resolve, _torch_dtype, load_tokenizer
+    from preftune.trainers.reward import ensure_eos
+
+    name = _resolve(cfg.model)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise PreftuneError(f"cannot load {cfg.model!r} as a reward model: {e}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                     for a in architectures)
+        hint = ("it is a language model: to score a DPO-trained policy by its implicit reward "
+                "pass its reference model with --ref-model REF, or --reference-free"
+                if causal else "pass a reward model trained by `preftune reward`")
+        raise PreftuneError(f"{cfg.model!r} ({', '.join(architectures)}) has no reward head "
+                            f"(no ...ForSequenceClassification architecture); {hint}")
+    if config.num_labels != 1:
+        raise PreftuneError(f"{cfg.model!r} has num_labels={config.num_labels}; a reward model has "
+                            "one output (train one with `preftune reward`)")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, dtype=_torch_dtype(cfg.dtype), output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise PreftuneError(f"cannot load {cfg.model!r} as a reward model: {e}") from None
+    head = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+    if head:
+        raise PreftuneError(f"{cfg.model!r} has no trained reward head ({', '.join(sorted(head))} "
+                            "missing: it would be random); pass a reward model trained by "
+                            "`preftune reward`, or a policy with --ref-model REF")
+    tokenizer = load_tokenizer(name)
+    _prepare_tokenizer(tokenizer, cfg)
+    ensure_eos(tokenizer)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder reads its score
+    return model.eval(), tokenizer, name
+
+
+def load_policies(cfg: EvalRMConfig):
+    from preftune.models.loading import load_causal_lm
+
+    policy, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
+    _prepare_tokenizer(tokenizer, cfg)
+    ref = None
+    if cfg.ref_model:
+        ref, ref_tokenizer = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, seed=cfg.seed)
+        probe = "Human: hello there\n\nAssistant: 123 ünïcode"
+        if (len(ref_tokenizer) != len(tokenizer)
+                or ref_tokenizer(probe)["input_ids"] != tokenizer(probe)["input_ids"]):
+            raise PreftuneError(f"ref_model {cfg.ref_model!r} does not share the tokenizer of "
+                                f"model {cfg.model!r}: log-ratios need the same tokens")
+    return policy.eval(), ref, tokenizer
+
+
+def _prepare_tokenizer(tokenizer, cfg: EvalRMConfig) -> None:
+    if cfg.chat_template:
+        from preftune.data.tokenize import set_chat_template
+
+        set_chat_template(tokenizer, cfg.chat_template)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def _check_finite_rewards(r_c: np.ndarray, r_r: np.ndarray, pairs: list, index: list[int],
+                          who: str) -> None:
+    bad = [j for j in range(len(r_c)) if not (math.isfinite(r_c[j]) and math.isfinite(r_r[j]))]
+    if bad:
+        first = pairs[index[bad[0]]]
+        prompt = first.prompt if isinstance(first.prompt, str) else first.prompt[-1]["content"]
+        raise PreftuneError(
+            f"{who} gave non-finite (NaN or inf) rewards for {len(bad)} of {len(r_c)} pairs, "
+            f"first at pair {index[bad[0]] + 1} of the data (prompt ...{prompt[-60:]!r}); "
+            "the model's weights or dtype may be broken (try --dtype float32)")
+
+
+def run_eval_rm(cfg: EvalRMConfig) -> dict:
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    out = Path(cfg.output_dir or "runs/eval-rm")
+    if not cfg.overwrite and any((out / f).exists() for f in RESULT_FILES):
+        raise PreftuneError(f"output directory {out} already holds eval-rm results: pass "
+                            "--overwrite to replace them, or another --output-dir")
+    kind = cfg.reward_kind
+    weights = parse_section_weights(cfg.section_weights)
+    pairs = read_pairs(cfg, log)
+
+    # Scoring: every kind ends in r_c, r_r (one per kept pair), lengths and the kept indices.
+    dropped: dict[str, int] = {}
+    trunc = None
+    if kind == "function":
+        r_c, r_r = score_function(cfg.model, pairs, cfg.batch_size)
+        index = list(range(len(pairs)))
+        len_c = np.array([_text_length(p.chosen) for p in pairs], dtype=np.float64)
+        len_r = np.array([_text_length(p.rejected) for p in pairs], dtype=np.float64)
+        length_unit = "characters"
+    else:
+        device = _device(cfg)
+        if kind == "classifier":
+            model, tokenizer, name = load_classifier(cfg)
+            from preftune.trainers.reward import check_max_length
+
+            trunc = resolve_truncation(cfg, name, log)
+            check_max_length(trunc.max_length, model, tokenizer, repr(cfg.model))
+        else:
+            policy, ref, tokenizer = load_policies(cfg)
+            trunc = resolve_truncation(cfg, cfg.model, log)
+        features, index, dropped = tokenize_each(tokenizer, pairs, trunc, log)
+        if not features:
+            raise PreftuneError(f"{cfg.data}: no pairs left to score after tokenization ({dropped})")
+        pad_id = tokenizer.pad_token_id
+        if kind == "classifier":
+            r_c, r_r = score_classifier(model.to(device), features, pad_id, cfg.batch_size, device)
+        else:
+            r_c, r_r = score_policy(policy.to(device), ref.to(device) if ref is not None else None,
+                                    features, pad_id, cfg.batch_size, device,
+                                    agg=cfg.logprob_agg, beta=cfg.beta)
+        len_c, len_r = completion_lengths(features)
+        length_unit = "tokens"
+    _check_finite_rewards(r_c, r_r, pairs, index, f"{kind} reward {cfg.model!r}")
+
+    # Statistics (pure functions of the scores).
+    subsets = [pairs[i].subset for i in index]
+    has_subsets = any(s is not None for s in subsets)
+    if weights is not None and not has_subsets:
+        raise PreftuneError("section_weights were given but the data has no `subset` column")
+    if has_subsets:
+        subsets = [s if s is not None else "(none)" for s in subsets]
+    outcomes = stats.pair_outcomes(r_c, r_r, ties=cfg.ties)
+    rows = stats.accuracy_table(outcomes, subsets if has_subsets else None,
+                                section_weights=weights, confidence=cfg.confidence)
+    cal = stats.calibration(r_c, r_r, n_bins=cfg.n_bins)
+    bias = stats.length_bias(r_c, r_r, len_c, len_r, outcomes, confidence=cfg.confidence)
+    summary = stats.reward_summary(r_c, r_r)
+    overall = rows[0]
+    results = {
+        "model": cfg.model,
+        "ref_model": cfg.ref_model or None,
+        "reward_kind": kind,
+        "data": cfg.data,
+        "n_pairs": len(r_c),
+        "n_pairs_in_data": len(pairs),
+        "dropped_after_tokenization": dropped,
+        "truncation": dataclasses.asdict(trunc) if trunc is not None else None,
+        "ties": cfg.ties,
+        "n_ties": int(np.sum(r_c == r_r)),
+        "confidence": cfg.confidence,
+        "accuracy": overall.accuracy,
+        "ci_low": overall.ci_low,
+        "ci_high": overall.ci_high,
+        "table": [dataclasses.asdict(r) for r in rows],
+        "warnings": [f"{r.name}: {r.warning}" for r in rows if r.warning],
+        "calibration": {
+            "ece": cal.ece,
+            "n_bins": cfg.n_bins,
+            "bins": [{"low": float(cal.edges[b]), "high": float(cal.edges[b + 1]),
+                      "count": int(cal.counts[b]), "confidence": cal.confidence[b],
+                      "accuracy": cal.accuracy[b]} for b in range(cfg.n_bins)],
+        },
+        "length_bias": {**bias, "unit": length_unit},
+        "rewards": summary,
+        "files": {name: str(out / name) for name in RESULT_FILES},
+    }
+
+    # Outputs: JSON, one line per pair, the two figures, the resolved settings.
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results, out / "results.json")
+    _write_scores(out / "scores.jsonl", index, subsets if has_subsets else None, r_c, r_r, outcomes)
+    reliability_diagram(cal, out / "reliability.png")
+    reward_distributions(r_c, r_r, out / "rewards.png")
+    save_config(cfg, out / "config.yaml", extra={"command": "eval-rm"})
+
+    print(format_table(rows, confidence=cfg.confidence), end="")
+    lb = bias
+    print(f"ties: {results['n_ties']} (counted as {cfg.ties}); ECE {cal.ece:.3f}; "
+          f"reward mean chosen {summary['mean_chosen']:.3g}, rejected {summary['mean_rejected']:.3g}")
+    print(f"length bias: accuracy {_fmt(lb['chosen_longer']['accuracy'])} when chosen is longer "
+          f"(n={lb['chosen_longer']['n']}), {_fmt(lb['chosen_shorter']['accuracy'])} when shorter "
+          f"(n={lb['chosen_shorter']['n']}); Spearman(reward, length) "
+          f"{_fmt(lb['spearman_reward_length'], pct=False)}")
+    for warning in results["warnings"]:
+        log(f"warning: {warning}")
+    log(f"wrote {out / 'results.json'}, reliability.png, rewards.png")
+    return results
+
+
+def _fmt(x, pct: bool = True) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def _write_scores(path: Path, index, subsets, r_c, r_r, outcomes) -> None:
+    from preftune.utils import atomic_write_text
+
+    lines = []
+    for j, i in enumerate(index):
+        record = {"pair": i, "reward_chosen": float(r_c[j]), "reward_rejected": float(r_r[j]),
+                  "outcome": float(outcomes[j])}
+        if subsets is not None:
+            record["subset"] = subsets[j]
+        lines.append(json.dumps(record))
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,180 @@
+"""`preftune best-of-n`: sample N completions per prompt, keep the best by the reward source.
+
+Not a training run (no optimizer): it loads the model, prompts and reward source as the online
+trainers do and writes, atomically, to `output_dir`:
+- `best_of_n.jsonl`: one row per prompt, {prompt, completion, reward} of the best completion;
+- `pairs.jsonl`: {prompt, chosen, rejected, chosen_reward, rejected_reward}, best vs worst, for
+  iterative DPO (`preftune dpo --data pairs.jsonl`); prompts whose N rewards all tie are left
+  out (no preference);
+- `summary.json`: mean reward of the best, of all and of the worst completions, and the
+  analytic KL bound of the best-of-N policy, KL(π_bon ‖ π) ≤ log N − (N−1)/N (Stiennon et al.
+  2020, App. G.3; Beirami et al. 2024 show it is an upper bound).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from preftune.config import arg, save_config
+from preftune.errors import PreftuneError
+from preftune.generation import generate
+from preftune.trainers import online
+from preftune.utils import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class BestOfNConfig(online.RolloutSettings):
+    model: str = arg("tiny", "Policy to sample from: a local folder, a hub name, or `tiny`.")
+    dtype: str = arg("auto", "Weights dtype when loading the model.",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    chat_template: str = arg("", "Jinja chat template file overriding the tokenizer's own.")
+    data: str = arg("demo", "Prompts: any file or dataset with a prompt column (prompt-only, "
+                    "pairs, conversations). `demo` is the built-in HH-RLHF sample.")
+    split: str = arg("train", "Dataset split to read when `data` is a hub dataset name.")
+    columns: str = arg("", "Column mapping from your names to preftune's, e.g. "
+                       "`prompt=question`.")
+    on_bad_row: str = arg("skip", "Skip malformed rows (and report them) or stop at the first.",
+                          choices=("skip", "error"))
+    max_prompts: int = arg(0, "Use only the first this many prompts (0: all).")
+    max_length: int = arg(512, "Maximum tokens of prompt + completion.")
+    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: max_length − max_new_tokens).")
+    prompt_truncation: str = arg("keep_end", "Which part of a long prompt survives truncation.",
+                                 choices=("keep_end", "keep_start"))
+    n: int = arg(4, "N: completions sampled per prompt.")
+    prompts_per_batch: int = arg(16, "Prompts sampled and scored together.")
+    output_dir: str = arg("", "Where the dataset and summary go (default: runs/best-of-n).")
+    overwrite: bool = arg(False, "Replace the files of a previous run in `output_dir`.")
+    seed: int = arg(0, "Seed for `tiny`'s weights and for sampling.")
+
+    def validate(self) -> None:
+        self.validate_rollout()
+        if self.generator == "vllm" and self.model.startswith("tiny"):
+            raise PreftuneError("generator=vllm needs a model folder or hub name, not `tiny`")
+        for name, value in (("n", self.n), ("prompts_per_batch", self.prompts_per_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise PreftuneError(f"{name}: got {value!r}, expected an integer >= 1")
+        if self.max_prompts < 0:
+            raise PreftuneError(f"max_prompts: got {self.max_prompts}, expected an integer >= 0")
+        if not 0 <= self.max_prompt_length < self.max_length:
+            raise PreftuneError(f"max_prompt_length: got {self.max_prompt_length}, expected an "
+                                f"integer in [0, max_length={self.max_length})")
+        if self.max_new_tokens >= self.max_length:
+            raise PreftuneError(f"max_new_tokens={self.max_new_tokens} leaves no room for the "
+                                f"prompt within max_length={self.max_length}")
+        for f in self.__dataclass_fields__.values():
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
+                                    f"{', '.join(map(str, choices))}")
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_length or self.max_length - self.max_new_tokens
+
+
+def kl_bound(n: int) -> float:
+    """KL(best-of-n ‖ π) ≤ log n − (n−1)/n (Stiennon et al. 2020; Beirami et al. 2024, Thm. 1)."""
+    return math.log(n) - (n - 1) / n
+
+
+def run_best_of_n(cfg: BestOfNConfig) -> dict:
+    from preftune.models.loading import load_causal_lm
+    from preftune.trainers.common import prepare_tokenizer
+
+    out_dir = Path(cfg.output_dir or "runs/best-of-n")
+    if (out_dir / "config.yaml").exists() and not cfg.overwrite:
+        raise PreftuneError(f"output directory {out_dir} already holds a run (config.yaml): pass "
+                            "--overwrite to replace it, or another --output-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml", extra={"command": "best-of-n"})
+
+    def log(*args):
+        print(*args, file=sys.stderr, flush=True)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
+    prepare_tokenizer(tokenizer, cfg)
+    model.to(device).eval()
+    prompts = online.load_prompts(cfg, tokenizer, log=log)
+    if cfg.max_prompts:
+        prompts = prompts[:cfg.max_prompts]
+    reward = online.load_reward(cfg, device)
+    vllm_backend = None
+    if cfg.generator == "vllm":
+        from preftune.generation import VLLMGenerator
+
+        vllm_backend = VLLMGenerator(cfg.model, cfg.sampling(), cfg.vllm_gpu_memory_utilization,
+                                     dtype=cfg.dtype, max_model_len=cfg.max_length, seed=cfg.seed,
+                                     eos_token_ids=[tokenizer.eos_token_id])
+
+    best_rows, pair_rows = [], []
+    all_rewards, best_rewards, worst_rewards = [], [], []
+    times = {"time/generation_s": 0.0, "time/scoring_s": 0.0}
+    for start in range(0, len(prompts), cfg.prompts_per_batch):
+        features = prompts[start:start + cfg.prompts_per_batch]
+        t0 = time.perf_counter()
+        prompt_ids = [f["prompt_ids"] for f in features]
+        if vllm_backend is not None:
+            rollout = vllm_backend.generate(prompt_ids, num_samples=cfg.n)
+        else:
+            generator = torch.Generator(device=device).manual_seed(
+                online.sampling_seed(cfg.seed, start, 0))
+            rollout = generate(model, tokenizer, prompt_ids, cfg.sampling(), num_samples=cfg.n,
+                               batch_size=cfg.generation_batch_size, generator=generator)
+        t1 = time.perf_counter()
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        row_prompts = [f["prompt"] for f in features for _ in range(cfg.n)]
+        extras = online.extra_columns([f["extra"] for f in features for _ in range(cfg.n)])
+        rewards, _ = online.score(reward, row_prompts, texts, extras, rollout.finished,
+                                  rollout.completion_lengths, cfg)
+        times["time/generation_s"] += t1 - t0
+        times["time/scoring_s"] += time.perf_counter() - t1
+
+        grouped = rewards.view(len(features), cfg.n)
+        for i, f in enumerate(features):
+            group = grouped[i]
+            best, worst = int(group.argmax()), int(group.argmin())
+            completions = texts[i * cfg.n:(i + 1) * cfg.n]
+            best_rows.append({"prompt": f["prompt"], "completion": completions[best],
+                              "reward": float(group[best])})
+            if float(group[best]) > float(group[worst]):
+                pair_rows.append({"prompt": f["prompt"], "chosen": completions[best],
+                                  "rejected": completions[worst],
+                                  "chosen_reward": float(group[best]),
+                                  "rejected_reward": float(group[worst])})
+            best_rewards.append(float(group[best]))
+            worst_rewards.append(float(group[worst]))
+        all_rewards += rewards.tolist()
+
+    _write_jsonl(out_dir / "best_of_n.jsonl", best_rows)
+    _write_jsonl(out_dir / "pairs.jsonl", pair_rows)
+    summary = {
+        "n": cfg.n,
+        "prompts": len(best_rows),
+        "pairs": len(pair_rows),
+        "reward/best_mean": sum(best_rewards) / len(best_rewards),
+        "reward/all_mean": sum(all_rewards) / len(all_rewards),
+        "reward/worst_mean": sum(worst_rewards) / len(worst_rewards),
+        "kl_bound": kl_bound(cfg.n),
+        **times,
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    log(f"best-of-{cfg.n} over {len(best_rows)} prompts: mean reward of the best "
+        f"{summary['reward/best_mean']:.4f}, of all {summary['reward/all_mean']:.4f}; "
+        f"KL(best-of-n ‖ policy) <= log N - (N-1)/N = {summary['kl_bound']:.4f} nats. "
+        f"Wrote {out_dir / 'best_of_n.jsonl'} and {len(pair_rows)} pairs to "
+        f"{out_dir / 'pairs.jsonl'}")
+    return summary
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """All rows at once through a temporary file and a rename: never a half-written dataset."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
