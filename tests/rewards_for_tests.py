@@ -17,9 +17,10 @@ def lowercase_fraction(prompts, completions, **extra):
     return [sum(ch in LOWERCASE for ch in c) / max(len(c), 1) for c in completions]
 
 
-def count_letter(prompts, completions, letter="a", **extra):
-    """How often `letter` occurs in the completion."""
-    return [float(c.count(letter)) for c in completions]
+def count_letter(prompts, completions, letter=None, **extra):
+    """How often the row's `letter` column (default "a") occurs in its completion."""
+    letters = letter if letter is not None else ["a"] * len(completions)
+    return [float(c.count(x or "a")) for c, x in zip(completions, letters)]
 
 
 def completion_length(prompts, completions):

@@ -116,8 +116,8 @@ def test_tiny_reward_model_learns_a_rule_and_loads_in_transformers(tmp_path):
 
     from preftune.models import build_tiny_sequence_classifier, build_tiny_tokenizer
 
-    train = _write_rule_pairs(tmp_path / "train.jsonl", 192, seed=0, margin=True)
-    held_out = _write_rule_pairs(tmp_path / "eval.jsonl", 64, seed=1, margin=True)
+    train = _write_rule_pairs(tmp_path / "train.jsonl", 128, seed=0, margin=True)
+    held_out = _write_rule_pairs(tmp_path / "eval.jsonl", 48, seed=1, margin=True)
     out = tmp_path / "rm"
     assert main(_args(train, out, eval_data=held_out, max_steps=0, epochs=2,
                       center_coef=0.01)) == 0

@@ -63,3 +63,20 @@ def test_sft_reports_to_tensorboard(tmp_path):
                  "--max-steps", "2", "--batch-size", "4", "--max-length", "96",
                  "--report-to", "tensorboard", "--logging-steps", "1"]) == 0
     assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_sft_on_chat_messages_with_a_custom_template(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."},
+                          {"role": "assistant", "content": f"{i} it is."}]} for i in range(8)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    out = tmp_path / "chat"
+    assert main(["sft", "--data", str(data), "--chat-template", str(template), "--output-dir",
+                 str(out), "--max-steps", "2", "--batch-size", "4", "--max-length", "64"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "[assistant]" in tokenizer.chat_template  # the override is saved with the model
+    assert main(["sft", "--data", str(data), "--chat-template", str(tmp_path / "none.jinja"),
+                 "--output-dir", str(tmp_path / "x")]) == 2

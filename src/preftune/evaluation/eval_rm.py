@@ -414,7 +414,8 @@ def _check_finite_rewards(r_c: np.ndarray, r_r: np.ndarray, pairs: list, index: 
         prompt = first.prompt if isinstance(first.prompt, str) else first.prompt[-1]["content"]
         raise PreftuneError(
             f"{who} gave non-finite (NaN or inf) rewards for {len(bad)} of {len(r_c)} pairs, "
-            f"first at pair {index[bad[0]] + 1} of the data (prompt ...{prompt[-60:]!r}); "
+            f"first at pair {index[bad[0]] + 1} of the {len(pairs)} pairs read from the data "
+            f"(prompt ...{prompt[-60:]!r}); "
             "the model's weights or dtype may be broken (try --dtype float32)")
 
 

@@ -188,10 +188,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
             for minibatch in online.minibatch_indices(len(ro.completions), cfg.num_minibatches,
                                                       generator):
                 micro = minibatch.split(cfg.batch_size)
-                global_units = engine.global_sum(sum(
-                    online.loss_units(online.take(batch, m)["completion_mask"],
-                                      cfg.loss_aggregation, cfg.max_new_tokens)
-                    for m in micro))
+                global_units = engine.global_sum(online.loss_units(
+                    batch["completion_mask"][minibatch.to(batch["completion_mask"].device)],
+                    cfg.loss_aggregation, cfg.max_new_tokens))
                 for i, rows in enumerate(micro):
                     b = online.take(batch, rows)
                     m = b["completion_mask"]

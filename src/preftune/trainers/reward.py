@@ -258,6 +258,9 @@ def run_reward(cfg: RewardConfig) -> dict:
         objective = PairwiseRewardObjective(center_coef=cfg.center_coef)
     else:
         train_examples, eval_examples = train_eval_examples(cfg, "ranked", log=engine.print)
+        if _has_column(cfg, "margin"):
+            engine.print(f"note: --loss {cfg.loss} ranks completions by their scores and does not "
+                         "use the `margin` column (only --loss bt does)")
         tokenize, collate_fn = tokenize_ranked, collate_ranked
         objective = ListwiseRewardObjective(loss=cfg.loss, center_coef=cfg.center_coef)
     train_set, report = tokenize(tokenizer, train_examples, trunc)
@@ -285,6 +288,15 @@ def run_reward(cfg: RewardConfig) -> dict:
                    "eval_examples": len(eval_set or [])})
     engine.print(f"saved the reward model to {engine.output_dir}")
     return metrics
+
+
+def _has_column(cfg: RewardConfig, name: str) -> bool:
+    from preftune.data.loading import load_rows, parse_column_map
+    from preftune.trainers.common import resolve_data_source
+
+    column_map = parse_column_map(cfg.columns) if cfg.columns else None
+    rows = load_rows(resolve_data_source(cfg.data), split=cfg.split, column_map=column_map)
+    return any(name in row for row in rows)
 
 
 def save_reward_model(engine: Engine, tokenizer) -> None:
