@@ -47,7 +47,15 @@ def points(results: dict) -> list[dict]:
 def aggregate(results: dict) -> list[dict]:
     """One row per (world, method, value): metrics over seeds (module docstring)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for p in points(results):
+    pts = points(results)
+    # Each seed has its own reward model, whose offset is arbitrary: the proxy column is the
+    # gain over the base policy's mean proxy reward of the same seed.
+    base_proxy = {(p["world"], p["seed"]): p["eval"]["proxy"] for p in pts
+                  if p["method"] == "base_policy" and p["eval"].get("proxy") is not None}
+    for p in pts:
+        if p["eval"].get("proxy") is not None and (p["world"], p["seed"]) in base_proxy:
+            p["eval"] = {**p["eval"], "proxy_raw": p["eval"]["proxy"],
+                         "proxy": p["eval"]["proxy"] - base_proxy[(p["world"], p["seed"])]}
         groups[(p["world"], p["method"], p["value"])].append(p)
     rows = []
     for (world, method, value), ps in groups.items():
@@ -139,7 +147,7 @@ def _method_knobs(results: dict) -> dict[str, str]:
 
 def table(rows: list[dict], world: str, knobs: dict[str, str]) -> str:
     lines = ["| method | setting | gold reward | KL to base (nats) | win rate vs base | "
-             "length (tokens) | proxy reward | train time | tokens generated | tokens trained |",
+             "length (tokens) | proxy reward (vs base) | train time | tokens generated | tokens trained |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["world"] != world:
@@ -157,9 +165,20 @@ def table(rows: list[dict], world: str, knobs: dict[str, str]) -> str:
 
 # --- the plain-language reading --------------------------------------------------------------------
 
-def reading(rows: list[dict], world: str, knobs: dict[str, str]) -> list[str]:
-    """Sentences that say what the numbers of one world show, and what they cannot show."""
+def reading(rows: list[dict], world: str, knobs: dict[str, str],
+            rm_gold_accuracy: list[float] = ()) -> list[str]:
+    """Sentences that say what the numbers of one world show, and what they cannot show.
+
+    `rm_gold_accuracy`: per seed, how often the reward model orders fresh pairs like the gold
+    reward does.
+    """
     lines: list[str] = []
+    if rm_gold_accuracy:
+        accs = ", ".join(f"{a:.0%}" for a in rm_gold_accuracy)
+        lines.append(f"The reward model orders fresh pairs like the gold reward {accs} of the "
+                     "time (per seed; 50% is chance)"
+                     + (": close to chance, so the methods that maximise it have little to go "
+                        "on." if max(rm_gold_accuracy) < 0.6 else "."))
     world_rows = [r for r in rows if r["world"] == world]
     base = next((r for r in world_rows if r["method"] == "base_policy"), None)
     best = best_per_method(rows, world)
@@ -192,13 +211,14 @@ def reading(rows: list[dict], world: str, knobs: dict[str, str]) -> list[str]:
         lines.append(f"Cannot be told apart from {NAMES.get(top['method'], top['method'])} "
                      f"statistically (|Δ gold| < 1.96 s.e.): {_names(tied)}. The ranking "
                      "among these is noise at this number of seeds and prompts.")
-    else:
+    elif len(ranked) > 1:
         lines.append(f"{NAMES.get(top['method'], top['method'])} is ahead of every other "
                      "method beyond noise.")
     lines.append("Choosing each method's best setting on the same evaluation favours methods "
                  "with more settings in the sweep; treat small leads with suspicion.")
 
     # Over-optimisation: proxy up, gold down as the KL grows.
+    calm = []
     for method in RM_METHODS:
         ms = sorted((r for r in world_rows if r["method"] == method and "proxy" in r),
                     key=lambda r: r["kl"])
@@ -214,8 +234,11 @@ def reading(rows: list[dict], world: str, knobs: dict[str, str]) -> list[str]:
                          f"{peak_proxy['proxy']:.2f} while the gold reward falls from "
                          f"{peak_gold['gold']:.3f} to {peak_proxy['gold']:.3f}.")
         else:
-            lines.append(f"{name}: no significant over-optimisation within the sweep (gold at "
-                         f"the largest proxy reward is within noise of its best).")
+            calm.append(name)
+    if calm:
+        lines.append("No significant over-optimisation within the sweep (the gold reward at "
+                     "the largest proxy reward is within noise of the best gold reward) for: "
+                     + ", ".join(calm) + ".")
     bon = sorted((r for r in world_rows if r["method"] == "best_of_n"), key=lambda r: r["value"])
     if len(bon) >= 2:
         lo, hi = bon[0], bon[-1]
@@ -237,7 +260,7 @@ def _names(rows: list[dict]) -> str:
 def _figure(n_cols: int, n_rows: int = 1):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2 * n_cols + 1.8, 3.8 * n_rows))
+    fig = Figure(figsize=(5.2 * n_cols + 1.8, 3.8 * n_rows), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     return fig, axes
 
@@ -250,19 +273,24 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
+MARKERS = "osD^vP*Xhp<>"
+
+
 def _colors(methods: list[str]) -> dict[str, tuple]:
+    """A colour and a marker per method, distinct for up to 10 (then the markers differ)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20"]
-    return {m: cmap(i % 20) for i, m in enumerate(methods)}
+    cmap = colormaps["tab10"]
+    return {m: (cmap(i % 10), MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
 
 
-def _curve(ax, rows: list[dict], metric: str, color, label: str) -> None:
+def _curve(ax, rows: list[dict], metric: str, style, label: str) -> None:
+    color, marker = style
     rows = sorted(rows, key=lambda r: r["kl"])
     bound = rows[0]["kl_kind"] == "bound"
     ax.errorbar([r["kl"] for r in rows], [r[metric] for r in rows],
                 xerr=[r.get("kl_se", 0.0) for r in rows],
-                yerr=[r[f"{metric}_se"] for r in rows], color=color, marker="o",
+                yerr=[r[f"{metric}_se"] for r in rows], color=color, marker=marker,
                 markersize=4, capsize=2, linewidth=1.2, linestyle="--" if bound else "-",
                 markerfacecolor="white" if bound else color,
                 label=label + (" (KL bound)" if bound else ""))
@@ -289,7 +317,7 @@ def frontier_plot(rows: list[dict], worlds: list[str], methods: list[str], path:
         ax.set_ylabel("gold reward")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.suptitle("Reward-KL frontier (error bars: ±1 s.e.)")
     _save(fig, path)
 
@@ -315,15 +343,15 @@ def overoptimization_plot(rows: list[dict], worlds: list[str], methods: list[str
                             marker="*", markersize=11, linestyle="none", label="base policy")
             ax.set_title(f"{world}: {metric} reward vs KL")
             ax.set_xlabel("KL(π ‖ π_base) per sequence (nats)")
-            ax.set_ylabel(f"{metric} reward" + (" (learned reward model)"
-                                                 if metric == "proxy" else ""))
+            ax.set_ylabel("gold reward" if metric == "gold"
+                          else "proxy reward, minus the base policy's")
             ax.grid(alpha=0.3)
             if not rm_methods:
                 ax.text(0.5, 0.5, "no reward-model-based method in this run",
                         transform=ax.transAxes, ha="center")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+        fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.suptitle("Over-optimisation: the proxy the methods maximise vs the gold reward")
     _save(fig, path)
 
@@ -367,9 +395,10 @@ def write_report(results: dict, out: Path) -> dict:
            f"{results['best_of_n_kl']}.",
            "- **win rate vs base**: how often the policy's completion has a higher gold reward "
            "than a sample of the base policy on the same prompt; ties count one half.",
-           "- **proxy reward**: the score of the reward model trained on the preference pairs, "
-           "the reward PPO, GRPO, RLOO, online DPO and best-of-N maximise. Proxy up with gold "
-           "down is over-optimisation.",
+           "- **proxy reward (vs base)**: the score of the reward model trained on the "
+           "preference pairs (the reward PPO, GRPO, RLOO, online DPO and best-of-N maximise), "
+           "minus the base policy's mean score; each seed has its own reward model, whose "
+           "offset is arbitrary. Proxy up with gold down is over-optimisation.",
            "- **cost**: training wall time on this machine; tokens generated while training "
            "(for best-of-N, at evaluation: N samples per prompt); tokens (prompt + completion) "
            "through forward and backward passes (for the online methods an estimate: rows x "
@@ -379,7 +408,10 @@ def write_report(results: dict, out: Path) -> dict:
            "1.96 s.e. are called indistinguishable.", ""]
     md += ["## Reading of the results", ""]
     for world in plan["worlds"]:
-        md += [f"**{world}.** " + " ".join(reading(rows, world, knobs)), ""]
+        accs = [cells_by_kind[(world, seed, "reward_model")].get("gold_accuracy")
+                for seed in plan["seeds"] if (world, seed, "reward_model") in cells_by_kind]
+        accs = [a for a in accs if a is not None]
+        md += [f"**{world}.** " + " ".join(reading(rows, world, knobs, accs)), ""]
     md += ["These are tiny models trained for seconds on synthetic tasks: the lab shows how "
            "methods trade reward against KL under controlled conditions; it does not rank them "
            "on real models.", ""]

@@ -202,9 +202,11 @@ def noise_rate(noise: str) -> float | str:
 
 
 def flip_rate(noise: str) -> float:
+    """The label flip rate `noise` stands for (0 for `none`)."""
     rate = noise_rate(noise)
-    return 0.0 if rate == "none" else NOISE_PRESETS.get(rate, rate) if isinstance(rate, str) \
-        else float(rate)
+    if rate == "none":
+        return 0.0
+    return NOISE_PRESETS[rate] if isinstance(rate, str) else float(rate)
 
 
 def parse_sweep(entries: list[str]) -> dict[str, tuple[float, ...]]:
