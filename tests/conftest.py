@@ -4,7 +4,15 @@
 <|eos|>, <|pad|>) with a small Jinja chat template, built in memory: no hub, no files.
 """
 
+import os
+
 import pytest
+import torch
+
+# Tiny models gain nothing from a second thread, and several threads on a busy 2-core machine
+# (or two test processes at once) are many times slower: one thread, here and in subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"

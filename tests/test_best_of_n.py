@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from preftune.cli import main
 from preftune.data import formats
@@ -16,13 +15,6 @@ from preftune.trainers.best_of_n import kl_bound
 ROOT = Path(__file__).resolve().parents[1]
 LOWERCASE = f"{ROOT / 'tests' / 'rewards_for_tests.py'}:lowercase_fraction"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_kl_bound_by_hand():

@@ -27,14 +27,6 @@ HH_SAMPLE = ROOT / "tests" / "fixtures" / "hh_sample.jsonl"
 MAX_LENGTH = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine, many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_pairs(path: Path, n: int, seed: int) -> Path:
     """Chosen replies are made of the letters a-e, rejected ones of v-z: a learnable pattern

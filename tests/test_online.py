@@ -29,14 +29,6 @@ COMMON_METRICS = ("reward/mean", "reward/std", "kl/k1", "kl/k3", "entropy", "com
                   "grad_norm", "lr")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are slower with several threads on a busy 2-core machine (oversubscription).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _prompts(path: Path, n: int = 32, **extra) -> Path:
     with open(path, "w") as f:

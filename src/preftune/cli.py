@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def _top_level_help() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = [f"usage: preftune COMMAND [options]   (preftune COMMAND --help for its options)",
+    lines = ["usage: preftune COMMAND [options]   (preftune COMMAND --help for its options)",
              "", "Teach language models from preference feedback.", "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, _, _, desc) in COMMANDS.items()]
     lines += ["", "Every command accepts --config FILE.yaml; flags given on the command line win."]
