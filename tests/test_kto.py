@@ -11,7 +11,7 @@ import pytest
 
 from preftune.cli import main
 from preftune.trainers.kto import _mismatched
-from test_dpo import heldout_margin, one_thread, write_pairs  # noqa: F401  (fixture re-used)
+from test_dpo import heldout_margin, write_pairs
 
 MAX_LENGTH = 48
 
