@@ -187,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("on-the-fly", "precomputed", "both"), default="both")
     parser.add_argument("--impl", choices=("preftune", "trl", "both"), default="both")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     parser.add_argument("--worker", choices=("preftune", "trl"), help=argparse.SUPPRESS)
