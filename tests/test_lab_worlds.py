@@ -181,7 +181,7 @@ def test_arithmetic_subtraction_and_prompts():
     assert world.gold_reward(["53-17="], ["36"]) == [1.0]
     assert world.gold_reward(["50-50="], ["0"]) == [1.0]
     prompts = world.make_prompts(500, random.Random(0))
-    assert {p[2] for p in prompts} == {"+", "-"}
+    assert {c for p in prompts for c in p if c in "+-"} == {"+", "-"}
     assert all(world.answer(p) >= 0 for p in prompts)
     with pytest.raises(PreftuneError):
         world.gold_reward(["what is 2+2?"], ["4"])

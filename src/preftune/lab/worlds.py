@@ -303,10 +303,14 @@ _CANONICAL_INT = re.compile(r"^(0|-?[1-9][0-9]*)$")
 
 @dataclass(frozen=True)
 class ArithmeticWorld:
-    """Two-digit arithmetic with a verifiable 0/1 reward.
+    """Small-number arithmetic with a verifiable 0/1 reward.
 
-    Prompt: "17+25=" (operands in [min_operand, max_operand]; with "-" in `ops`, "53-17=" with
-    the larger operand first, so answers are never negative). Completion: the answer, "42".
+    Prompt: "7+15=" (operands in [min_operand, max_operand]; with "-" in `ops`, "17-5=" with
+    the larger operand first, so answers are never negative). Completion: the answer, "22".
+    The default range 0-19 (400 sums) is what a 0.2M-parameter byte-level base policy learns
+    in the lab's 1,000 SFT steps: with two-digit operands (8,100 sums) it was right 9% of the
+    time against the demonstrator's 50% and no reward model learned anything from its pairs
+    (measured); with 0-19 it is right about a third of the time.
 
     Gold reward: 1.0 if `completion.strip()` (surrounding spaces, tabs and newlines removed) is
     exactly the canonical decimal of the answer, else 0.0. Canonical: digits only, no sign, no
@@ -324,12 +328,12 @@ class ArithmeticWorld:
 
     name: str = "arithmetic"
     max_new_tokens: int = 8
-    min_operand: int = 10
-    max_operand: int = 99
+    min_operand: int = 0
+    max_operand: int = 19
     ops: tuple[str, ...] = ("+",)
     p_correct: float = 0.5
     description: str = (
-        "arithmetic: two-digit addition ('17+25=' -> '42'), a verifiable reward.\n"
+        "arithmetic: addition of numbers 0-19 ('7+15=' -> '22'), a verifiable reward.\n"
         "Gold reward 1 if the completion, stripped of surrounding whitespace, is exactly the\n"
         "answer (no leading zeros, no extra text), else 0. The demonstrator is right half the\n"
         "time, otherwise off by 1, 2 or 10. A learned proxy can be fooled by answers that only\n"
@@ -352,8 +356,8 @@ class ArithmeticWorld:
         for _ in range(n):
             prompt, answer = self._question(rng)
             if rng.random() >= self.p_correct:
-                # Keep the wrong answer a plausible non-negative number.
-                answer = abs(answer + rng.choice((-10, -2, -1, 1, 2, 10))) or 1
+                # A near miss that stays a plausible non-negative number.
+                answer += rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0])
             rows.append((prompt, str(answer)))
         return rows
 
