@@ -471,3 +471,19 @@ def timed(times: dict[str, float], name: str):
         yield
     finally:
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def end_iteration(engine, cfg, window, ro, step: int, n_rollouts: int, bar) -> dict | None:
+    """Phase 4 of every online trainer: fold in the rollout's metrics and timings, log every
+    `logging_steps` iterations (returning what was logged), checkpoint every `save_steps`."""
+    window.add_all(rollout_metrics(ro))
+    for name, seconds in ro.times.items():
+        window.add(name, seconds)
+    bar.update(1)
+    logged = None
+    if step % cfg.logging_steps == 0 or step == n_rollouts:
+        logged = log_step(engine, window, step)
+        bar.set_postfix(reward=f"{logged.get('reward/mean', float('nan')):.3f}")
+    if engine.should_save(step):
+        engine.save_checkpoint(step, {"prompt_position": step * cfg.prompts_per_step})
+    return logged

@@ -136,15 +136,7 @@ def run_rloo(cfg: RLOOConfig) -> dict:
         ro.times["time/training_s"] = time.perf_counter() - t_train
 
         # 4. log and checkpoint ----------------------------------------------------------------
-        window.add_all(online.rollout_metrics(ro))
-        for name, seconds in ro.times.items():
-            window.add(name, seconds)
-        bar.update(1)
-        if step % cfg.logging_steps == 0 or step == n_rollouts:
-            logged = online.log_step(engine, window, step)
-            bar.set_postfix(reward=f"{logged.get('reward/mean', float('nan')):.3f}")
-        if engine.should_save(step):
-            engine.save_checkpoint(step, {"prompt_position": step * cfg.prompts_per_step})
+        logged = online.end_iteration(engine, cfg, window, ro, step, n_rollouts, bar) or logged
 
     engine.save_pretrained(engine.unwrap().policy, setup.tokenizer, prefix="policy.")
     engine.finish({"metrics": logged, "rollouts": n_rollouts})
