@@ -67,11 +67,8 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     online.setup_engine_steps(engine, CompletionLogProbs(setup.policy), n_rollouts,
                               cfg.ppo_epochs * cfg.num_minibatches)
     module = engine.model
-    reference = online.build_reference(cfg, engine, engine.unwrap().policy, setup.tokenizer)
-    vllm_backend = online.make_generator_backend(cfg, setup.tokenizer)
-    start = int(engine.maybe_resume()["step"])
-    if vllm_backend is not None:
-        vllm_backend.sync_weights(engine.unwrap().policy)
+    reference, vllm_backend, start = online.reference_backend_and_resume(cfg, engine,
+                                                                          setup.tokenizer)
 
     def policy_logps(batch):
         return module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
@@ -138,7 +135,5 @@ def run_grpo(cfg: GRPOConfig) -> dict:
         # 4. log and checkpoint ----------------------------------------------------------------
         logged = online.end_iteration(engine, cfg, window, ro, step, n_rollouts, bar) or logged
 
-    engine.save_pretrained(engine.unwrap().policy, setup.tokenizer, prefix="policy.")
-    engine.finish({"metrics": logged, "rollouts": n_rollouts})
-    engine.print(f"saved the policy to {engine.output_dir}")
+    online.save_policy_and_finish(engine, setup.tokenizer, logged, n_rollouts)
     return logged

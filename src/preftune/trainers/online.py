@@ -487,3 +487,20 @@ def end_iteration(engine, cfg, window, ro, step: int, n_rollouts: int, bar) -> d
     if engine.should_save(step):
         engine.save_checkpoint(step, {"prompt_position": step * cfg.prompts_per_step})
     return logged
+
+
+def reference_backend_and_resume(cfg, engine, tokenizer):
+    """After `setup_engine_steps`: the reference, the optional vLLM backend (weights synced),
+    and the step to start from (`--resume`). -> (reference, vllm_backend or None, start)."""
+    reference = build_reference(cfg, engine, engine.unwrap().policy, tokenizer)
+    vllm_backend = make_generator_backend(cfg, tokenizer)
+    start = int(engine.maybe_resume()["step"])
+    if vllm_backend is not None:
+        vllm_backend.sync_weights(engine.unwrap().policy)
+    return reference, vllm_backend, start
+
+
+def save_policy_and_finish(engine, tokenizer, logged: dict, n_rollouts: int) -> None:
+    engine.save_pretrained(engine.unwrap().policy, tokenizer, prefix="policy.")
+    engine.finish({"metrics": logged, "rollouts": n_rollouts})
+    engine.print(f"saved the policy to {engine.output_dir}")

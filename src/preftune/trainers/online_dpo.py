@@ -58,11 +58,8 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     online.setup_engine_steps(engine, CompletionLogProbs(setup.policy), n_rollouts, 1)
     module = engine.model
     # The reference is also what the KL metric is measured against, so every loss type has it.
-    reference = online.build_reference(cfg, engine, engine.unwrap().policy, setup.tokenizer)
-    vllm_backend = online.make_generator_backend(cfg, setup.tokenizer)
-    start = int(engine.maybe_resume()["step"])
-    if vllm_backend is not None:
-        vllm_backend.sync_weights(engine.unwrap().policy)
+    reference, vllm_backend, start = online.reference_backend_and_resume(cfg, engine,
+                                                                          setup.tokenizer)
     uses_reference = cfg.loss_type not in REFERENCE_FREE
 
     def policy_logps(batch):
@@ -125,7 +122,5 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
         # 4. log and checkpoint ----------------------------------------------------------------
         logged = online.end_iteration(engine, cfg, window, ro, step, n_rollouts, bar) or logged
 
-    engine.save_pretrained(engine.unwrap().policy, setup.tokenizer, prefix="policy.")
-    engine.finish({"metrics": logged, "rollouts": n_rollouts})
-    engine.print(f"saved the policy to {engine.output_dir}")
+    online.save_policy_and_finish(engine, setup.tokenizer, logged, n_rollouts)
     return logged

@@ -136,11 +136,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     online.setup_engine_steps(engine, PolicyAndValue(setup.policy, value_model), n_rollouts,
                               cfg.ppo_epochs * cfg.num_minibatches)
     module = engine.model
-    reference = online.build_reference(cfg, engine, engine.unwrap().policy, setup.tokenizer)
-    vllm_backend = online.make_generator_backend(cfg, setup.tokenizer)
-    start = int(engine.maybe_resume()["step"])
-    if vllm_backend is not None:
-        vllm_backend.sync_weights(engine.unwrap().policy)
+    reference, vllm_backend, start = online.reference_backend_and_resume(cfg, engine,
+                                                                          setup.tokenizer)
 
     def forward(batch, **kw):
         return module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
