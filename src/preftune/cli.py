@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                    "Online DPO: sample two completions, rank them by the reward, DPO loss."),
     "best-of-n": ("preftune.trainers.best_of_n", "BestOfNConfig", "run_best_of_n",
                   "Sample N completions per prompt and keep the best by the reward."),
+    # A group: `preftune data SUB ...` takes its parser from SUB (preftune.datatools.cli).
+    "data": ("preftune.datatools.cli", "DataToolConfig", "main",
+             "Understand and clean preference data: inspect, dedup, decontaminate, binarize, "
+             "relabel, split."),
 }
 
 
@@ -69,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\npreftune: error: unknown command {command!r}", file=sys.stderr)
         return 2
     try:
-        parser, config_cls, run = build_parser(command)
+        if command == "data":  # a command group: the parser comes from its subcommand
+            from preftune.datatools.cli import build_parser as build_data_parser
+
+            argv = argv[1:]
+            parser, config_cls, run = build_data_parser(argv)
+        else:
+            parser, config_cls, run = build_parser(command)
         namespace = parser.parse_args(argv[1:])  # argparse exits 2 on unknown options
         cfg = build_config(config_cls, namespace)
         run(cfg)
