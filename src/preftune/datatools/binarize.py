@@ -103,9 +103,9 @@ def binarize(rows: Iterable[dict], *, rating: str = "overall", pairs: str = "bes
     `bad_ratings` receives one record per rating that is not a number.
 
     best-vs-random draws the rejected completion with `random.Random(f"{seed}-{n}").choice`
-    over the other rated completions of the n-th row (1-based): reproducible whatever the
-    order rows are read in batches. On equal best ratings the first completion is chosen (and
-    for best-vs-worst, the first of the equal worst is rejected).
+    over the other rated completions of the n-th row (1-based), so a row's pair does not
+    depend on the rows around it. On equal best ratings the first completion is chosen; for
+    best-vs-worst the rejected one is the first lowest-rated of the others.
     """
     if pairs not in PAIRINGS:
         raise PreftuneError(f"pairs: got {pairs!r}, expected one of {', '.join(PAIRINGS)}")
@@ -190,10 +190,11 @@ def binarize(rows: Iterable[dict], *, rating: str = "overall", pairs: str = "bes
 def _candidate_pairs(rated: list, pairs: str, rng: random.Random) -> list[tuple]:
     """(higher-rated, lower-rated) candidates; ties come out with the first-listed one first."""
     best = max(rated, key=lambda c: c[2])  # max/min return the first of equals
+    others = [c for c in rated if c is not best]
     if pairs == "best-vs-worst":
-        return [(best, min(rated, key=lambda c: c[2]))]
+        return [(best, min(others, key=lambda c: c[2]))]
     if pairs == "best-vs-random":
-        return [(best, rng.choice([c for c in rated if c is not best]))]
+        return [(best, rng.choice(others))]
     out = []
     for a in range(len(rated)):
         for b in range(a + 1, len(rated)):

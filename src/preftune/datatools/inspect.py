@@ -117,7 +117,7 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
         texts = [(text_of(p.prompt), text_of(p.chosen), text_of(p.rejected)) for p in pairs]
         if tokenizer is not None:
             flat = [t for triple in texts for t in triple]
-            ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"]
             lengths = [len(x) for x in ids]
             lengths = [lengths[i:i + 3] for i in range(0, len(lengths), 3)]
         else:
