@@ -15,8 +15,17 @@ Rows are parsed by the same rules as training (pairs.py reuses data.formats).
 """
 
 from preftune.datatools.binarize import BinarizeReport, binarize, parse_rating
-from preftune.datatools.decontaminate import DecontaminationReport, NgramIndex, decontaminate
-from preftune.datatools.dedup import DedupReport, NearDuplicateIndex, dedup
+from preftune.datatools.decontaminate import (
+    DecontaminationReport,
+    NgramIndex,
+    decontaminate,
+)
+from preftune.datatools.dedup import (
+    DedupReport,
+    NearDuplicateFinder,
+    dedup,
+    find_duplicates,
+)
 from preftune.datatools.inspect import inspect, length_bias
 from preftune.datatools.io import RowStream, RowWriter, write_rows
 from preftune.datatools.relabel import RelabelReport, relabel
@@ -26,7 +35,7 @@ __all__ = [
     "BinarizeReport",
     "DecontaminationReport",
     "DedupReport",
-    "NearDuplicateIndex",
+    "NearDuplicateFinder",
     "NgramIndex",
     "RelabelReport",
     "RowStream",
@@ -35,6 +44,7 @@ __all__ = [
     "binarize",
     "decontaminate",
     "dedup",
+    "find_duplicates",
     "inspect",
     "length_bias",
     "parse_rating",

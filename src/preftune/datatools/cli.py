@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preftune.config import _require, add_config_arguments, arg
-from preftune.datatools.io import OUTPUT_FORMATS, RowStream, RowWriter, progress, write_report
+from preftune.datatools.io import (
+    OUTPUT_FORMATS,
+    RowStream,
+    RowWriter,
+    progress,
+    write_report,
+)
 from preftune.errors import PreftuneError
 from preftune.evaluation.report import atomic_output, to_jsonable
 
@@ -225,7 +231,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
     try:
         kept, report = dedup(_open(cfg), on=cfg.on, threshold=cfg.threshold,
                              num_perm=cfg.num_perm, shingle=cfg.shingle, near=cfg.near,
-                             removed=sink)
+                             removed=sink, progress=lambda it: progress(it, desc="find duplicates"))
     except BaseException:
         sink.close(ok=False)
         raise

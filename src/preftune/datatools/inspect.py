@@ -19,11 +19,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from preftune.datatools.dedup import NearDuplicateIndex, exact_hash
+from preftune.datatools.dedup import NearDuplicateFinder, Origins, exact_hash
 from preftune.datatools.io import located_rows, source_name, where
 from preftune.datatools.pairs import BadRow, detect_stream_format, row_pairs, text_of
-from preftune.evaluation.stats import wilson_interval
 from preftune.errors import PreftuneError
+from preftune.evaluation.stats import wilson_interval
 
 BATCH = 256  # pairs measured (tokenized, scored) together
 EXAMPLES = 5
@@ -100,19 +100,18 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
     subsets: dict[str, int] = {}
     bad: dict[str, int] = {}
     bad_first: dict[str, str] = {}
-    n_rows = 0
-    ranked_ties = 0
-    prompt_index = NearDuplicateIndex(threshold, num_perm=num_perm, shingle=shingle) if near_duplicates else None
-    pair_index = NearDuplicateIndex(threshold, num_perm=num_perm, shingle=shingle) if near_duplicates else None
+    counts = {"rows": 0, "ranked_ties": 0}
+    finders = ({kind: NearDuplicateFinder(threshold, num_perm=num_perm, shingle=shingle)
+                for kind in ("prompts", "pairs")} if near_duplicates else {})
+    finder_pairs = {"prompts": array("q"), "pairs": array("q")}  # finder id -> pair position
+    pair_origins = Origins()
     seen_prompts: set[int] = set()
-    seen_pairs: dict[int, str] = {}
+    seen_pairs: dict[int, int] = {}  # fingerprint -> first pair position
     examples = {"near_duplicate_prompts": [], "near_duplicate_pairs": [], "exact_duplicate_pairs": []}
-    near_prompts = near_pairs = 0
     disagreements: list = []  # min-heap of (confidence, counter, record), the top ones kept
     counter = itertools.count()
 
     def measure(batch: list) -> None:
-        nonlocal near_prompts, near_pairs
         pairs = [p for p, _ in batch]
         texts = [(text_of(p.prompt), text_of(p.chosen), text_of(p.rejected)) for p in pairs]
         if tokenizer is not None:
@@ -125,7 +124,9 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
         if reward is not None:
             scores = reward([p.prompt for p in pairs] * 2,
                             [p.chosen for p in pairs] + [p.rejected for p in pairs]).tolist()
-        for k, ((pair, location), (tp, tc, tr), (lp, lc, lr)) in enumerate(zip(batch, texts, lengths)):
+        for k, ((pair, origin), (tp, tc, tr), (lp, lc, lr)) in enumerate(zip(batch, texts, lengths)):
+            position = len(cols.len_prompt)
+            pair_origins.append(origin)
             cols.len_prompt.append(lp)
             cols.len_chosen.append(lc)
             cols.len_rejected.append(lr)
@@ -140,31 +141,24 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
                 cols.margin.append(pair.margin)
             if qh in seen_pairs:
                 if len(examples["exact_duplicate_pairs"]) < EXAMPLES:
-                    examples["exact_duplicate_pairs"].append({"row": location, "duplicate_of": seen_pairs[qh]})
+                    examples["exact_duplicate_pairs"].append(
+                        {"row": where(origin), "duplicate_of": pair_origins.where(seen_pairs[qh])})
             else:
-                seen_pairs[qh] = location if len(seen_pairs) < 10**7 else ""
-                if pair_index is not None:
-                    hit = pair_index.add_or_match(pair_text, location)
-                    if hit is not None:
-                        near_pairs += 1
-                        if len(examples["near_duplicate_pairs"]) < EXAMPLES:
-                            examples["near_duplicate_pairs"].append(
-                                {"row": location, "duplicate_of": hit[0], "similarity": round(hit[1], 4)})
+                seen_pairs[qh] = position
+                if finders:
+                    finders["pairs"].add(pair_text)
+                    finder_pairs["pairs"].append(position)
             if ph not in seen_prompts:
                 seen_prompts.add(ph)
-                if prompt_index is not None:
-                    hit = prompt_index.add_or_match(tp, location)
-                    if hit is not None:
-                        near_prompts += 1
-                        if len(examples["near_duplicate_prompts"]) < EXAMPLES:
-                            examples["near_duplicate_prompts"].append(
-                                {"row": location, "duplicate_of": hit[0], "similarity": round(hit[1], 4)})
+                if finders:
+                    finders["prompts"].add(tp)
+                    finder_pairs["prompts"].append(position)
             if reward is not None:
                 c, r = scores[k], scores[len(pairs) + k]
                 cols.reward_chosen.append(c)
                 cols.reward_rejected.append(r)
                 if r > c:  # the source prefers the rejected reply: a candidate flipped label
-                    record = {"row": location, "reward_chosen": c, "reward_rejected": r,
+                    record = {"row": where(origin), "reward_chosen": c, "reward_rejected": r,
                               "difference": r - c, "prompt": pair.prompt, "chosen": pair.chosen,
                               "rejected": pair.rejected}
                     item = (r - c, next(counter), record)
@@ -173,28 +167,25 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
                     elif top_disagreements:
                         heapq.heappushpop(disagreements, item)
 
-    batch: list = []
-    stream = located_rows(rows, source)
-    if progress is not None:
-        stream = progress(stream)
-    for row, origin in stream:
-        n_rows += 1
-        try:
-            pairs = row_pairs(row, fmt, has_margin=has_margin)
-        except BadRow as e:
-            bad[e.reason] = bad.get(e.reason, 0) + 1
-            bad_first.setdefault(e.reason, f"{where(origin)}: {e.message}")
-            continue
-        if fmt == "ranked":
-            scores = row["scores"]
-            ranked_ties += sum(1 for a, b in itertools.combinations(scores, 2) if a == b)
-        location = where(origin)
-        batch.extend((p, location) for p in pairs)
-        if len(batch) >= BATCH:
-            measure(batch)
-            batch = []
-    if batch:
-        measure(batch)
+    try:
+        stream = located_rows(rows, source)
+        if progress is not None:
+            stream = progress(stream)
+        near = {}
+        _pass(stream, fmt, has_margin, measure, bad, bad_first, counts)
+        for kind, finder in finders.items():
+            hits = finder.finish()
+            ids = finder_pairs[kind]
+            near[kind] = len(hits)
+            for j, (i, sim) in itertools.islice(hits.items(), EXAMPLES):
+                examples[f"near_duplicate_{kind}"].append(
+                    {"row": pair_origins.where(ids[j]), "duplicate_of": pair_origins.where(ids[i]),
+                     "similarity": round(sim, 4)})
+    finally:
+        for finder in finders.values():
+            finder.close()
+    n_rows, ranked_ties = counts["rows"], counts["ranked_ties"]
+    near_prompts, near_pairs = near.get("prompts"), near.get("pairs")
     if not cols.len_chosen:
         raise PreftuneError(f"{source}: no usable pairs in {n_rows} rows (bad rows: {bad})")
 
@@ -256,6 +247,28 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
         report["_disagreements"] = [rec for _, _, rec in sorted(disagreements, reverse=True)]
     report["_arrays"] = {"prompt": lp, "chosen": lc, "rejected": lr}
     return report
+
+
+def _pass(stream, fmt, has_margin, measure, bad, bad_first, counts) -> None:
+    """Read every row once: bad rows are counted, pairs go to `measure` in batches."""
+    batch: list = []
+    for row, origin in stream:
+        counts["rows"] += 1
+        try:
+            pairs = row_pairs(row, fmt, has_margin=has_margin)
+        except BadRow as e:
+            bad[e.reason] = bad.get(e.reason, 0) + 1
+            bad_first.setdefault(e.reason, f"{where(origin)}: {e.message}")
+            continue
+        if fmt == "ranked":
+            scores = row["scores"]
+            counts["ranked_ties"] += sum(1 for a, b in itertools.combinations(scores, 2) if a == b)
+        batch.extend((p, origin) for p in pairs)
+        if len(batch) >= BATCH:
+            measure(batch)
+            batch = []
+    if batch:
+        measure(batch)
 
 
 def _agreement(rc: np.ndarray, rr: np.ndarray, confidence: float, name) -> dict:

@@ -41,7 +41,7 @@ def prompt_key(row: dict, fmt: str) -> str | None:
 
 def unit_hash(text: str, seed: int) -> float:
     """A uniform number in [0, 1) from a text and the seed (blake2b)."""
-    digest = hashlib.blake2b(f"{seed}\x00{text}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
