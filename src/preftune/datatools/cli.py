@@ -70,7 +70,9 @@ def _prepare_output(cfg: DataToolConfig) -> Path:
 
 
 def _open(cfg: DataToolConfig) -> RowStream:
-    return RowStream(cfg.data, split=cfg.split, columns=cfg.columns)
+    from preftune.trainers.common import resolve_data_source  # `demo`: the built-in HH sample
+
+    return RowStream(resolve_data_source(cfg.data), split=cfg.split, columns=cfg.columns)
 
 
 class _JsonlSink:
@@ -274,7 +276,9 @@ def run_decontaminate(cfg: DecontaminateConfig) -> dict:
     out = _prepare_output(cfg)
     index = NgramIndex(cfg.ngram)
     for name in cfg.against:
-        index.add_eval_set(name, RowStream(name, split=cfg.against_split))
+        from preftune.trainers.common import resolve_data_source
+
+        index.add_eval_set(name, RowStream(resolve_data_source(name), split=cfg.against_split))
     sink = _JsonlSink(out / "removed.jsonl")
     try:
         kept, report = decontaminate(_open(cfg), index, responses=cfg.responses, removed=sink)

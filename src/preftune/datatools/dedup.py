@@ -57,8 +57,13 @@ class NearDuplicateFinder:
 
     def __init__(self, threshold: float = 0.8, *, num_perm: int = 128, shingle: int = 3,
                  seed: int = 1):
-        from datasketch import MinHash
-        from datasketch.lsh import _optimal_param
+        try:
+            from datasketch import MinHash
+            from datasketch.lsh import _optimal_param
+        except ImportError:
+            raise PreftuneError("near-duplicate search needs datasketch >= 2.0: pip install "
+                                "'preftune[data]' (or look for exact duplicates only: "
+                                "dedup --no-near, inspect --no-near-duplicates)") from None
 
         if not 0.0 < threshold <= 1.0:
             raise PreftuneError(f"threshold: got {threshold}, expected a number in (0, 1]")
