@@ -74,8 +74,13 @@ def test_stream_reads_what_training_reads(tmp_path):
     folder.mkdir()
     _write_jsonl(folder / "a.jsonl", rows[:4])
     _write_jsonl(folder / "b.jsonl", rows[4:])
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                          "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
     for source in (gz, tmp_path / "d.parquet", tmp_path / "disk", folder):
         assert list(RowStream(str(source))) == expected, source
+    assert list(RowStream(str(tmp_path / "dd"), split="test")) == expected
+    with pytest.raises(PreftuneError, match="no split 'dev'"):
+        list(RowStream(str(tmp_path / "dd"), split="dev"))
     # Column map, and the location of a row in a folder of files.
     renamed = [{"good": r["chosen"], "bad": r["rejected"]} for r in rows]
     _write_jsonl(tmp_path / "m.jsonl", renamed)

@@ -26,7 +26,7 @@ from preftune.datatools.dedup import (
     dedup,
     find_duplicates,
 )
-from preftune.datatools.inspect import inspect, length_bias
+from preftune.datatools.inspect import chosen_length_bias, inspect
 from preftune.datatools.io import RowStream, RowWriter, write_rows
 from preftune.datatools.relabel import RelabelReport, relabel
 from preftune.datatools.split import SplitReport, split
@@ -46,7 +46,7 @@ __all__ = [
     "dedup",
     "find_duplicates",
     "inspect",
-    "length_bias",
+    "chosen_length_bias",
     "parse_rating",
     "relabel",
     "split",

@@ -49,7 +49,7 @@ def _distribution(values: np.ndarray) -> dict:
             "p95": float(q[4]), "max": float(values.max())}
 
 
-def length_bias(len_chosen: np.ndarray, len_rejected: np.ndarray, confidence: float = 0.95) -> dict:
+def chosen_length_bias(len_chosen: np.ndarray, len_rejected: np.ndarray, confidence: float = 0.95) -> dict:
     """How often the chosen reply is the longer one, and by how much."""
     n = int(len_chosen.size)
     if n == 0:
@@ -209,7 +209,7 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
                   "counts": {str(int(k)): int(v) for k, v in zip(*np.unique(turns, return_counts=True))}},
         "lengths": {"prompt": _distribution(lp), "chosen": _distribution(lc),
                     "rejected": _distribution(lr)},
-        "length_bias": length_bias(lc, lr, confidence),
+        "length_bias": chosen_length_bias(lc, lr, confidence),
         "duplicates": {
             "distinct_prompts": int(prompt_counts.size),
             "exact_duplicate_prompts": n_pairs - int(prompt_counts.size),
@@ -232,7 +232,7 @@ def inspect(rows: Iterable[dict], *, tokenizer=None, reward=None, near_duplicate
         per = {}
         for name, sid in sorted(subsets.items()):
             mask = subset_ids == sid
-            entry = {"pairs": int(mask.sum()), "length_bias": length_bias(lc[mask], lr[mask], confidence),
+            entry = {"pairs": int(mask.sum()), "length_bias": chosen_length_bias(lc[mask], lr[mask], confidence),
                      "median_chosen_length": float(np.median(lc[mask])),
                      "median_rejected_length": float(np.median(lr[mask]))}
             per[name] = entry
