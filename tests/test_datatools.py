@@ -401,3 +401,41 @@ def test_every_data_command_has_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["data", "nonsense"])
     assert exit_.value.code == 2
+
+
+def test_relabel_and_inspect_with_a_reward_model_folder(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from preftune.models.tiny import build_tiny_tokenizer
+    from preftune.rewards.sources import ModelReward
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512, num_labels=1,
+        pad_token_id=tok.pad_token_id))
+    rm = tmp_path / "rm"
+    model.save_pretrained(rm)
+    tok.save_pretrained(rm)
+    rows = [r for r in _hh_rows()[:12] if _replies(r) is not None]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    # By hand: score both replies with the same model, count where rejected scores higher.
+    reward = ModelReward.from_pretrained(str(rm))
+    prompts = [r["chosen"][: len(r["chosen"]) - len(_replies(r)[0])] for r in rows]
+    sc = reward(prompts, [_replies(r)[0] for r in rows])
+    sr = reward(prompts, [_replies(r)[1] for r in rows])
+    flips = int((sr > sc).sum())
+    assert 0 < flips < len(rows)  # a random model: some pairs each way
+    out = tmp_path / "relabel"
+    assert main(["data", "relabel", str(data), "--reward-model", str(rm), "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_pairs"] == len(rows) and report["flipped"] == flips
+    out = tmp_path / "inspect"
+    assert main(["data", "inspect", str(data), "--reward-model", str(rm), "--output-dir", str(out),
+                 "--no-near-duplicates"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["reward"]["disagree"] + report["reward"]["ties"] == flips + int((sr == sc).sum())
+    lines = (out / "disagreements.jsonl").read_text().splitlines()
+    assert len(lines) == flips
