@@ -439,3 +439,19 @@ def test_relabel_and_inspect_with_a_reward_model_folder(tmp_path):
     assert report["reward"]["disagree"] + report["reward"]["ties"] == flips + int((sr == sc).sum())
     lines = (out / "disagreements.jsonl").read_text().splitlines()
     assert len(lines) == flips
+
+
+def test_binarize_reads_aspect_lists_and_refuses_unknown_aspects():
+    def completion(text, ratings):
+        return {"response": text, "annotations": {"helpfulness": [{"Rating": r} for r in ratings]}}
+
+    rows = [{"prompt": "Q?", "completions": [completion("a", ["4", "2"]), completion("b", ["5"]),
+                                             completion("c", ["1", "N/A"])]}]
+    bad: list = []
+    out, report = binarize(rows, rating="helpfulness", pairs="all", bad_ratings=bad)
+    # a = mean(4, 2) = 3, b = 5; c has an N/A inside its list.
+    assert [(p["chosen"], p["rejected"], p["margin"]) for p in out] == [("b", "a", 2.0)]
+    assert bad == [{"row": "rows, row 1", "completion": 2, "field": "annotations.helpfulness.Rating",
+                    "value": "N/A"}]
+    out, report = binarize(rows, rating="honesty")
+    assert list(out) == [] and report.bad_ratings == 3  # no such aspect: reported, not guessed

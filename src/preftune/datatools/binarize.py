@@ -69,11 +69,16 @@ def completion_rating(completion, score, rating: str) -> tuple[float | None, str
     values = []
     for aspect in aspects:
         entry = annotations.get(aspect)
-        raw = entry.get("Rating") if isinstance(entry, dict) else entry
-        value = parse_rating(raw)
-        if value is None:
-            return None, f"annotations.{aspect}.Rating", raw
-        values.append(value)
+        # One annotation per aspect ({"Rating": "4", ...}); some releases hold a list of them.
+        entries = entry if isinstance(entry, list) and entry else [entry]
+        ratings = []
+        for one in entries:
+            raw = one.get("Rating") if isinstance(one, dict) else one
+            value = parse_rating(raw)
+            if value is None:
+                return None, f"annotations.{aspect}.Rating", raw
+            ratings.append(value)
+        values.append(sum(ratings) / len(ratings))
     return sum(values) / len(values), "annotations", None
 
 
