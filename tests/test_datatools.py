@@ -192,7 +192,11 @@ def test_dedup_finds_the_planted_duplicates_and_nothing_else(tmp_path):
         (f"{path}, line 64", f"{path}, line {b + 1}", "near"),
     ]
     assert all(0.8 <= r["similarity"] < 1.0 for r in removed if r["kind"] == "near")
-    # inspect counts the same planted duplicates (the exact copies among exact pairs).
+    # The same on a datasets.Dataset, and inspect counts the same planted duplicates.
+    import datasets
+
+    kept, report = dedup(datasets.Dataset.from_list(planted))
+    assert list(kept) == rows and (report.exact_duplicates, report.near_duplicates) == (2, 2)
     dup = inspect(planted, source="planted")["duplicates"]
     assert (dup["exact_duplicate_pairs"], dup["near_duplicate_pairs"]) == (2, 2)
     # Exact only: the near copies stay.
