@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from preftune.cli import main
 from preftune.engine.engine import KILL_AFTER_CHECKPOINT_ENV
-from preftune.trainers.online import sampling_seed, step_prompt_indices
+from preftune.trainers.rollout import sampling_seed, step_prompt_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = str(ROOT / "tests" / "rewards_for_tests.py")
@@ -250,7 +250,7 @@ def test_bad_reward_functions_are_named(tmp_path, capsys, fn, expected):
 
 def test_nan_from_a_reward_model_is_refused(tmp_path):
     from preftune.errors import PreftuneError
-    from preftune.trainers.online import RolloutSettings, score
+    from preftune.trainers.rollout import RolloutSettings, score
 
     class NaNModel:
         name = "reward_model"

@@ -30,6 +30,12 @@ def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def fixed(value: Any, why: str) -> Any:
+    """A setting a command inherits but cannot change: no flag in `--help`; giving it (flag or
+    YAML) with another value is refused with `why`."""
+    return field(default=value, metadata={"help": why, "choices": None, "fixed": why})
+
+
 @dataclass
 class TrainConfig:
     """Settings shared by every training command."""
@@ -139,6 +145,8 @@ class TrainConfig:
                 raise PreftuneError(f"report_to: unknown tracker {tracker.strip()!r}; "
                                     "expected a comma-separated list of tensorboard, wandb, mlflow")
         for f in dataclasses.fields(self):
+            if "fixed" in f.metadata and getattr(self, f.name) != f.default:
+                raise PreftuneError(f"{f.name}={getattr(self, f.name)!r}: {f.metadata['fixed']}")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
@@ -179,6 +187,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if default not in ("", None) and not isinstance(default, bool):
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if "fixed" in f.metadata:  # accepted only to be refused with its reason, not shown
+            kwargs["help"] = argparse.SUPPRESS
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif tp in (list, typing.List) or typing.get_origin(tp) is list:

@@ -302,3 +302,27 @@ def disabled_adapters(model):
             inner.enable_adapters()
     else:
         yield
+
+
+def check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
+    """Refuse a second model (reference, value model) whose tokenizer differs from the policy's.
+
+    It reads the policy's token ids, so both must split text the same way: the same vocabulary
+    (token -> id), the same special tokens, the same chat template. `what` names the setting,
+    e.g. "ref_model 'path'".
+    """
+    problems = []
+    if len(policy_tok) != len(other_tok):
+        problems.append(f"vocabulary sizes {len(policy_tok)} (policy) vs {len(other_tok)}")
+    elif policy_tok.get_vocab() != other_tok.get_vocab():
+        problems.append("the same vocabulary size but different token ids")
+    for name in ("bos_token_id", "eos_token_id"):  # padding is masked, so its id may differ
+        a, b = getattr(policy_tok, name, None), getattr(other_tok, name, None)
+        if a != b:
+            problems.append(f"{name} {a} (policy) vs {b}")
+    if getattr(policy_tok, "chat_template", None) != getattr(other_tok, "chat_template", None):
+        problems.append("a different chat template")
+    if problems:
+        raise PreftuneError(
+            f"{what}: its tokenizer differs from the policy's (" + "; ".join(problems) + "); it "
+            "must use the policy's tokenizer so that the same token ids mean the same text")
