@@ -146,9 +146,13 @@ def test_combined_reward_sources_with_weights(tmp_path, reward_model_dir):
                       reward_fn=[LOWERCASE, f"{REWARDS}:completion_length"],
                       reward_weights=["1.0", "1.0", "0.01"], missing_eos_penalty=1.0,
                       length_penalty=0.01)) == 0
-    last = _metrics(out)[-1]
-    for name in ("reward/reward_model", "reward/lowercase_fraction", "reward/completion_length"):
-        assert name in last
+    for row in _metrics(out):
+        # Every term is linear, so the step means combine like the per-row rewards:
+        # 1·rm + 1·lowercase + 0.01·characters − 1.0·(no EOS) − 0.01·tokens.
+        expected = (row["reward/reward_model"] + row["reward/lowercase_fraction"]
+                    + 0.01 * row["reward/completion_length"]
+                    - 1.0 * (1 - row["completion/eos_fraction"]) - 0.01 * row["completion/length"])
+        assert row["reward/mean"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_grpo_with_lora_uses_the_disabled_adapters_as_reference(tmp_path):
@@ -165,25 +169,45 @@ def test_ppo_kl_as_a_loss_and_several_minibatches(tmp_path):
     out = tmp_path / "run"
     assert main(_args("ppo", _prompts(tmp_path / "p.jsonl"), out, kl_penalty="loss",
                       kl_estimator="k3", num_minibatches=2, ppo_epochs=2, batch_size=4,
-                      prompts_per_step=8)) == 0
-    assert len(_metrics(out)) == 2
+                      prompts_per_step=8, lr_scheduler="linear")) == 0
+    rows = _metrics(out)
+    # 2 rollouts x 2 epochs x 2 minibatches = 8 optimizer steps on the schedule: the linear
+    # decay is halfway after the first rollout's 4 steps and at 0 after the second's.
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * 4 / 8, 0.0])
+    for r in rows:
+        # KL as a loss term: the reward GAE sees is the score alone.
+        assert r["reward/with_kl"] == pytest.approx(r["reward/mean"], abs=1e-5)
+        assert r["approx_kl"] > 0  # later minibatches see a policy already updated
 
 
 def test_grpo_reuses_rollouts_with_the_clipped_ratio(tmp_path):
-    out = tmp_path / "run"
-    assert main(_args("grpo", _prompts(tmp_path / "p.jsonl"), out, num_generations=2,
-                      ppo_epochs=2, num_minibatches=2,
-                      loss_aggregation="constant", prompts_per_step=8)
-                + ["--no-scale-rewards"]) == 0
-    assert _metrics(out)[-1]["clipfrac"] >= 0
+    data = _prompts(tmp_path / "p.jsonl")
+    reuse, single = tmp_path / "reuse", tmp_path / "single"
+    assert main(_args("grpo", data, reuse, num_generations=2, ppo_epochs=2, num_minibatches=2,
+                      loss_aggregation="constant", prompts_per_step=8, clip_eps=1e-3,
+                      lr_scheduler="linear") + ["--no-scale-rewards"]) == 0
+    rows = _metrics(reuse)
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * 4 / 8, 0.0])  # 8 optimizer steps
+    # After the first optimizer step π ≠ π_old, so with ε = 1e-3 the ratio leaves the clip range.
+    assert all(r["clipfrac"] > 0 for r in rows)
+    # One pass, one minibatch: π_old is π itself, the ratio is exactly 1, nothing is clipped.
+    assert main(_args("grpo", data, single, num_generations=2, prompts_per_step=8,
+                      clip_eps=1e-3)) == 0
+    assert all(r["clipfrac"] == 0 for r in _metrics(single))
 
 
 def test_extra_columns_reach_the_reward_function(tmp_path):
     out = tmp_path / "run"
-    data = _prompts(tmp_path / "p.jsonl", letter="q")
-    assert main(_args("rloo", data, out, reward_fn=f"{REWARDS}:count_letter",
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: say something", "value": i})
+                            + "\n" for i in range(32)))
+    assert main(_args("rloo", data, out, reward_fn=f"{REWARDS}:column_value",
                       num_generations=2, prompts_per_step=4)) == 0
-    assert "reward/count_letter" in _metrics(out)[-1]
+    for row in _metrics(out):
+        # Each row's reward is its own prompt's `value`: the mean of this step's prompt indices.
+        indices = step_prompt_indices(32, 4, row["step"], seed=0)
+        assert row["reward/column_value"] == pytest.approx(sum(indices) / 4)
+        assert row["reward/mean"] == pytest.approx(sum(indices) / 4)
 
 
 # --- resume ----------------------------------------------------------------------------------------

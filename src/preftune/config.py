@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from preftune.errors import PreftuneError
+from preftune.utils import atomic_write_text
 
 
 def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
@@ -154,8 +155,13 @@ class TrainConfig:
 
     @property
     def prompt_limit(self) -> int:
-        """The effective maximum prompt length in tokens."""
-        return self.max_prompt_length or self.max_length // 2
+        return prompt_limit(self.max_prompt_length, self.max_length)
+
+
+def prompt_limit(max_prompt_length: int, max_length: int) -> int:
+    """The effective maximum prompt length in tokens, for every command: `max_prompt_length`,
+    or half of `max_length` when it is 0."""
+    return max_prompt_length or max_length // 2
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -279,7 +285,5 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config as YAML, atomically."""
-    from preftune.utils import atomic_write_text
-
     data = {**config_to_dict(cfg), **(extra or {})}
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

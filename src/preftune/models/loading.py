@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune.errors import PreftuneError
+from preftune.models.logprobs import CompletionLogProbs
 from preftune.models.tiny import (
     PAD,
     build_tiny_model,
@@ -270,8 +271,6 @@ def apply_lora(model, settings: LoraSettings, task_type: str = "CAUSAL_LM"):
 
 def unwrap_model(model):
     """See through DDP/FSDP/accelerate (`.module`), torch.compile (`._orig_mod`) and CompletionLogProbs."""
-    from preftune.models.logprobs import CompletionLogProbs
-
     while True:
         if isinstance(model, CompletionLogProbs):
             model = model.policy

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from preftune.config import arg, save_config
+from preftune.config import arg, prompt_limit, save_config
 from preftune.errors import PreftuneError
 from preftune.models.loading import load_causal_lm
 from preftune.trainers.common import prepare_tokenizer
@@ -46,7 +45,7 @@ class BestOfNConfig(RolloutSettings):
                           choices=("skip", "error"))
     max_prompts: int = arg(0, "Use only the first this many prompts (0: all).")
     max_length: int = arg(512, "Maximum tokens of prompt + completion.")
-    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: max_length − max_new_tokens).")
+    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: half of `max_length`).")
     prompt_truncation: str = arg("keep_end", "Which part of a long prompt survives truncation.",
                                  choices=("keep_end", "keep_start"))
     n: int = arg(4, "N: completions sampled per prompt.")
@@ -65,9 +64,6 @@ class BestOfNConfig(RolloutSettings):
         if not 0 <= self.max_prompt_length < self.max_length:
             raise PreftuneError(f"max_prompt_length: got {self.max_prompt_length}, expected an "
                                 f"integer in [0, max_length={self.max_length})")
-        if self.max_new_tokens >= self.max_length:
-            raise PreftuneError(f"max_new_tokens={self.max_new_tokens} leaves no room for the "
-                                f"prompt within max_length={self.max_length}")
         for f in self.__dataclass_fields__.values():
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -76,7 +72,7 @@ class BestOfNConfig(RolloutSettings):
 
     @property
     def prompt_limit(self) -> int:
-        return self.max_prompt_length or self.max_length - self.max_new_tokens
+        return prompt_limit(self.max_prompt_length, self.max_length)
 
 
 def kl_bound(n: int) -> float:

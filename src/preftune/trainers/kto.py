@@ -16,7 +16,6 @@ One training step, per micro-batch of B examples:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch

@@ -63,11 +63,6 @@ class OnlineConfig(TrainConfig, RolloutSettings):
             if getattr(self, name) < 1:
                 raise PreftuneError(f"{name}: got {getattr(self, name)!r}, expected an "
                                     "integer >= 1")
-        if self.max_new_tokens > self.max_length - self.prompt_limit:
-            raise PreftuneError(
-                f"max_new_tokens={self.max_new_tokens} does not fit after a prompt of up to "
-                f"{self.prompt_limit} tokens within max_length={self.max_length}; lower "
-                "max_new_tokens or max_prompt_length, or raise max_length")
         if self.generator == "vllm" and self.lora:
             raise PreftuneError("generator=vllm with lora: vLLM needs merged weights every "
                                 "step; train without --lora or use --generator hf")

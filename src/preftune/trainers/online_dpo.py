@@ -28,7 +28,7 @@ from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
 from preftune.trainers.rollout import collect_rollout, make_generator_backend
-from preftune.trainers.updates import sequence_kl, take, token_mean
+from preftune.trainers.updates import add_policy_metrics, take
 
 
 @dataclass
@@ -61,9 +61,8 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     start = online.resume(engine, vllm_backend)
     uses_reference = cfg.loss_type not in REFERENCE_FREE
 
-    def forward(input_ids, attention_mask, completion_mask, **kw):
-        return module(input_ids, attention_mask, completion_mask, temperature=cfg.temperature,
-                      **kw)
+    def forward(input_ids, attention_mask, completion_mask, temperature=cfg.temperature, **kw):
+        return module(input_ids, attention_mask, completion_mask, temperature=temperature, **kw)
 
     bar = engine.progress(start)
     window = MetricWindow()
@@ -110,8 +109,7 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
             window.add("loss/policy", loss_sum.detach(), count=float(weight.sum()))
             for name, value in metrics.items():  # per pair; ties excluded
                 window.add(name, value[weight > 0])
-            window.add_all(sequence_kl(out.token_logps, b["ref_logps"], m))
-            token_mean(window, "entropy", out.entropy, m)
+            add_policy_metrics(window, out, b, m)
         window.add("grad_norm", engine.optimizer_step())
         online.sync_generator(engine, vllm_backend)
         ro.times["time/training_s"] = time.perf_counter() - t_train

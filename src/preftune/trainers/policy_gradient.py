@@ -32,17 +32,14 @@ from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
 from preftune.trainers.rollout import collect_rollout, make_generator_backend
-from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, aggregate_loss,
-                                       loss_units, minibatches, sequence_kl, token_mean)
-
-BASELINES = ("group", "leave_one_out")
-
+from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, add_policy_metrics,
+                                       aggregate_loss, loss_units, minibatches)
 
 @dataclass
 class PolicyGradientConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
     """GRPO's and RLOO's settings; each command sets its defaults and its `BASELINE`."""
 
-    BASELINE: ClassVar[str] = "group"
+    BASELINE: ClassVar[str] = "group"  # or "leave_one_out"; not a flag: it is the command
 
     def validate(self) -> None:
         super().validate()
@@ -64,9 +61,8 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
     vllm_backend = make_generator_backend(cfg, setup.tokenizer)
     start = online.resume(engine, vllm_backend)
 
-    def forward(input_ids, attention_mask, completion_mask, **kw):
-        return module(input_ids, attention_mask, completion_mask, temperature=cfg.temperature,
-                      **kw)
+    def forward(input_ids, attention_mask, completion_mask, temperature=cfg.temperature, **kw):
+        return module(input_ids, attention_mask, completion_mask, temperature=temperature, **kw)
 
     def old_policy(batch):  # π_old of the ratio (and of RLOO's sequence KL)
         return {"old_logps": forward(batch["input_ids"], batch["attention_mask"],
@@ -119,8 +115,7 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
             window.add("loss/policy", loss_sum.detach(), count=loss_units(mask, cfg))
             window.add("clipfrac", pg["clipfrac"])
             if first_epoch:
-                window.add_all(sequence_kl(out.token_logps, b["ref_logps"], mask))
-                token_mean(window, "entropy", out.entropy, mask)
+                add_policy_metrics(window, out, b, mask)
             if mb.last:
                 window.add("grad_norm", engine.optimizer_step())
         online.sync_generator(engine, vllm_backend)

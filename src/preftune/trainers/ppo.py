@@ -42,8 +42,8 @@ from preftune.trainers import online
 from preftune.trainers.common import lora_settings, prepare_tokenizer
 from preftune.trainers.reference import build_reference
 from preftune.trainers.rollout import collect_rollout, make_generator_backend
-from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, aggregate_loss,
-                                       loss_units, minibatches, sequence_kl, token_mean)
+from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, add_policy_metrics,
+                                       aggregate_loss, loss_units, minibatches, token_mean)
 
 
 @dataclass
@@ -138,9 +138,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     vllm_backend = make_generator_backend(cfg, setup.tokenizer)
     start = online.resume(engine, vllm_backend)
 
-    def forward(input_ids, attention_mask, completion_mask, **kw):
-        return module(input_ids, attention_mask, completion_mask, temperature=cfg.temperature,
-                      **kw)
+    def forward(input_ids, attention_mask, completion_mask, temperature=cfg.temperature, **kw):
+        return module(input_ids, attention_mask, completion_mask, temperature=temperature, **kw)
 
     def policy_forward(*args, **kw):  # the log-probs alone, for the LoRA-base reference
         return forward(*args, **kw)[0]
@@ -205,8 +204,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
             window.add("approx_kl", pg["approx_kl"])
             window.add("value/clipfrac", vf["vf_clipfrac"])
             if first_epoch:
-                window.add_all(sequence_kl(out.token_logps, b["ref_logps"], m))
-                token_mean(window, "entropy", out.entropy, m)
+                add_policy_metrics(window, out, b, m)
             if mb.last:
                 window.add("grad_norm", engine.optimizer_step())
         online.sync_generator(engine, vllm_backend)

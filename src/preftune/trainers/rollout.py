@@ -24,7 +24,7 @@ import torch
 from preftune.config import arg
 from preftune.data.tokenize import tokenize_prompts
 from preftune.errors import PreftuneError
-from preftune.generation import SamplingConfig, generate, vllm_available
+from preftune.generation import SamplingConfig, VLLMGenerator, generate, vllm_available
 from preftune.rewards import apply_penalties, parse_reward_spec
 from preftune.trainers.common import read_examples
 from preftune.trainers.reference import Reference
@@ -92,11 +92,17 @@ class SamplingSettings:
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         _require(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
                  self.vllm_gpu_memory_utilization, "a number in (0, 1]")
+        # Every command that samples also has `model`, `max_length` and `prompt_limit`.
+        if self.max_new_tokens > self.max_length - self.prompt_limit:
+            raise PreftuneError(
+                f"max_new_tokens={self.max_new_tokens} does not fit after a prompt of up to "
+                f"{self.prompt_limit} tokens within max_length={self.max_length}; lower "
+                "max_new_tokens or max_prompt_length, or raise max_length")
         if self.generator == "vllm":
             if not vllm_available():
                 raise PreftuneError("generator=vllm needs the `vllm` package and a CUDA GPU "
                                     "(pip install 'preftune[vllm]'); use --generator hf here")
-            if self.model.startswith("tiny"):  # every command with sampling has a `model`
+            if self.model.startswith("tiny"):
                 raise PreftuneError("generator=vllm needs a model folder or hub name, not `tiny`")
 
     def sampling(self) -> SamplingConfig:
@@ -137,8 +143,6 @@ def make_generator_backend(cfg: RolloutSettings, tokenizer):
     """None for the HF loop; a VLLMGenerator when `generator=vllm` (imports vllm only then)."""
     if cfg.generator != "vllm":
         return None
-    from preftune.generation import VLLMGenerator  # optional dependency
-
     return VLLMGenerator(cfg.model, cfg.sampling(), cfg.vllm_gpu_memory_utilization,
                          dtype=cfg.dtype, max_model_len=cfg.max_length, seed=cfg.seed,
                          eos_token_ids=[tokenizer.eos_token_id])

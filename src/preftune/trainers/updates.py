@@ -119,6 +119,12 @@ def loss_units(mask: torch.Tensor, cfg) -> float:
                                          cfg.loss_aggregation, cfg.max_new_tokens)[1])
 
 
+def add_policy_metrics(window, out, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+    """The micro-batch's KL to the reference (`kl/k1`, `kl/k3`) and its per-token `entropy`."""
+    window.add_all(sequence_kl(out.token_logps, batch["ref_logps"], mask))
+    token_mean(window, "entropy", out.entropy, mask)
+
+
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
     """KL(π ‖ π_ref) per sequence [B], summed over its tokens, with two estimators (Schulman
