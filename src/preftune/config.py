@@ -20,7 +20,6 @@ from typing import Any
 import yaml
 
 from preftune.errors import PreftuneError
-from preftune.utils import atomic_write_text
 
 
 def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
@@ -285,5 +284,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config as YAML, atomically."""
+    # Imported here: preftune.utils imports torch, and `preftune --help` should not wait for it.
+    from preftune.utils import atomic_write_text
+
     data = {**config_to_dict(cfg), **(extra or {})}
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

@@ -42,7 +42,8 @@ from preftune.errors import PreftuneError
 from preftune.evaluation import stats
 from preftune.evaluation.plots import reliability_diagram, reward_distributions
 from preftune.evaluation.report import format_table, write_json_atomic
-from preftune.models.loading import _resolve, _torch_dtype, load_causal_lm, load_tokenizer
+from preftune.models.loading import (_resolve, _torch_dtype, check_same_tokenizer, load_causal_lm,
+                                     load_tokenizer)
 from preftune.models.logprobs import completion_logprobs
 from preftune.rewards.sources import FunctionReward
 from preftune.trainers.common import resolve_data_source
@@ -380,11 +381,8 @@ def load_policies(cfg: EvalRMConfig):
     ref = None
     if cfg.ref_model:
         ref, ref_tokenizer = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, seed=cfg.seed)
-        probe = "Human: hello there\n\nAssistant: 123 ünïcode"
-        if (len(ref_tokenizer) != len(tokenizer)
-                or ref_tokenizer(probe)["input_ids"] != tokenizer(probe)["input_ids"]):
-            raise PreftuneError(f"ref_model {cfg.ref_model!r} does not share the tokenizer of "
-                                f"model {cfg.model!r}: log-ratios need the same tokens")
+        _prepare_tokenizer(ref_tokenizer, cfg)
+        check_same_tokenizer(tokenizer, ref_tokenizer, f"ref_model {cfg.ref_model!r}")
     return policy.eval(), ref, tokenizer
 
 

@@ -307,8 +307,8 @@ def check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
     """Refuse a second model (reference, value model) whose tokenizer differs from the policy's.
 
     It reads the policy's token ids, so both must split text the same way: the same vocabulary
-    (token -> id), the same special tokens, the same chat template. `what` names the setting,
-    e.g. "ref_model 'path'".
+    (token -> id), the same BOS/EOS, the same encoding of a probe text, the same chat template.
+    `what` names the setting, e.g. "ref_model 'path'".
     """
     problems = []
     if len(policy_tok) != len(other_tok):
@@ -319,6 +319,9 @@ def check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
         a, b = getattr(policy_tok, name, None), getattr(other_tok, name, None)
         if a != b:
             problems.append(f"{name} {a} (policy) vs {b}")
+    probe = "Human: hello there\n\nAssistant: 123 ünïcode"  # normalisers, pre-tokenizers, BOS
+    if not problems and policy_tok(probe)["input_ids"] != other_tok(probe)["input_ids"]:
+        problems.append(f"a different encoding of {probe!r}")
     if getattr(policy_tok, "chat_template", None) != getattr(other_tok, "chat_template", None):
         problems.append("a different chat template")
     if problems:
