@@ -79,6 +79,7 @@ def _policy_changed(run_dir: Path) -> bool:
 
 # --- the reward goes up -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_grpo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("grpo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -88,6 +89,7 @@ def test_grpo_raises_the_reward(tmp_path):
     assert _policy_changed(out)
 
 
+@pytest.mark.slow
 def test_rloo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("rloo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -96,6 +98,7 @@ def test_rloo_raises_the_reward(tmp_path):
     assert "reward/penalised" in rows[-1] and "clipfrac" in rows[-1]
 
 
+@pytest.mark.slow
 def test_online_dpo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("online-dpo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -104,6 +107,7 @@ def test_online_dpo_raises_the_reward(tmp_path):
     assert "rewards/margins" in rows[-1] and "pairs/tie_fraction" in rows[-1]
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("ppo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -223,6 +227,7 @@ def test_prompt_order_and_sampling_seed_are_functions_of_the_step():
     assert sampling_seed(0, 1, 0) != sampling_seed(0, 2, 0) != sampling_seed(0, 1, 1)
 
 
+@pytest.mark.slow
 def test_killed_grpo_run_resumes_to_the_same_rollouts(tmp_path):
     data = _prompts(tmp_path / "p.jsonl")
     common = dict(max_steps=4, num_generations=2, prompts_per_step=8, save_steps=2)

