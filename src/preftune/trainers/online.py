@@ -16,6 +16,7 @@ source), `build_reference` (`trainers/reference.py`), `engine.setup` with
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +110,14 @@ def sync_generator(engine, vllm_backend) -> None:
         vllm_backend.sync_weights(engine.unwrap().policy)
 
 
-def end_iteration(engine, cfg, window, ro: RolloutBatch, step: int, bar) -> dict | None:
-    """Phase 4 of every online trainer: fold in the rollout's metrics and timings, log every
-    `logging_steps` iterations (returning what was logged), checkpoint every `save_steps`."""
+def end_iteration(engine, cfg, window, ro: RolloutBatch, step: int, bar, *, vllm_backend,
+                  updates_started: float) -> dict | None:
+    """Phase 4 of every online trainer: hand the updated weights to the generation backend,
+    fold in the rollout's metrics and timings (`time/training_s`: since `updates_started`), log
+    every `logging_steps` iterations (returning what was logged), checkpoint every
+    `save_steps`."""
+    sync_generator(engine, vllm_backend)
+    ro.times["time/training_s"] = time.perf_counter() - updates_started
     window.add_all(rollout_metrics(ro))
     for name, seconds in ro.times.items():
         window.add(name, seconds)

@@ -207,11 +207,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 add_policy_metrics(window, out, b, m)
             if mb.last:
                 window.add("grad_norm", engine.optimizer_step())
-        online.sync_generator(engine, vllm_backend)
-        ro.times["time/training_s"] = time.perf_counter() - t_train
 
         # 4. log and checkpoint ----------------------------------------------------------------
-        logged = online.end_iteration(engine, cfg, window, ro, step, bar) or logged
+        logged = online.end_iteration(engine, cfg, window, ro, step, bar, vllm_backend=vllm_backend,
+                                      updates_started=t_train) or logged
 
     online.finish(engine, setup.tokenizer, logged, value_model=True)
     return logged
