@@ -21,18 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-from preftune.config import arg
+from preftune.config import _require, arg
 from preftune.data.tokenize import tokenize_prompts
 from preftune.errors import PreftuneError
 from preftune.generation import SamplingConfig, VLLMGenerator, generate, vllm_available
 from preftune.rewards import apply_penalties, parse_reward_spec
 from preftune.trainers.common import read_examples
 from preftune.trainers.reference import Reference
-
-
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise PreftuneError(f"{name}: got {value!r}, expected {expected}")
 
 
 @dataclass
