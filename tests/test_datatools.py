@@ -135,8 +135,11 @@ def test_inspect_counts_turns_margins_subsets_and_reward_agreement():
         {"prompt": "Add 1 and 2.", "chosen": " 3", "rejected": " 3", "margin": 1.0, "subset": "math"},
         {"prompt": "Add 3 and 3.", "chosen": " six", "rejected": " 6", "margin": 1.0, "subset": "math"},
     ]
-    length = lambda prompts, completions: __import__("torch").tensor(
-        [float(len(c)) for c in completions])
+    import torch
+
+    def length(prompts, completions):
+        return torch.tensor([float(len(c)) for c in completions])
+
     report = inspect(rows, reward=length, source="mem", near_duplicates=False)
     assert report["turns"]["counts"] == {"1": 2, "2": 1}
     assert report["bad_rows"]["chosen_equals_rejected"] == 1
