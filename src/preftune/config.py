@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from preftune import trl_compat
 from preftune.errors import PreftuneError
 
 
@@ -190,6 +191,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = f.metadata["choices"]
                 kwargs.pop("metavar")
         parser.add_argument(flag, **kwargs)
+    trl_compat.add_alias_arguments(parser, cls)  # TRL's names: --learning_rate, ...
 
 
 def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
@@ -237,6 +239,7 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PreftuneError(f"{path}: expected a mapping of setting names to values, "
                             f"got {type(raw).__name__}")
+    raw = trl_compat.resolve_yaml(raw, cls, str(path))  # TRL's keys become preftune's
     fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
@@ -256,7 +259,10 @@ def build_config(cls: type, namespace: argparse.Namespace) -> Any:
     config_file = given.pop("config", None)
     if config_file:
         values.update(load_yaml_config(config_file, cls))
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    given = trl_compat.resolve_namespace(  # TRL's flags become preftune's
+        given, cls, values, lambda v, name: _coerce(cls, fields_by_name[name], v, "command line"))
+    names = set(fields_by_name)
     values.update({k: v for k, v in given.items() if k in names})
     cfg = cls(**values)
     cfg.validate()
