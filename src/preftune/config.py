@@ -23,9 +23,12 @@ from preftune import trl_compat
 from preftune.errors import PreftuneError
 
 
-def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
-    """A config field with its documentation (shown by `--help`) and allowed values."""
-    metadata = {"help": help, "choices": choices}
+def arg(default: Any, help: str, *, choices: tuple | None = None,
+        positional: bool = False) -> Any:
+    """A config field with its documentation (shown by `--help`) and allowed values.
+
+    `positional`: a list given as the command's positional arguments (`preftune plot A B`)."""
+    metadata = {"help": help, "choices": choices, "positional": positional}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -179,6 +182,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if default not in ("", None) and not isinstance(default, bool):
             help_text += f" (default: {default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=f.name.upper(), help=help_text)
+            continue
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

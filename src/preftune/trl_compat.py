@@ -25,8 +25,8 @@ import argparse
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from preftune.errors import PreftuneError
@@ -632,7 +632,7 @@ _FIRST = ("num_generations", "num_iterations", "use_bias_correction_kl", "label_
 def command_of(cls: type) -> str:
     """Which command a config class belongs to, from the settings it has."""
     names = {f.name for f in dataclasses.fields(cls)}
-    for command, marker in (("lab", "worlds"), ("eval-rm", "logprob_agg"),
+    for command, marker in (("lab", "worlds"), ("plot", "runs"), ("eval-rm", "logprob_agg"),
                             ("best-of-n", "prompts_per_batch"), ("ppo", "vf_coef"),
                             ("grpo", "scale_rewards"), ("rloo", "normalize_advantages"),
                             ("online-dpo", "prompts_per_step"), ("kto", "desirable_weight"),
@@ -708,6 +708,13 @@ def _numeric(value: Any) -> Any:
 
 def _refuse_unknown(name: str, cls: type, where: str) -> PreftuneError:
     command = command_of(cls)
+    if name not in TRL_OPTIONS and all(a.name != name for a in ALIASES):
+        import difflib
+
+        fields = [f.name for f in dataclasses.fields(cls)]
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return PreftuneError(f"{where}: unknown setting {name!r}{hint}")
     reason = REFUSAL_REASONS.get(name)
     if reason is None:
         elsewhere = sorted({c for a in ALIASES if a.name == name for c in a.commands})
@@ -781,27 +788,32 @@ def resolve_yaml(raw: dict, cls: type, where: str) -> dict[str, Any]:
 
 
 def resolve_namespace(given: dict[str, Any], cls: type, earlier: dict[str, Any],
-                      coerce: Callable[[Any, str], Any]) -> dict[str, Any]:
+                      coerce: Callable[[Any, str], Any], *, tokens: bool = True,
+                      where: str = "command line") -> dict[str, Any]:
     """The parsed flags with the TRL ones (`trl:<name>` destinations) turned into preftune's.
 
     `earlier` holds the settings from the YAML file; `coerce(value, name)` converts a value to
-    the type of preftune setting `name`.
+    the type of preftune setting `name`. `tokens`: the TRL values are argparse's lists of
+    strings (else Python values, from `preftune.load_config`).
     """
     table = aliases_for(cls)
     trl_given = {}
-    for key, tokens in given.items():
+    for key, value in given.items():
         if key.startswith("trl:"):
             name = key[len("trl:"):]
             alias = table.get(name)
-            if alias is not None and not tokens and not alias.switch:
-                raise PreftuneError(f"command line: --{name} needs a value")
-            trl_given[name] = _cli_value(tokens, alias)
+            if not tokens:
+                trl_given[name] = _numeric(value)
+                continue
+            if alias is not None and not value and not alias.switch:
+                raise PreftuneError(f"{where}: --{name} needs a value")
+            trl_given[name] = _cli_value(value, alias)
     plain = {k: v for k, v in given.items() if not k.startswith("trl:")}
     if not trl_given:
         return plain
     known = {**_defaults(cls), **earlier, **plain}
     translated = _translate(trl_given, {k: v for k, v in plain.items() if k != "config"}, cls,
-                            known, "command line")
+                            known, where)
     return {**plain, **{k: coerce(v, k) for k, v in translated.items()}}
 
 
