@@ -822,7 +822,7 @@ def markdown_table() -> str:
     rows = ["| TRL / transformers name | preftune setting | commands | how |",
             "| --- | --- | --- | --- |"]
     for a in ALIASES:
-        commands = "all training commands" if a.commands == TRAINING else (
-            "every command but lab" if a.commands == EVERY else ", ".join(sorted(a.commands)))
+        commands = "training commands" if a.commands == TRAINING else (
+            "training commands, best-of-n, eval-rm" if a.commands == EVERY else ", ".join(sorted(a.commands)))
         rows.append(f"| `{a.name}` | `{a.target}` | {commands} | {a.meaning} |")
     return "\n".join(rows)

@@ -109,7 +109,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], path: str | os.PathLike, *,
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.locator_params(nbins=5)
+        ax.locator_params(axis="x", nbins=5, integer=True)
         ax.grid(alpha=0.3)
         if i == 0:  # one legend: the same runs and line styles in every panel
             ax.legend(fontsize=6)
