@@ -222,7 +222,8 @@ def _scheduler(value, ctx):
     if value == "constant_with_warmup":
         return {"lr_scheduler": "constant"}
     if value == "constant":
-        warm = ctx.settings.get("warmup_steps") or ctx.settings.get("warmup_ratio")
+        warm = any(ctx.aliases.get(n) or ctx.settings.get(n)
+                   for n in ("warmup_steps", "warmup_ratio"))
         if warm:
             raise ctx.refuse("lr_scheduler_type", "transformers' `constant` skips the warmup "
                              "you set; preftune's constant schedule warms up first: pass "
@@ -496,13 +497,15 @@ ALIASES: tuple[Alias, ...] = (
       "same: examples (pairs) per device per micro-batch", _offline_batch("batch_size")),
     A("gradient_accumulation_steps", "grad_accum", OFFLINE, "same",
       _offline_batch("grad_accum")),
-    A("per_device_train_batch_size", "prompts_per_step, batch_size, num_minibatches", GROUPED,
+    A("per_device_train_batch_size", "prompts_per_step, batch_size, num_minibatches",
+      GROUPED | {"ppo"},
       "translated with gradient_accumulation_steps, steps_per_generation, "
       "generation_batch_size and num_generations: prompts per rollout = per_device x processes "
       "x steps_per_generation / num_generations (online DPO: per_device x processes x "
       "grad_accum), batch_size = per_device, num_minibatches = steps_per_generation / "
       "grad_accum; refused for ppo", _online_batch),
-    A("gradient_accumulation_steps", "prompts_per_step, batch_size, num_minibatches", GROUPED,
+    A("gradient_accumulation_steps", "prompts_per_step, batch_size, num_minibatches",
+      GROUPED | {"ppo"},
       "see per_device_train_batch_size", _online_batch),
     A("steps_per_generation", "prompts_per_step, batch_size, num_minibatches",
       frozenset({"grpo", "rloo"}), "see per_device_train_batch_size", _online_batch),
