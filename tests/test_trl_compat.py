@@ -162,6 +162,20 @@ def test_translated_values():
     assert cfg.center_coef == 0.01
     cfg = resolve("sft", ["--dataset_text_field", "content"])
     assert cfg.columns == "text=content"
+    # eval_strategy steps without eval_steps: transformers falls back to logging_steps.
+    cfg = resolve("dpo", ["--eval_strategy", "steps", "--logging_steps", "7",
+                          "--save_strategy", "no"])
+    assert (cfg.eval_steps, cfg.logging_steps, cfg.save_steps) == (7, 7, 0)
+
+
+def test_translated_yaml_values(tmp_path):
+    path = tmp_path / "trl.yaml"
+    # YAML 1.1 reads `no` as false and `5e-7` as a string; both mean what TRL means.
+    path.write_text("save_strategy: no\nlearning_rate: 5e-7\nmodel_name_or_path: 1e5\n"
+                    "eval_strategy: steps\neval_steps: 20\nreport_to: [none]\n")
+    cfg = resolve("dpo", ["--config", str(path)])
+    assert (cfg.save_steps, cfg.lr, cfg.model, cfg.eval_steps, cfg.report_to) == (
+        0, 5e-7, "1e5", 20, "")
 
 
 @pytest.mark.parametrize("command, argv, expected", [
@@ -180,6 +194,8 @@ def test_translated_values():
     ("dpo", "--bf16 --fp16", "bf16 and fp16 are both true"),
     ("dpo", "--optim adafactor", "AdamW only"),
     ("sft", "--completion_only_loss false", "completion tokens only"),
+    ("dpo", "--eval_strategy no --eval-fraction 0.1", "scores held-out data whenever"),
+    ("dpo", "--save_strategy epoch", "'epoch'"),
 ])
 def test_differing_meanings_are_refused_with_the_reason(command, argv, expected):
     message = refusal(command, argv.split())

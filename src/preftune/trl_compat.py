@@ -101,12 +101,6 @@ warmup_ratio max_prompt_length torch_dtype evaluation_strategy
 # Why some TRL options have no preftune counterpart, and what to use instead.
 REFUSAL_REASONS = {
     "per_device_eval_batch_size": "held-out data is scored with --batch-size",
-    "eval_strategy": "held-out data is scored at step 0, at the end, and every --eval-steps "
-                     "steps when --eval-steps > 0",
-    "evaluation_strategy": "held-out data is scored at step 0, at the end, and every "
-                           "--eval-steps steps when --eval-steps > 0",
-    "save_strategy": "checkpoints are written every --save-steps steps (0: only at the end)",
-    "logging_strategy": "metrics are logged every --logging-steps steps",
     "dataset_test_split": "held-out data comes from --eval-data (read with the same --split) "
                           "or --eval-fraction of the training data",
     "dataset_config": "pass a local file, a folder, or a dataset name without a config",
@@ -295,6 +289,31 @@ def _text_field(value, ctx):
         return {}
     columns = ctx.settings.get("columns") or ""
     return {"columns": ",".join(c for c in (columns, f"text={value}") if c)}
+
+
+def _eval_strategy(value, ctx):
+    value = "no" if value is False else value  # YAML 1.1 reads `no` as false
+    if value == "steps":  # transformers: eval_steps, else logging_steps
+        steps = ctx.aliases.get("eval_steps") or ctx.aliases.get("logging_steps") or \
+            ctx.settings.get("eval_steps") or ctx.settings.get("logging_steps")
+        return {"eval_steps": steps}
+    if value == "no":
+        if ctx.settings.get("eval_data") or ctx.settings.get("eval_fraction"):
+            raise ctx.refuse("eval_strategy", "`no` with held-out data: preftune scores "
+                             "held-out data whenever it is given; drop eval_data/eval_fraction")
+        return {}
+    raise ctx.refuse("eval_strategy", f"{value!r}: preftune evaluates every --eval-steps "
+                     "steps (TRL's `steps`), or only at the start and the end")
+
+
+def _save_strategy(value, ctx):
+    value = "no" if value is False else value  # YAML 1.1 reads `no` as false
+    if value == "steps":
+        return {}
+    if value == "no":
+        return {"save_steps": 0}  # no checkpoints; the final model is saved either way
+    raise ctx.refuse("save_strategy", f"{value!r}: preftune checkpoints every --save-steps "
+                     "steps (TRL's `steps`) or not at all (`no`)")
 
 
 def _must_be(name: str, accepted: tuple, why: str) -> Convert:
@@ -549,6 +568,14 @@ ALIASES: tuple[Alias, ...] = (
       _positive_count("save_total_limit", "save_total_limit", none=0)),
     A("eval_steps", "eval_steps", OFFLINE, "same; null becomes 0 (at the end only)",
       _positive_count("eval_steps", "eval_steps", none=0)),
+    A("eval_strategy", "eval_steps", OFFLINE, "steps: eval_steps (or logging_steps, as in "
+      "transformers); no: accepted without held-out data; epoch refused", _eval_strategy),
+    A("evaluation_strategy", "eval_steps", OFFLINE, "the older name of eval_strategy",
+      _eval_strategy),
+    A("save_strategy", "save_steps", TRAINING, "steps: save_steps; no: save_steps 0 (no "
+      "checkpoints; the final model is saved); epoch refused", _save_strategy),
+    A("logging_strategy", "(logging)", TRAINING, "steps accepted; others refused",
+      _must_be("logging_strategy", ("steps",), "preftune logs every --logging-steps steps")),
     A("report_to", "report_to", TRAINING, "a list or comma-separated names; `none` becomes "
       "empty; `all` refused (name the trackers)", _report_to),
     # --- sequence lengths ----------------------------------------------------------------------
@@ -629,7 +656,8 @@ ALIASES: tuple[Alias, ...] = (
 )
 
 # Applied before the others: the aliases whose translation reads other aliases' values.
-_FIRST = ("num_generations", "num_iterations", "use_bias_correction_kl", "label_smoothing")
+_FIRST = ("num_generations", "num_iterations", "use_bias_correction_kl", "label_smoothing",
+          "eval_steps", "logging_steps")
 
 
 def command_of(cls: type) -> str:
@@ -689,9 +717,9 @@ def _cli_value(tokens: list[str], alias: Alias | None) -> Any:
             except ValueError:
                 pass
         low = token.lower()
-        if low in ("true", "yes"):
+        if low == "true":  # not yes/no: `--save_strategy no` is a word
             return True
-        if low in ("false", "no"):
+        if low == "false":
             return False
         if low in ("null", "~"):
             return None
@@ -707,6 +735,15 @@ def _numeric(value: Any) -> Any:
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
         return float(value)
     return value
+
+
+def _is_text(cls: type, name: str) -> bool:
+    """Whether preftune setting `name` of `cls` holds text (left as YAML read it)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            return kind.startswith("str")
+    return False
 
 
 def _refuse_unknown(name: str, cls: type, where: str) -> PreftuneError:
@@ -778,7 +815,9 @@ def resolve_yaml(raw: dict, cls: type, where: str) -> dict[str, Any]:
     trl_given: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        value = _numeric(value)
+        target = table[name].target if name in table else name
+        if not _is_text(cls, target):
+            value = _numeric(value)
         if name in table:
             trl_given[name] = value
         elif name in fields or name not in TRL_OPTIONS:

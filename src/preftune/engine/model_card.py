@@ -83,8 +83,11 @@ def model_card(command: str, cfg: Any, summary: dict[str, Any], output_dir: str 
     settings = config_to_dict(cfg)
     base = settings.get("model", "")
     data = settings.get("data", "")
-    method = settings.get("loss") if command == "dpo" else None
+    method = {"dpo": settings.get("loss"), "online-dpo": settings.get("loss_type"),
+              "reward": settings.get("loss")}.get(command)
     tags = ["preftune", command] + ([method] if method and method != command else [])
+    if command == "reward":
+        tags.append("reward-model")
     if settings.get("lora"):
         tags.append("lora")
     datasets = [d for d in (DEMO_DATASET if data == "demo" else _hub_id(data),) if d]
