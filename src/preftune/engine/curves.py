@@ -107,7 +107,6 @@ def plot_runs(run_dirs: list[str | os.PathLike], path: str | os.PathLike, *,
                 ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=3,
                         label=f"{label} held-out" if several else "held-out")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.locator_params(axis="x", nbins=5, integer=True)
         ax.grid(alpha=0.3)
@@ -115,10 +114,11 @@ def plot_runs(run_dirs: list[str | os.PathLike], path: str | os.PathLike, *,
             ax.legend(fontsize=6)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    fig.supxlabel("optimizer step (online: rollout)", fontsize=8)
     # Fixed margins rather than tight_layout, which draws the figure once more to measure it.
     height = 2.9 * rows_n
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / height, top=1 - 0.3 / height,
-                        wspace=0.3, hspace=0.6)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.55 / height, top=1 - 0.3 / height,
+                        wspace=0.3, hspace=0.45)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     return Path(path)
