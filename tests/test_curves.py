@@ -8,7 +8,13 @@ import json
 import pytest
 
 from preftune.cli import main
-from preftune.engine.curves import _series, panels_for, plot_runs, read_metrics, write_curves
+from preftune.engine.curves import (
+    _series,
+    panels_for,
+    plot_runs,
+    read_metrics,
+    write_curves,
+)
 from preftune.errors import PreftuneError
 
 PNG = b"\x89PNG\r\n\x1a\n"

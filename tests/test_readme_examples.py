@@ -21,7 +21,7 @@ FAMILIES = {"runs/api-dpo": ("dpo", "rewards/margins"), "runs/api-reward": ("rew
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
 
 
 @pytest.mark.slow  # three tiny training runs
@@ -30,7 +30,9 @@ def test_readme_python_examples_run_and_leave_card_and_curves(tmp_path, monkeypa
     blocks = python_blocks()
     assert len(blocks) >= 3
     for i, block in enumerate(blocks):
-        exec(compile(block, f"README.md python block {i + 1}", "exec"), {"__name__": "readme"})
+        # The README's own examples, executed as written: that is the point of this test.
+        exec(compile(block, f"README.md python block {i + 1}", "exec"),  # noqa: S102
+             {"__name__": "readme"})
 
     for folder, (command, metric) in FAMILIES.items():
         run = tmp_path / folder
@@ -51,3 +53,23 @@ def test_readme_python_examples_run_and_leave_card_and_curves(tmp_path, monkeypa
     out = tmp_path / "cmp.png"
     assert main(["plot", "runs/api-dpo", "runs/api-reward", "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
+
+
+def test_python_api_exports_every_command_lazily():
+    import subprocess
+    import sys
+
+    import preftune
+    from preftune.cli import COMMANDS
+
+    for module, config_name, run_name, _ in COMMANDS.values():
+        for name in (config_name, run_name):
+            assert name in preftune.__all__
+            assert getattr(preftune, name) is getattr(__import__(module, fromlist=[name]), name)
+    assert set(preftune.__all__) == set(preftune._EXPORTS) | {"load_config", "__version__"}
+    # `import preftune` alone loads neither torch nor a trainer.
+    code = ("import sys, preftune; "
+            "print(sorted(m for m in ('torch', 'preftune.trainers.dpo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -98,8 +98,8 @@ def test_trl_command_runs_end_to_end_with_the_same_config_yaml(tmp_path):
 def test_readme_trl_and_preftune_commands_differ_in_one_word():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Coming from TRL"):]
-    trl = re.search(r"^trl dpo .*$", section, re.M).group(0)
-    ours = re.search(r"^preftune dpo .*$", section, re.M).group(0)
+    trl = re.search(r"^trl dpo .*$", section, re.MULTILINE).group(0)
+    ours = re.search(r"^preftune dpo .*$", section, re.MULTILINE).group(0)
     trl_words, our_words = shlex.split(trl), shlex.split(ours)
     assert trl_words[1:] == our_words[1:] and trl_words[0] != our_words[0]
     cfg = resolve("dpo", our_words[2:])

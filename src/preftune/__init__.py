@@ -36,7 +36,13 @@ _EXPORTS = {
     "PreftuneError": "preftune.errors",
 }
 
-__all__ = [*_EXPORTS, "load_config", "__version__"]
+__all__ = [  # noqa: RUF022 - in the order of the commands
+    "SFTConfig", "run_sft", "DPOConfig", "run_dpo", "KTOConfig", "run_kto", "RewardConfig",
+    "run_reward", "EvalRMConfig", "run_eval_rm", "PPOConfig", "run_ppo", "GRPOConfig",
+    "run_grpo", "RLOOConfig", "run_rloo", "OnlineDPOConfig", "run_online_dpo", "BestOfNConfig",
+    "run_best_of_n", "LabConfig", "run_lab", "PlotConfig", "run_plot", "PreftuneError",
+    "load_config", "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -111,8 +111,8 @@ def model_card(command: str, cfg: Any, summary: dict[str, Any], output_dir: str 
                   *(f"- {k.replace('_', ' ')}: {v}" for k, v in sizes.items())]
     if "rollouts" in sizes and settings.get("prompts_per_step"):
         prompts = sizes["rollouts"] * settings["prompts_per_step"]
-        lines += [f"- prompts sampled: {prompts} (rollouts x prompts_per_step), "
-                  f"completions: {prompts * settings.get('num_generations', 1)}"]
+        lines += [(f"- prompts sampled: {prompts} (rollouts x prompts_per_step), "
+                   f"completions: {prompts * settings.get('num_generations', 1)}")]
     held_source = settings.get("eval_data") or (
         f"{settings['eval_fraction']:g} of the training data" if settings.get("eval_fraction")
         else "")
