@@ -158,6 +158,8 @@ def test_translated_values():
     assert (cfg.loss_type, cfg.beta) == ("dpo", 0.3)
     cfg = resolve("rloo", ["--reward-fn", "m:f", "--beta", "0.02"])
     assert cfg.kl_coef == 0.02 and cfg.kl_estimator == "k1"
+    cfg = resolve("dpo", ["--model_name_or_path", "1e5", "--output_dir", "007"])
+    assert (cfg.model, cfg.output_dir) == ("1e5", "007")  # text stays as typed
     cfg = resolve("reward", ["--center_rewards_coefficient", "0.01"])
     assert cfg.center_coef == 0.01
     cfg = resolve("sft", ["--dataset_text_field", "content"])

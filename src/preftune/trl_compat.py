@@ -655,6 +655,11 @@ ALIASES: tuple[Alias, ...] = (
       "names, or all-linear; null refused", _lora_targets),
 )
 
+# Names, paths and splits: a flag's value is kept as typed (`--output_dir 007`).
+TEXT_ALIASES = frozenset({"model_name_or_path", "dataset_name", "dataset_train_split",
+                          "dataset_text_field", "output_dir", "chat_template_path",
+                          "reward_model_path"})
+
 # Applied before the others: the aliases whose translation reads other aliases' values.
 _FIRST = ("num_generations", "num_iterations", "use_bias_correction_kl", "label_smoothing",
           "eval_steps", "logging_steps")
@@ -709,8 +714,11 @@ def add_alias_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--per_device_train_batch_size); see the README's table.")
 
 
-def _cli_value(tokens: list[str], alias: Alias | None) -> Any:
+def _cli_value(tokens: list[str], alias: Alias | None, text: bool = False) -> Any:
+    """A flag's tokens as a value: numbers, true/false, null; `text`: strings as given."""
     def parse(token: str) -> Any:
+        if text:
+            return token
         for kind in (int, float):
             try:
                 return kind(token)
@@ -849,7 +857,7 @@ def resolve_namespace(given: dict[str, Any], cls: type, earlier: dict[str, Any],
                 continue
             if alias is not None and not value and not alias.switch:
                 raise PreftuneError(f"{where}: --{name} needs a value")
-            trl_given[name] = _cli_value(value, alias)
+            trl_given[name] = _cli_value(value, alias, name in TEXT_ALIASES)
     plain = {k: v for k, v in given.items() if not k.startswith("trl:")}
     if not trl_given:
         return plain
@@ -864,7 +872,8 @@ def markdown_table() -> str:
     rows = ["| TRL / transformers name | preftune setting | commands | how |",
             "| --- | --- | --- | --- |"]
     for a in ALIASES:
-        commands = "training commands" if a.commands == TRAINING else (
-            "training commands, best-of-n, eval-rm" if a.commands == EVERY else ", ".join(sorted(a.commands)))
+        commands = ("training commands" if a.commands == TRAINING else
+                    "training commands, best-of-n, eval-rm" if a.commands == EVERY else
+                    ", ".join(sorted(a.commands)))
         rows.append(f"| `{a.name}` | `{a.target}` | {commands} | {a.meaning} |")
     return "\n".join(rows)
