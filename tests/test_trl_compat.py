@@ -95,7 +95,7 @@ def test_trl_command_runs_end_to_end_with_the_same_config_yaml(tmp_path):
     assert written == (tmp_path / "expected.yaml").read_text()
 
 
-def test_readme_trl_and_preftune_commands_differ_in_one_word():
+def test_readme_trl_and_preftune_commands_differ_in_one_word(tmp_path):
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Coming from TRL"):]
     trl = re.search(r"^trl dpo .*$", section, re.MULTILINE).group(0)
@@ -105,6 +105,11 @@ def test_readme_trl_and_preftune_commands_differ_in_one_word():
     cfg = resolve("dpo", our_words[2:])
     assert (cfg.model, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.lora) == (
         "Qwen/Qwen2.5-0.5B-Instruct", 8, 2, 5e-7, True)
+    # The README's TRL YAML file is the same run.
+    block = re.search(r"```yaml\n# dpo.yaml\n(.*?)```", section, re.DOTALL).group(1)
+    path = tmp_path / "dpo.yaml"
+    path.write_text(block)
+    assert config_to_dict(resolve("dpo", ["--config", str(path)])) == config_to_dict(cfg)
 
 
 # --- translations, checked by hand ---------------------------------------------------------------
