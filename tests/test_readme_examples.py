@@ -16,7 +16,7 @@ from preftune.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 # The README's examples, by the run folder each writes: (command, metric its curves must show).
-FAMILIES = {"runs/api-dpo": ("dpo", "rewards/margins"), "runs/api-reward": ("reward", "accuracy"),
+FAMILIES = {"runs/api-dpo": ("dpo", "rewards/margins"), "runs/api-reward": ("reward", "rewards/accuracies"),
             "runs/api-grpo": ("grpo", "reward/mean")}
 
 

@@ -158,6 +158,10 @@ def test_translated_values():
     assert (cfg.loss, cfg.lr_scheduler, cfg.warmup_ratio, cfg.warmup_steps,
             cfg.mixed_precision, cfg.report_to, cfg.save_total_limit) == (
         "dpo", "constant", 0.25, 0, "fp16", "wandb,tensorboard", 0)
+    # TRL's IPO divides each log-ratio by its completion length: preftune's ipo_length_norm.
+    cfg = resolve("dpo", ["--loss_type", "ipo", "--beta", "0.5"])
+    assert (cfg.loss, cfg.ipo_length_norm, cfg.beta) == ("ipo", True, 0.5)
+    assert resolve("dpo", ["--loss", "ipo"]).ipo_length_norm is False  # preftune's own: summed
     cfg = resolve("online-dpo", ["--reward-fn", "m:f", "--loss_type", "sigmoid", "--beta",
                                  "0.3"])
     assert (cfg.loss_type, cfg.beta) == ("dpo", 0.3)
@@ -186,7 +190,7 @@ def test_translated_yaml_values(tmp_path):
 
 
 @pytest.mark.parametrize("command, argv, expected", [
-    ("dpo", "--loss_type ipo", "divides each log-ratio by its completion length"),
+    ("rloo", "--reward-fn m:f --num_iterations 2", "clips the ratio of whole sequences"),
     ("dpo", "--loss_type sigmoid --label_smoothing 0.1", "TRL 1.x ignores it"),
     ("dpo", "--loss_type sigmoid sft", "got 2 values"),
     ("dpo", "--loss_type nca_pair", "'nca_pair' is not available"),

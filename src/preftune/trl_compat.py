@@ -328,9 +328,6 @@ def _must_be(name: str, accepted: tuple, why: str) -> Convert:
 
 DPO_LOSSES = {"sigmoid": "dpo", "hinge": "hinge", "robust": "robust"}
 DPO_LOSS_REFUSED = {
-    "ipo": "TRL's ipo divides each log-ratio by its completion length; preftune's ipo uses "
-           "summed log-ratios (Azar et al. 2023, Eq. 17 as written), so the same beta means a "
-           "different target margin. Pass preftune's --loss ipo to use the summed form",
     "sigmoid_norm": "preftune has no length-normalised DPO with a reference; the "
                     "reference-free simpo (--loss simpo) is the nearest",
     "sft": "TRL's sft term is the mean NLL over all chosen tokens of the batch; preftune's "
@@ -342,10 +339,12 @@ def _dpo_loss(value, ctx):
     value = _one(value, "loss_type", ctx)
     if value in DPO_LOSS_REFUSED:
         raise ctx.refuse("loss_type", f"{value!r}: {DPO_LOSS_REFUSED[value]}")
+    if value == "ipo":  # TRL divides each log-ratio by its completion length
+        return {"loss": "ipo", "ipo_length_norm": True}
     if value not in DPO_LOSSES:
-        raise ctx.refuse("loss_type", f"{value!r} is not available; TRL's sigmoid, hinge and "
-                         "robust are (preftune's own: --loss with dpo, ipo, cdpo, robust, hinge, "
-                         "simpo, orpo, cpo)")
+        raise ctx.refuse("loss_type", f"{value!r} is not available; TRL's sigmoid, hinge, ipo "
+                         "and robust are (preftune's own: --loss with dpo, ipo, cdpo, robust, "
+                         "hinge, simpo, orpo, cpo)")
     smoothing = ctx.aliases.get("label_smoothing", ctx.settings.get("label_smoothing", 0.0))
     if value == "sigmoid" and smoothing:
         raise ctx.refuse("label_smoothing", f"{smoothing} with loss_type sigmoid: TRL 1.x "
@@ -420,6 +419,14 @@ def _rloo_beta(value, ctx):
         raise ctx.refuse("beta", "TRL's RLOO subtracts β times the summed k1 log-ratio; you "
                          f"chose kl_estimator {ctx.settings['kl_estimator']}")
     return {"kl_coef": value}
+
+
+def _rloo_iterations(value, ctx):
+    if value != 1:
+        raise ctx.refuse("num_iterations", f"{value}: reusing a rollout, TRL's RLOO clips the "
+                         "ratio of whole sequences and preftune's rloo clips per token; use "
+                         "preftune's --ppo-epochs knowing that")
+    return {"ppo_epochs": 1}
 
 
 def _online_dpo_beta(value, ctx):
@@ -597,10 +604,11 @@ ALIASES: tuple[Alias, ...] = (
       "term without the ratio, preftune's", _bias_correction),
     A("beta", "kl_coef", frozenset({"rloo"}), "same (β times the summed k1 log-ratio, "
       "subtracted from the reward)", _rloo_beta),
-    A("loss_type", "loss", frozenset({"dpo"}), "sigmoid: dpo, hinge: hinge, robust: robust; "
-      "ipo refused (TRL length-normalises it, preftune sums); sigmoid with label_smoothing "
-      "refused (TRL 1.x ignores it, TRL 0.x meant cdpo); sigmoid_norm, sft, several losses "
-      "and TRL's other losses refused", _dpo_loss),
+    A("loss_type", "loss", frozenset({"dpo"}), "sigmoid: dpo, hinge: hinge, robust: robust, "
+      "ipo: ipo with ipo_length_norm (TRL divides each log-ratio by its length; preftune's "
+      "own --loss ipo sums); sigmoid with label_smoothing refused (TRL 1.x ignores it, TRL "
+      "0.x meant cdpo); sigmoid_norm, sft, several losses and TRL's other losses refused",
+      _dpo_loss),
     A("loss_type", "loss_type", frozenset({"online-dpo"}), "sigmoid: dpo; ipo: ipo (both sum "
       "log-ratios, as preftune does)", _online_dpo_loss),
     A("loss_type", "(the KTO loss)", frozenset({"kto"}), "kto accepted; others refused",
@@ -630,8 +638,10 @@ ALIASES: tuple[Alias, ...] = (
     A("top_p", "top_p", SAMPLING, "same", _same("top_p")),
     A("epsilon", "clip_eps", frozenset({"grpo", "rloo"}), "same (ε of the clipped ratio)",
       _same("clip_eps")),
-    A("num_iterations", "ppo_epochs", frozenset({"grpo", "rloo"}), "same (μ: passes over "
-      "each rollout)", _same("ppo_epochs")),
+    A("num_iterations", "ppo_epochs", frozenset({"grpo"}), "same (μ: passes over each "
+      "rollout)", _same("ppo_epochs")),
+    A("num_iterations", "ppo_epochs", frozenset({"rloo"}), "1: same; > 1 refused (TRL's RLOO "
+      "clips the sequence's ratio, preftune's the tokens')", _rloo_iterations),
     A("scale_rewards", "scale_rewards", frozenset({"grpo"}), "group/true: true; none/false: "
       "false; batch refused", _scale_rewards),
     A("normalize_advantages", "normalize_advantages", frozenset({"rloo"}), "same",

@@ -25,10 +25,9 @@ KEY_METRICS = (
     ("loss/policy", "policy loss"),
     ("lr", "learning rate"),
     ("grad_norm", "gradient norm"),
-    ("rewards/margins", "DPO: rewards/margins"),
-    ("rewards/accuracies", "DPO: rewards/accuracies"),
+    ("rewards/margins", "rewards/margins"),  # DPO family, KTO, reward models
+    ("rewards/accuracies", "rewards/accuracies"),
     ("kl/chosen", "DPO: kl/chosen (log π/π_ref)"),
-    ("accuracy", "reward model: accuracy"),
     ("reward/mean", "online: reward/mean"),
     ("kl/k1", "online: kl/k1 per sequence"),
     ("completion/length", "online: completion length"),
