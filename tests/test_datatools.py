@@ -462,3 +462,13 @@ def test_binarize_reads_aspect_lists_and_refuses_unknown_aspects():
                     "value": "N/A"}]
     out, report = binarize(rows, rating="honesty")
     assert list(out) == [] and report.bad_ratings == 3  # no such aspect: reported, not guessed
+
+
+def test_run_data_runs_a_command_from_python(tmp_path):
+    from preftune import run_data
+    from preftune.datatools.cli import SplitConfig
+
+    report = run_data(SplitConfig(data=str(HH), test_fraction=0.5, output_dir=str(tmp_path / "s")))
+    assert report["n_train"] + report["n_test"] == 60 and (tmp_path / "s" / "test.jsonl").exists()
+    with pytest.raises(PreftuneError, match="test_fraction"):
+        run_data(SplitConfig(data=str(HH), test_fraction=1.5))

@@ -33,6 +33,7 @@ _EXPORTS = {
     "BestOfNConfig": "preftune.trainers.best_of_n", "run_best_of_n": "preftune.trainers.best_of_n",
     "LabConfig": "preftune.lab.run", "run_lab": "preftune.lab.run",
     "PlotConfig": "preftune.engine.curves", "run_plot": "preftune.engine.curves",
+    "DataToolConfig": "preftune.datatools.cli", "run_data": "preftune.datatools.cli",
     "PreftuneError": "preftune.errors",
 }
 
@@ -40,7 +41,8 @@ __all__ = [  # noqa: RUF022 - in the order of the commands
     "SFTConfig", "run_sft", "DPOConfig", "run_dpo", "KTOConfig", "run_kto", "RewardConfig",
     "run_reward", "EvalRMConfig", "run_eval_rm", "PPOConfig", "run_ppo", "GRPOConfig",
     "run_grpo", "RLOOConfig", "run_rloo", "OnlineDPOConfig", "run_online_dpo", "BestOfNConfig",
-    "run_best_of_n", "LabConfig", "run_lab", "PlotConfig", "run_plot", "PreftuneError",
+    "run_best_of_n", "LabConfig", "run_lab", "PlotConfig", "run_plot", "DataToolConfig",
+    "run_data", "PreftuneError",
     "load_config", "__version__",
 ]
 

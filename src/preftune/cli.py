@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "plot": ("preftune.engine.curves", "PlotConfig", "run_plot",
              "Overlay the training curves of one or more runs: preftune plot RUN_DIR [RUN_DIR ...]."),
     # A group: `preftune data SUB ...` takes its parser from SUB (preftune.datatools.cli).
-    "data": ("preftune.datatools.cli", "DataToolConfig", "main",
+    "data": ("preftune.datatools.cli", "DataToolConfig", "run_data",
              "Understand and clean preference data: inspect, dedup, decontaminate, binarize, "
              "relabel, split."),
 }

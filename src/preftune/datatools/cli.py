@@ -447,6 +447,17 @@ DESCRIPTION = ("Understand and clean preference data: inspect, dedup, decontamin
                "relabel, split.")
 
 
+def run_data(cfg: DataToolConfig) -> dict:
+    """Run the `preftune data` command whose config `cfg` is (e.g. an InspectConfig)."""
+    for config_cls, run, _ in SUBCOMMANDS.values():
+        if type(cfg) is config_cls:
+            cfg.validate()
+            return run(cfg)
+    raise PreftuneError(f"run_data: expected the config of a data command "
+                        f"({', '.join(c.__name__ for c, _, _ in SUBCOMMANDS.values())}), "
+                        f"got {type(cfg).__name__}")
+
+
 def build_parser(argv: list[str]):
     """(parser, config class, run function) of `preftune data SUB`; for anything but a known
     SUB, the group's own parser answers (help, or an error naming the subcommands)."""
