@@ -677,6 +677,8 @@ _FIRST = ("num_generations", "num_iterations", "use_bias_correction_kl", "label_
 
 def command_of(cls: type) -> str:
     """Which command a config class belongs to, from the settings it has."""
+    if cls.__module__ == "preftune.datatools.cli":  # the `preftune data` group: no TRL names
+        return "data"
     names = {f.name for f in dataclasses.fields(cls)}
     for command, marker in (("lab", "worlds"), ("plot", "runs"), ("eval-rm", "logprob_agg"),
                             ("best-of-n", "prompts_per_batch"), ("ppo", "vf_coef"),
