@@ -115,6 +115,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
                                      eos_token_ids=[tokenizer.eos_token_id])
 
     best_rows, pair_rows = [], []
+    ensemble_std: list[float] = []
     all_rewards, best_rewards, worst_rewards = [], [], []
     times = {"time/generation_s": 0.0, "time/scoring_s": 0.0}
     for start in range(0, len(prompts), cfg.prompts_per_batch):
@@ -132,8 +133,10 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         row_prompts = [f["prompt"] for f in features for _ in range(cfg.n)]
         extras = online.extra_columns([f["extra"] for f in features for _ in range(cfg.n)])
-        rewards, _ = online.score(reward, row_prompts, texts, extras, rollout.finished,
-                                  rollout.completion_lengths, cfg)
+        rewards, components = online.score(reward, row_prompts, texts, extras,
+                                           rollout.finished, rollout.completion_lengths, cfg)
+        if "ensemble_std" in components:  # the members' disagreement (an ensemble reward model)
+            ensemble_std += components["ensemble_std"].tolist()
         times["time/generation_s"] += t1 - t0
         times["time/scoring_s"] += time.perf_counter() - t1
 
@@ -165,6 +168,8 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
         "kl_bound": kl_bound(cfg.n),
         **times,
     }
+    if ensemble_std:
+        summary["reward/ensemble_std"] = sum(ensemble_std) / len(ensemble_std)
     atomic_write_json(out_dir / "summary.json", summary)
     log(f"best-of-{cfg.n} over {len(best_rows)} prompts: mean reward of the best "
         f"{summary['reward/best_mean']:.4f}, of all {summary['reward/all_mean']:.4f}; "

@@ -51,6 +51,13 @@ class RolloutSettings:
     reward_weights: list[float] = arg([], "One weight per reward source (the reward model "
                                       "first, then the functions in order); default all 1.")
     reward_batch_size: int = arg(32, "Completions per reward-model forward pass.")
+    ensemble_agg: str = arg("mean", "How the members of a reward-model ensemble (a folder from "
+                            "`preftune reward --ensemble K`) are combined (Coste et al. 2023): "
+                            "mean; min (worst case); mean-minus-std or mean-minus-var (mean "
+                            "minus ensemble_coef times the members' std or variance).",
+                            choices=("mean", "min", "mean-minus-std", "mean-minus-var"))
+    ensemble_coef: float = arg(1.0, "The multiple of the members' std (or variance) that "
+                               "mean-minus-std (mean-minus-var) subtracts.")
     missing_eos_penalty: float = arg(0.0, "Subtracted from the reward of a completion cut at "
                                      "max_new_tokens without EOS (Huang et al. 2024).")
     length_penalty: float = arg(0.0, "Subtracted from the reward once per completion token.")
@@ -90,12 +97,26 @@ class RolloutSettings:
             raise PreftuneError(
                 f"reward_weights: got {len(self.reward_weights)} weights for {n_sources} reward "
                 "sources; give one per source, the reward model first, then the functions")
+        self.validate_ensemble()
         if self.generator == "vllm":
             from preftune.generation import vllm_available
 
             if not vllm_available():
                 raise PreftuneError("generator=vllm needs the `vllm` package and a CUDA GPU "
                                     "(pip install 'preftune[vllm]'); use --generator hf here")
+
+    def validate_ensemble(self) -> None:
+        from preftune.rewards.sources import is_ensemble
+
+        _require(math.isfinite(self.ensemble_coef) and self.ensemble_coef >= 0, "ensemble_coef",
+                 self.ensemble_coef, "a finite number >= 0")
+        if self.ensemble_agg not in ("mean-minus-std", "mean-minus-var") and self.ensemble_coef != 1.0:
+            raise PreftuneError(f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
+                                f"mean-minus-var, not {self.ensemble_agg}")
+        if (self.ensemble_agg != "mean" or self.ensemble_coef != 1.0) and not is_ensemble(self.reward_model):
+            raise PreftuneError(f"ensemble_agg/ensemble_coef need an ensemble: reward_model "
+                                f"{self.reward_model or '(none)'!r} has no ensemble.json (train "
+                                "one with `preftune reward --ensemble K`)")
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -190,7 +211,8 @@ def load_reward(cfg: RolloutSettings, device) -> Any:
 
     return parse_reward_spec(cfg.reward_model or None, cfg.reward_fn, cfg.reward_weights or None,
                              batch_size=cfg.reward_batch_size, max_length=cfg.max_length,
-                             device=device)
+                             device=device, ensemble_agg=cfg.ensemble_agg,
+                             ensemble_coef=cfg.ensemble_coef)
 
 
 def load_online(cfg: OnlineConfig, engine) -> OnlineSetup:
