@@ -582,6 +582,8 @@ def score_ensemble(cfg: EvalRMConfig, pairs: list, log) -> Scored:
     scored.ensemble = {"members": k, "agg": cfg.ensemble_agg, "coef": cfg.ensemble_coef,
                        "mean_member_std": float(std.mean()),
                        "member_accuracy": [float(np.mean(m.r_c > m.r_r)) for m in members],
+                       "_member_rewards": (np.stack([m.r_c for m in members], 1),
+                                           np.stack([m.r_r for m in members], 1)),
                        "_untied_member_outcomes": [m.r_c > m.r_r for m in members]}
     return scored
 
@@ -728,7 +730,7 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     if sc.ensemble is not None:
         member_outcomes = sc.ensemble.pop("_untied_member_outcomes")
         sc.ensemble["member_accuracy"] = [float(np.mean(o[untied])) for o in member_outcomes]
-        results["ensemble"] = sc.ensemble
+        results["ensemble"] = {k: v for k, v in sc.ensemble.items() if not k.startswith("_")}
     if tie_results is not None:
         probs, test_idx = tie_results.pop("_probs"), tie_results.pop("_test")
         results["ties_three_way"] = tie_results
@@ -788,6 +790,10 @@ def _write_scores(path: Path, index, pairs, sc: Scored, tied, outcomes, probs, t
             record.update(reward_chosen=float(sc.r_c[j]), reward_rejected=float(sc.r_r[j]))
         if not tied[j]:
             record["outcome"] = float(next(untied_outcomes))
+        if sc.ensemble is not None:
+            member_c, member_r = sc.ensemble["_member_rewards"]
+            record.update(member_rewards_chosen=member_c[j].tolist(),
+                          member_rewards_rejected=member_r[j].tolist())
         if pairs[i].subset is not None:
             record["subset"] = pairs[i].subset
         if probs is not None:

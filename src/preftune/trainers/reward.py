@@ -83,7 +83,7 @@ class RewardConfig(TrainConfig):
                     "`three-way` (a win/tie/lose head reading both replies). Paired data is a "
                     "ranking of two for the listwise losses; bt and the listwise losses drop "
                     "tied pairs and report how many.", choices=LOSSES)
-    tie_lr: float = arg(0.02, "Learning rate of the tie parameter of rao-kupper/davidson (it "
+    tie_lr: float = arg(0.05, "Learning rate of the tie parameter of rao-kupper/davidson (it "
                         "moves at this rate whatever --lr is; a scalar needs a larger step "
                         "than the network's weights).")
     ensemble: int = arg(1, "Train this many reward models (seeds seed, seed+1, ...) into "
@@ -111,7 +111,7 @@ class RewardConfig(TrainConfig):
                                 "never reads the margin column")
         if not (math.isfinite(self.tie_lr) and self.tie_lr > 0):
             raise PreftuneError(f"tie_lr: got {self.tie_lr!r}, expected a number > 0")
-        if self.tie_lr != 0.02 and self.loss not in TIE_MODELS:
+        if self.tie_lr != 0.05 and self.loss not in TIE_MODELS:
             raise PreftuneError(f"tie_lr only applies to --loss rao-kupper or davidson, not "
                                 f"--loss {self.loss}")
         if self.loss == "three-way" and self.center_coef:
