@@ -185,3 +185,14 @@ def test_best_of_k_on_a_toy_source_with_known_answers(tmp_path, capsys):
     assert main(["eval-rm", "--best-of-k", "--model", f"{fns}:guess", "--data", str(data),
                  "--output-dir", str(tmp_path / "bad"), "--k-values", "8"]) == 2
     assert "exceeds the 4 completions" in capsys.readouterr().err
+
+
+def test_best_of_n_with_an_ensemble_reports_disagreement(tmp_path, ensemble_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Q{i}:"}) + "\n" for i in range(3)))
+    out = tmp_path / "bon"
+    assert main(["best-of-n", "--model", "tiny", "--data", str(prompts), "--n", "3",
+                 "--reward-model", str(ensemble_dir), "--ensemble-agg", "min",
+                 "--max-new-tokens", "6", "--max-length", "64", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reward/ensemble_std"] > 0

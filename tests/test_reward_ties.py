@@ -121,6 +121,14 @@ def test_arena_rows_tie_column_and_equal_scores():
     pairs, report = to_pairs(paired, "p.jsonl", ties="keep")
     assert [p.tie for p in pairs] == [True, False, False] and report.n_ties == 1
 
+    # KTO and SFT have no use for a tie; rankings give it equal scores.
+    from preftune.data.formats import to_ranked, to_sft, to_unpaired
+
+    unpaired, report = to_unpaired(paired, "p.jsonl")
+    assert len(unpaired) == 4 and report.skipped == {"tie": 1}
+    assert len(to_sft(paired, "p.jsonl")[0]) == 2
+    assert [r.scores for r in to_ranked(paired, "p.jsonl")[0]] == [[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+
     ranked = [{"prompt": "Q", "completions": [" a", " b", " c"], "scores": [1.0, 2.0, 1.0]}]
     pairs, report = to_pairs(ranked, "r.jsonl", ties="keep")
     # (b > a), (a = c) tied, (b > c)
@@ -217,3 +225,40 @@ def test_rao_kupper_model_predicts_ties_on_tied_pairs_more_than_bradley_terry(ti
     # Untied pairs keep the pairwise statistics; ties are counted apart.
     assert results["bt"]["n_pairs"] + n_tied == results["bt"]["n_pairs_in_data"] == 80
     assert (root / "eval-rao-kupper" / "ties_reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_three_way_head_trains_saves_and_is_evaluated(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_tie_data(tmp_path / "d.jsonl", 48, seed=2)
+    out = tmp_path / "rm3"
+    assert main(["reward", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
+                 "--loss", "three-way", "--max-length", "64", "--batch-size", "16",
+                 "--max-steps", "3", "--lr", "3e-3", "--save-steps", "0"]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert model.config.num_labels == 3 and model.config.preftune_head == "three-way"
+    assert model.config.id2label == {0: "first_wins", 1: "tie", 2: "second_wins"}
+    assert main(["eval-rm", "--model", str(out), "--data", str(data),
+                 "--output-dir", str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["reward_kind"] == "three_way" and res["ties_three_way"]["method"] == "three-way head"
+    scores = [json.loads(line) for line in (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()]
+    for s in scores:  # both orders averaged: proper probabilities
+        assert s["p_win"] + s["p_tie"] + s["p_lose"] == pytest.approx(1.0, abs=1e-6)
+    # A pair classifier has no reward per reply: the online trainers refuse it.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    assert main(["grpo", "--model", "tiny", "--data", str(prompts), "--reward-model", str(out),
+                 "--output-dir", str(tmp_path / "g"), "--max-steps", "1"]) == 2
+    assert "num_labels=3" in capsys.readouterr().err
+
+
+def test_tie_settings_are_refused(tmp_path, capsys):
+    data = write_tie_data(tmp_path / "d.jsonl", 8, seed=3)
+    for extra, expected in ((["--tie-lr", "0.1"], "tie_lr only applies"),
+                            (["--loss", "three-way", "--center-coef", "0.1"], "center_coef"),
+                            (["--loss", "three-way", "--ensemble", "2"], "ensemble"),
+                            (["--bootstrap"], "bootstrap")):
+        assert main(["reward", "--data", str(data), "--output-dir", str(tmp_path / "x"),
+                     *extra]) == 2
+        assert expected in capsys.readouterr().err

@@ -24,6 +24,7 @@ row with `winner: tie` is a tied pair (`Pair.tie`, its two replies in `chosen`/`
 particular order). `to_pairs(..., ties="keep")` returns them (the tie-aware reward losses);
 `ties="drop"` (the default, for Bradley-Terry and DPO, which have no tie outcome) leaves them
 out and counts them in `DataReport.n_ties`, never turning a tie into a coin-flipped preference.
+`to_sft` and `to_unpaired` skip tied pairs (reason "tie"); `to_ranked` gives them equal scores.
 """
 
 from __future__ import annotations
@@ -433,6 +434,8 @@ def to_sft(rows, source: str, *, on_bad_row: str = "error") -> tuple[list[SFTExa
         if fmt == "conversational":
             return [SFTExample(*_split_conversation(row))]
         pair = _read_pair(row, fmt, has_margin=False)
+        if pair.tie:
+            raise _TieRow()  # no preferred reply to imitate
         return [SFTExample(pair.prompt, pair.chosen)]
 
     accepted = (
@@ -502,6 +505,8 @@ def to_unpaired(
             completion = _check_completion(_get(row, "completion"), "completion", prompt)
             return [Unpaired(prompt, completion, _check_label(_get(row, "label")))]
         pair = _read_pair(row, fmt, has_margin=False)
+        if pair.tie:
+            raise _TieRow()  # neither reply is desirable rather than undesirable
         return [
             Unpaired(pair.prompt, pair.chosen, True),
             Unpaired(pair.prompt, pair.rejected, False),
@@ -524,7 +529,7 @@ def to_ranked(rows, source: str, *, on_bad_row: str = "error") -> tuple[list[Ran
         if fmt == "ranked":
             return [_read_ranked(row)]
         pair = _read_pair(row, fmt, has_margin=False)
-        return [Ranked(pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0])]
+        return [Ranked(pair.prompt, [pair.chosen, pair.rejected], [0.0 if pair.tie else 1.0, 0.0])]
 
     return _convert(
         rows, source, on_bad_row, "rankings", ("ranked", "paired", "implicit_paired"), make

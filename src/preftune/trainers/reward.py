@@ -503,6 +503,12 @@ def run_reward(cfg: RewardConfig, data_seed: int | None = None) -> dict:
         if _has_column(cfg, "margin"):
             engine.print(f"note: --loss {cfg.loss} ranks completions by their scores and does not "
                          "use the `margin` column (only --loss bt does)")
+        n_tied = sum(len(set(ex.scores)) < len(ex.scores) for ex in train_examples)
+        if n_tied:  # say what happens to them: neither loss has a tie outcome
+            how = ("are ordered as listed (the Plackett-Luce likelihood of one order)"
+                   if cfg.loss == "plackett-luce" else "give no pair (skipped)")
+            engine.print(f"note: {n_tied} rankings hold equal scores; tied completions {how}; "
+                         "--loss rao-kupper or davidson learns from ties")
         tokenize, collate_fn = tokenize_ranked, collate_ranked
         objective = ListwiseRewardObjective(loss=cfg.loss, center_coef=cfg.center_coef)
     if cfg.bootstrap:  # an ensemble member: a resample of the training data, seeded per member
