@@ -554,7 +554,7 @@ def _record_tie_model(engine: Engine, cfg: RewardConfig) -> None:
     config = module.model.config
     if isinstance(module, TieRewardModule):
         config.tie_model = cfg.loss
-        config.tie_parameter = float(module.log_tie_parameter().exp())  # θ or ν
+        config.tie_parameter = float(module.log_tie_parameter().detach().exp())  # θ or ν
         engine.print(f"{cfg.loss}: learned tie parameter "
                      f"{'theta' if cfg.loss == 'rao-kupper' else 'nu'} = {config.tie_parameter:.4f}")
     elif cfg.loss == "three-way":
