@@ -7,7 +7,10 @@ P(a) = π_a / (π_a + π_b + ν √(π_a π_b)), P(tie) = ν √(π_a π_b) / (t
 So the data have ties of the kind human raters give (close pairs tie more often), and the
 generating model's own log loss on the test split is the floor no reward model can beat.
 
-    python benchmarks/make_tie_data.py --out-dir tie-data   # train/val/test .jsonl + floor.json
+    python benchmarks/make_tie_data.py --out-dir tie-data   # train/test .jsonl + floor.json
+
+It also writes `best_of_k.jsonl`: 200 prompts with 16 replies each from the same generator
+(seed 7), for `preftune eval-rm --best-of-k --gold-fn benchmarks/make_tie_data.py:gold_quality`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def reply(rng: random.Random) -> tuple[str, int]:
         else:
             words.append(rng.choice(NEUTRAL))
     return " " + " ".join(words), q
+
+
+def gold_quality(prompts, completions):
+    """The gold reward for `eval-rm --best-of-k`: each reply's latent quality q."""
+    return [sum(w in POSITIVE for w in c.split()) - sum(w in NEGATIVE for w in c.split())
+            for c in completions]
 
 
 def davidson(qa: int, qb: int, nu: float) -> tuple[float, float, float]:
@@ -79,6 +88,12 @@ def main() -> None:
         print(f"{name}: {n} pairs, {ties} ties ({ties / n:.1%}); log loss of the generating "
               f"Davidson model {nll:.4f}")
     (out / "floor.json").write_text(json.dumps({"nu": args.nu, **floor}, indent=2) + "\n")
+    rng = random.Random(7)
+    samples = []
+    for _ in range(200):
+        completions = [reply(rng)[0] for _ in range(16)]
+        samples.append({"prompt": f"Review the {rng.choice(TOPICS)}:", "completions": completions})
+    (out / "best_of_k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def test_best_of_k_on_a_toy_source_with_known_answers(tmp_path, capsys):
         # Interval: mean ± 1.96 · sd / √2 of the per-prompt values (1/2, 0) at K = 2.
         half = 1.959963984540054 * np.std([0.5, 0.0], ddof=1) / math.sqrt(2)
         assert curve[2]["reward_pick"]["ci_high"] == pytest.approx(0.25 + half)
+        # Paired regret at K = 4: prompt 1 loses nothing, prompt 2 loses 1 (oracle 1, pick 0).
+        assert curve[4]["reward_minus_oracle"]["mean"] == pytest.approx(-0.5)
         assert (out / "best_of_k.png").read_bytes()[:4] == b"\x89PNG"
     assert "oracle pick" in capsys.readouterr().out
     assert main(["eval-rm", "--best-of-k", "--model", f"{fns}:guess", "--data", str(data),

@@ -6,7 +6,8 @@ source: a python function (`--gold-fn module:function`, called as fn(prompts, co
 stripped, else 0). For each K the curve is the expected gold score of the completion the
 reward ranks first among K completions drawn at random without replacement from a prompt's N
 (as lmarena's PPE best-of-K, Frick et al. 2024), beside the oracle (the gold-best of the K) and
-a random pick (any one of the K: the prompt's mean gold).
+a random pick (any one of the K: the prompt's mean gold); `reward_minus_oracle` is the paired
+(per-prompt) shortfall of the reward's pick, the regret.
 
 The expectation over subsets is exact, not sampled (`expected_best_of_k`). Intervals are over
 prompts: mean ± z · sd / √m of the per-prompt expected values (normal approximation).
@@ -201,7 +202,8 @@ def run_best_of_k(cfg, log) -> dict:
         random_pick = np.array([g.mean() for g in gold])  # any one of K: the mean, exactly
         curve.append({"k": k, "reward_pick": summarise(rm), "oracle_pick": summarise(oracle),
                       "random_pick": summarise(random_pick),
-                      "reward_minus_random": summarise(rm - random_pick)})
+                      "reward_minus_random": summarise(rm - random_pick),
+                      "reward_minus_oracle": summarise(rm - oracle)})  # paired, per prompt
     results = {"model": cfg.model, "reward_kind": kind, "data": cfg.data, "prompts": m,
                "completions_per_prompt": {"min": n_min,
                                           "max": max(len(r["completions"]) for r in rows)},
@@ -213,11 +215,12 @@ def run_best_of_k(cfg, log) -> dict:
     save_config(cfg, out / "config.yaml", extra={"command": "eval-rm"})
     print(f"best-of-K over {m} prompts (gold: {results['gold']}; mean ± {cfg.confidence:.0%} "
           "interval over prompts)")
-    print(f"{'K':>4}  {'reward pick':>22}  {'oracle pick':>22}  {'random pick':>22}")
+    names = ("reward_pick", "oracle_pick", "random_pick", "reward_minus_oracle")
+    print(f"{'K':>4}  " + "  ".join(f"{n.replace('_', ' '):>24}" for n in names))
     for c in curve:
         cells = [f"{c[n]['mean']:.3f} [{c[n]['ci_low']:.3f}, {c[n]['ci_high']:.3f}]"
-                 for n in ("reward_pick", "oracle_pick", "random_pick")]
-        print(f"{c['k']:>4}  " + "  ".join(f"{x:>22}" for x in cells))
+                 for n in names]
+        print(f"{c['k']:>4}  " + "  ".join(f"{x:>24}" for x in cells))
     print(f"wrote {out / 'best_of_k.json'} and best_of_k.png", file=sys.stderr)
     return results
 
