@@ -149,7 +149,11 @@ def _split(flat: np.ndarray, rows: list[dict]) -> list[np.ndarray]:
 
 def score_rows(cfg, kind: str, rows: list[dict], log) -> tuple[list[np.ndarray], dict | None]:
     """The reward's score of every completion, per prompt (+ ensemble disagreement)."""
-    from preftune.rewards.sources import FunctionReward, aggregate_ensemble, ensemble_members
+    from preftune.rewards.sources import (
+        FunctionReward,
+        aggregate_ensemble,
+        ensemble_members,
+    )
 
     if kind == "function":
         source = FunctionReward.from_spec(cfg.model)

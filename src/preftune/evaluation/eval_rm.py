@@ -617,7 +617,7 @@ def evaluate_ties(cfg: EvalRMConfig, sc: Scored, tied: np.ndarray, out: Path, lo
 
     n = len(tied)
     order = np.random.default_rng(cfg.seed).permutation(n)
-    n_fit = max(2, int(round(cfg.tie_fit_fraction * n))) if tied.any() else 0
+    n_fit = max(2, round(cfg.tie_fit_fraction * n)) if tied.any() else 0
     if tied.any() and n - n_fit < 1:
         raise PreftuneError(f"tie_fit_fraction={cfg.tie_fit_fraction} leaves no pair to evaluate "
                             f"ties on (of {n})")
