@@ -138,3 +138,57 @@ def test_mixed_precision_auto_on_the_cpu(monkeypatch):
 
 def test_bf16_probe_measures_a_positive_ratio():
     assert engine_mod._bf16_speedup_on_cpu(size=64, repeats=1) > 0
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+def _sampling_lm(num_kv_heads):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=num_kv_heads, intermediate_size=64, vocab_size=120,
+                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    # Twelve EOS ids (10% of the vocabulary): rows finish at different steps, so the fast loop
+    # drops finished rows from its batch mid-generation.
+    model.generation_config.eos_token_id = list(range(2, 14))
+    return model
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])  # multi-head and grouped-query attention
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=40, top_p=0.9),
+                                      dict(stop_at_eos=False)])
+def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, num_kv_heads, settings):
+    import preftune.generation.sampling as sampling_mod
+    from preftune.generation import SamplingConfig, generate
+
+    model = _sampling_lm(num_kv_heads)
+    assert sampling_mod._FastDecoder.supports(model)
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 20]]  # different lengths: left padding
+    cfg = SamplingConfig(max_new_tokens=24, **settings)
+    calls = []
+    monkeypatch.setattr(sampling_mod._FastDecoder, "keep_rows",
+                        lambda self, keep, f=sampling_mod._FastDecoder.keep_rows:
+                        calls.append(int(keep.sum())) or f(self, keep))
+    rollouts = {}
+    for fast in (True, False):
+        monkeypatch.setattr(sampling_mod, "FAST_DECODE", fast)
+        rollouts[fast] = generate(model, None, prompts, cfg, num_samples=3, batch_size=4,
+                                  generator=torch.Generator().manual_seed(7))
+    fast, plain = rollouts[True], rollouts[False]
+    assert fast.completion_ids == plain.completion_ids
+    assert fast.finished == plain.finished
+    if cfg.stop_at_eos:  # the test exercises the shrinking batch
+        assert calls and len(set(fast.completion_lengths)) > 2 and any(fast.finished)
+    else:
+        assert calls == [] and fast.completion_lengths == [24] * 9
+
+
+def test_fast_sampler_only_for_architectures_it_knows():
+    import preftune.generation.sampling as sampling_mod
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
+    assert not sampling_mod._FastDecoder.supports(gpt2)  # falls back to the model's own forward
