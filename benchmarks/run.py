@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # every workload, preftune and TRL alternately
     python benchmarks/run.py --quick              # smoke run: 3 steps each, one repeat
     python benchmarks/run.py --workloads dpo-ref grpo --repeats 2
+    python benchmarks/run.py --workloads sampler grpo --baseline-src ../main/src  # vs another tree
     nice -n 10 python benchmarks/run.py --json results.json
 
 Setup (identical for both): a Llama-style model with hidden 256, 4 layers, vocabulary 8,000
@@ -127,7 +128,7 @@ def _stamp_optimizer_steps() -> list[float]:
 
 def _time_generation() -> list[float]:
     """Seconds spent in preftune's sampler per call (the online trainers' generation time)."""
-    import preftune.trainers.online as online
+    from preftune.trainers import online
 
     spent: list[float] = []
     original = online.generate
@@ -296,11 +297,17 @@ def worker_trl(workload: str, folder: Path, steps: int) -> dict:
 
 # --- driver ----------------------------------------------------------------------------------
 
-def run_worker(workload: str, impl: str, folder: Path, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--worker-workload", workload,
-           "--folder", str(folder), "--steps", str(steps)]
+def run_worker(workload: str, impl: str, folder: Path, steps: int,
+               baseline_src: str | None = None) -> dict:
+    """One fresh process; impl "baseline" is preftune imported from `baseline_src`."""
+    cmd = [sys.executable, __file__, "--worker", "preftune" if impl == "baseline" else impl,
+           "--worker-workload", workload, "--folder", str(folder), "--steps", str(steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if impl == "baseline":
+        env["PYTHONPATH"] = os.pathsep.join([baseline_src] + [
+            p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            if p and Path(p).resolve() != (Path(__file__).resolve().parents[1] / "src")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{impl} {workload} worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -375,6 +382,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--repeats", type=int, default=1, help="runs per implementation (median)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, warm-up 1")
+    parser.add_argument("--baseline-src", metavar="DIR",
+                        help="also run preftune imported from this src folder (e.g. a checkout "
+                        "of an earlier commit), as a third column: the speed-up over it")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     parser.add_argument("--worker", choices=("preftune", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-workload", help=argparse.SUPPRESS)
@@ -395,6 +405,8 @@ def main() -> None:
         return
 
     impls = ["preftune", "trl"] if args.impl == "both" else [args.impl]
+    if args.baseline_src:
+        impls.append("baseline")
     report = {"machine": machine(), "setup": {
         "hidden": HIDDEN, "layers": LAYERS, "vocab": VOCAB, "prompt_tokens": PROMPT_CHARS + 1,
         "completion_tokens": COMPLETION_CHARS + 1, "batch": BATCH, "max_length": MAX_LENGTH,
@@ -408,26 +420,37 @@ def main() -> None:
             runs: dict[str, list[dict]] = {impl: [] for impl in impls}
             for _ in range(args.repeats):
                 for impl in impls:  # alternate: preftune, TRL, preftune, TRL, ...
-                    row = summarise(workload, run_worker(workload, impl, folder, args.steps),
-                                    args.warmup)
+                    row = summarise(workload, run_worker(workload, impl, folder, args.steps,
+                                                         args.baseline_src), args.warmup)
                     runs[impl].append(row)
                     print(f"  {workload:8s} {impl:8s} {fmt(workload, row)}", flush=True)
             rows = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                     for impl, rs in runs.items()}
-            if len(rows) == 2:
-                p, t = rows["preftune"], rows["trl"]
-                speed = (p["value"] / t["value"] if WORKLOADS[workload][0] == "tokens/s"
-                         else t["value"] / p["value"])
-                rows["ratios"] = {"speed": speed, "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"]}
+            faster = WORKLOADS[workload][0] == "tokens/s"
+            ratios = {}
+            for other in ("trl", "baseline"):
+                if "preftune" in rows and other in rows:
+                    p, t = rows["preftune"], rows[other]
+                    ratios[other] = {
+                        "speed": p["value"] / t["value"] if faster else t["value"] / p["value"],
+                        "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"]}
+            if "trl" in ratios:
+                rows["ratios"] = ratios["trl"]
+            if "baseline" in ratios:
+                rows["ratios_vs_baseline"] = ratios["baseline"]
             report["results"][workload] = rows
     print()
-    print("| workload | preftune | TRL | speed ratio | memory ratio |")
-    print("| --- | --- | --- | --- | --- |")
+    base = " baseline | speed vs baseline |" if args.baseline_src else ""
+    print("| workload | preftune | TRL | speed ratio | memory ratio |" + base)
+    print("| --- | --- | --- | --- | --- |" + (" --- | --- |" if base else ""))
     for workload, rows in report["results"].items():
-        r = rows.get("ratios")
-        print(f"| {WORKLOADS[workload][2]} | {fmt(workload, rows.get('preftune'))} | "
-              f"{fmt(workload, rows.get('trl'))} | "
-              + (f"{r['speed']:.2f}x | {r['peak_rss']:.2f}x |" if r else "- | - |"))
+        r, b = rows.get("ratios"), rows.get("ratios_vs_baseline")
+        line = (f"| {WORKLOADS[workload][2]} | {fmt(workload, rows.get('preftune'))} | "
+                f"{fmt(workload, rows.get('trl'))} | "
+                + (f"{r['speed']:.2f}x | {r['peak_rss']:.2f}x |" if r else "- | - |"))
+        if base:
+            line += f" {fmt(workload, rows.get('baseline'))} | " + (f"{b['speed']:.2f}x |" if b else "- |")
+        print(line)
     if args.json:
         tmp_path = Path(args.json).with_suffix(".tmp")
         tmp_path.write_text(json.dumps(report, indent=2))

@@ -158,8 +158,8 @@ def _sampling_lm(num_kv_heads):
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])  # multi-head and grouped-query attention
-@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=40, top_p=0.9),
-                                      dict(stop_at_eos=False)])
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.7, "top_k": 40, "top_p": 0.9},
+                                      {"stop_at_eos": False}])
 def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, num_kv_heads, settings):
     import preftune.generation.sampling as sampling_mod
     from preftune.generation import SamplingConfig, generate
@@ -187,8 +187,9 @@ def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, nu
 
 
 def test_fast_sampler_only_for_architectures_it_knows():
-    import preftune.generation.sampling as sampling_mod
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import preftune.generation.sampling as sampling_mod
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
     assert not sampling_mod._FastDecoder.supports(gpt2)  # falls back to the model's own forward
