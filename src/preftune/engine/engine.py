@@ -15,6 +15,7 @@ Systems code stays here; trainers never touch distributed primitives directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -68,23 +69,30 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _bf16_speedup_on_cpu(size: int = 512, repeats: int = 3) -> float:
-    """fp32 time / bf16-autocast time of one [size, size] x [size, 4 size] linear layer (the
-    best of `repeats` each, about 0.1 s in all): native bf16 support does not guarantee speed
-    (oneDNN may not use it; a virtual machine may hide it), so `auto` measures."""
+def _bf16_speedup_on_cpu(size: int = 512, repeats: int = 5) -> float:
+    """fp32 time / bf16-autocast time of one [size, size] x [size, 4 size] linear layer: the
+    median over `repeats` interleaved pairs, in process CPU time (so that other processes on a
+    shared machine do not decide), about 0.2 s in all. Native bf16 support does not guarantee
+    speed (oneDNN may not use it; a virtual machine may hide it), so `auto` measures."""
     x, w = torch.randn(size, size), torch.randn(4 * size, size)
 
-    def best(autocast: bool) -> float:
-        times = []
+    def timed(autocast: bool) -> float:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            torch.nn.functional.linear(x, w)  # warm-up (weight cast, kernel choice)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                torch.nn.functional.linear(x, w)
-                times.append(time.perf_counter() - t0)
-        return min(times)
+            t0 = time.process_time()
+            torch.nn.functional.linear(x, w)
+            return time.process_time() - t0
 
-    return best(False) / best(True)
+    timed(False), timed(True)  # warm-up (weight cast, kernel choice)
+    ratios = sorted(timed(False) / max(timed(True), 1e-9) for _ in range(repeats))
+    return ratios[len(ratios) // 2]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_auto_precision() -> str:
+    """Measured once per process: accelerate's state cannot change its precision later."""
+    if not _cpu_has_native_bf16():
+        return "no"
+    return "bf16" if _bf16_speedup_on_cpu() >= CPU_BF16_MIN_SPEEDUP else "no"
 
 
 # `auto` picks bf16 autocast on the CPU only when the probe shows at least this speed-up.
@@ -99,9 +107,9 @@ def _resolve_mixed_precision(setting: str) -> str:
         return setting
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    if _has_accelerator_device() or not _cpu_has_native_bf16():
+    if _has_accelerator_device():
         return "no"
-    return "bf16" if _bf16_speedup_on_cpu() >= CPU_BF16_MIN_SPEEDUP else "no"
+    return _cpu_auto_precision()
 
 
 class Engine:
