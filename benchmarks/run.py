@@ -128,10 +128,20 @@ def _stamp_optimizer_steps() -> list[float]:
 
 def _time_generation() -> list[float]:
     """Seconds spent in preftune's sampler per call (the online trainers' generation time)."""
-    from preftune.trainers import online
+    import importlib
 
     spent: list[float] = []
-    original = online.generate
+    # The module that calls the sampler: trainers/rollout.py (trainers/online.py before it).
+    for name in ("preftune.trainers.rollout", "preftune.trainers.online"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "generate"):
+            break
+    else:
+        return spent
+    original = module.generate
 
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
@@ -139,7 +149,7 @@ def _time_generation() -> list[float]:
         spent.append(time.perf_counter() - t0)
         return out
 
-    online.generate = timed
+    module.generate = timed
     return spent
 
 
