@@ -463,6 +463,8 @@ class Engine:
     def finish(self, summary: dict[str, Any]) -> None:
         """Mark the run complete and close trackers."""
         if self.is_main:
+            from preftune.engine.model_card import write_run_outputs  # curves.png, README.md
+            write_run_outputs(self.output_dir, self.command, self.cfg, summary)
             atomic_write_json(self.output_dir / "run_complete.json",
                               {"command": self.command, "finished_at": time.time(), **summary})
         if self._progress is not None:
