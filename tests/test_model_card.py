@@ -63,3 +63,15 @@ def test_card_command_reproduces_the_settings(tmp_path):
         parser, cls, _ = build_parser(command)
         again = build_config(cls, parser.parse_args(words[2:]))
         assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_no_curves_skips_the_picture_but_not_the_card(tmp_path):
+    from preftune.engine.model_card import write_run_outputs
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "lr": 1e-6}\n')
+    write_run_outputs(tmp_path, "dpo", DPOConfig(data="demo", curves=False), _summary())
+    assert not (tmp_path / "curves.png").exists()
+    assert "![training curves]" not in (tmp_path / "README.md").read_text()
+    write_run_outputs(tmp_path, "dpo", DPOConfig(data="demo"), _summary())
+    assert (tmp_path / "curves.png").exists()
+    assert "![training curves](curves.png)" in (tmp_path / "README.md").read_text()

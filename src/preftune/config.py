@@ -111,6 +111,9 @@ class TrainConfig:
     save_total_limit: int = arg(2, "Keep at most this many checkpoints (0: keep all).")
     report_to: str = arg("", "Extra trackers through accelerate, comma-separated: "
                          "tensorboard, wandb, mlflow. `metrics.jsonl` is always written.")
+    curves: bool = arg(True, "Draw `curves.png` from metrics.jsonl at the end of the run "
+                       "(about a second of matplotlib; the lab turns it off for its many "
+                       "short runs).")
 
     def validate(self) -> None:
         """Refuse out-of-range settings before anything loads."""

@@ -168,5 +168,6 @@ def write_run_outputs(output_dir: str | os.PathLike, command: str, cfg: Any,
     """The end of every training run: `curves.png`, then the card that shows it."""
     from preftune.engine.curves import write_curves
 
-    write_curves(output_dir)
+    if getattr(cfg, "curves", True):
+        write_curves(output_dir)
     write_model_card(output_dir, command, cfg, summary)
