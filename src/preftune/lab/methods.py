@@ -57,7 +57,7 @@ def _dpo(name: str, label: str, loss: str, grid, quick, **kw) -> Method:
 # Online methods sample 32 completions per rollout.
 _ONLINE_LRS = (5e-4,)
 METHODS: dict[str, Method] = {m.name: m for m in (
-    _dpo("dpo", "DPO", "dpo", (0.1, 1.0, 5.0), (1.0,)),
+    _dpo("dpo", "DPO", "dpo", (0.5, 5.0), (1.0,)),
     _dpo("ipo", "IPO", "ipo", (0.1, 1.0), (0.3,)),
     _dpo("cdpo", "cDPO", "cdpo", (0.1, 1.0), (0.1,)),
     _dpo("robust", "robust DPO", "robust", (0.1, 1.0), (0.1,)),
@@ -80,7 +80,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "OnlineDPOConfig", "run_online_dpo", "beta",
            {"prompts_per_step": 16, "num_generations": 2}, (0.1, 0.3), (0.1,), _ONLINE_LRS,
            _ONLINE_LRS),
-    Method("best_of_n", "best-of-N", INFERENCE, knob="n", grid=(1, 2, 4, 8, 16, 32, 64),
+    Method("best_of_n", "best-of-N", INFERENCE, knob="n", grid=(1, 2, 4, 8, 16, 32),
            quick_grid=(1, 4, 16)),
     # Oracle controls (the DPO paper's PPO-GT): the same algorithms optimising the gold reward
     # itself, so that reward-model error and the algorithm can be told apart.
@@ -91,7 +91,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "run_rloo", "kl_coef", {"prompts_per_step": 8, "num_generations": 4}, (0.05,),
            (0.05,), _ONLINE_LRS, _ONLINE_LRS, reward="gold", oracle_of="rloo"),
     Method("best_of_n_gold", "best-of-N on gold", INFERENCE, knob="n",
-           grid=(1, 2, 4, 8, 16, 32, 64), quick_grid=(1, 4, 16), reward="gold",
+           grid=(1, 2, 4, 8, 16, 32), quick_grid=(1, 4, 16), reward="gold",
            oracle_of="best_of_n"),
 )}
 

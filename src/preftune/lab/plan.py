@@ -49,16 +49,16 @@ class LabConfig:
                            "flip rate in [0, 0.5], `human` (0.3 flips), `gpt4` (0.2) or `none` "
                            "(the gold order).")
     pairs: int = arg(0, "Preference pairs per world and seed, sampled from the base policy on "
-                     "training prompts (default: 1024; quick: 512).")
+                     "training prompts (default: 1024; quick: 384).")
     eval_prompts: int = arg(0, "Test prompts per part (seen, unseen) and validation prompts "
                             "per evaluation (default: 64; quick: 32).")
     model: str = arg("tiny-64x2", "Architecture of the base policy: `tiny-<hidden>x<layers>`, "
                      "trained from scratch on the world's corpus.")
-    sft_steps: int = arg(0, "SFT steps of the base policy (default: 800; quick: 400).")
+    sft_steps: int = arg(0, "SFT steps of the base policy (default: 800; quick: 300).")
     offline_steps: int = arg(0, "Optimizer steps of each offline method, 16 pairs per step "
-                             "(default: 100; quick: 40).")
+                             "(default: 100; quick: 30).")
     online_steps: int = arg(0, "Rollouts of each online method, 32 completions per rollout "
-                            "(default: 40; quick: 15).")
+                            "(default: 30; quick: 10).")
     eval_points: int = arg(5, "Evaluations along each training run (checkpoints), at least 5: "
                            "the trajectories of the report.")
     output_dir: str = arg("runs/lab", "Report folder; finished cells are kept in it and skipped "
@@ -217,14 +217,14 @@ def resolve(cfg: LabConfig) -> Plan:
                 for m in methods},
         lrs={m: list(lrs.get(m, METHODS[m].quick_lrs if q else METHODS[m].lrs))
              for m in methods if METHODS[m].kind != INFERENCE},
-        pairs=cfg.pairs or (512 if q else 1024),
+        pairs=cfg.pairs or (384 if q else 1024),
         eval_prompts=cfg.eval_prompts or (32 if q else 64),
         model=cfg.model,
-        sft_steps=cfg.sft_steps or (400 if q else 800),
+        sft_steps=cfg.sft_steps or (300 if q else 800),
         sft_examples=8000,
-        offline_steps=cfg.offline_steps or (40 if q else 100),
-        online_steps=cfg.online_steps or (15 if q else 40),
-        reward_max_steps=300 if q else 600,
+        offline_steps=cfg.offline_steps or (30 if q else 100),
+        online_steps=cfg.online_steps or (10 if q else 30),
+        reward_max_steps=200 if q else 600,
         eval_points=cfg.eval_points,
         left_out=left_out,
     )
