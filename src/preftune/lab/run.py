@@ -34,6 +34,8 @@ from preftune.utils import atomic_write_json
 __all__ = ["LabConfig", "run_lab"]
 
 LAB_FORMAT = 3  # bump when a change makes old cell results incomparable
+# How the proxy scores a completion; part of every reward-model key (its results change with it).
+PROXY_SCORING = "completion + EOS, as trained"
 EVAL_SEED = 12345  # the sampling seed of every evaluation: common random numbers across cells
 
 # Rough cost of each kind of cell in seconds on 2 CPU cores, for the ETA before anything ran.
@@ -204,7 +206,7 @@ class Runner:
 
     def reward_key(self, world: str, seed: int, noise: str) -> str:
         return stages.hash_of({"data": self.data_key(world, seed, noise),
-                               "eval": self.eval_key(world, seed),
+                               "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
                                "settings": stages.reward_settings(self.plan, seed)})
 
     def key(self, cell: Cell) -> str:
