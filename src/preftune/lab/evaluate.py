@@ -19,8 +19,8 @@ estimate from the M samples (`stats.bon_kl_plugin`), both reported.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

@@ -339,6 +339,11 @@ def _table(s: dict) -> list[str]:
     return lines
 
 
+def _avg(trends: list[list[dict]], i: int, key: str) -> float:
+    """Mean over seeds of the i-th logged value of `key` (a log-prob trend)."""
+    return sum(t[i][key] for t in trends) / len(trends)
+
+
 def _settings_table(s: dict) -> list[str]:
     lines = ["| method | setting | validation gain [95% CI] | test gain [95% CI] | KL | "
              "log-probs chosen / rejected (first → last logged, seed mean) |",
@@ -350,10 +355,8 @@ def _settings_table(s: dict) -> list[str]:
             lp = "-"
             trends = [t for t in (row.get("logps") or {}).values() if t]
             if trends:
-                def avg(i, k):
-                    return sum(t[i][k] for t in trends) / len(trends)
-                lp = (f"{avg(0, 'chosen'):.1f} → {avg(-1, 'chosen'):.1f} / "
-                      f"{avg(0, 'rejected'):.1f} → {avg(-1, 'rejected'):.1f}")
+                lp = (f"{_avg(trends, 0, 'chosen'):.1f} → {_avg(trends, -1, 'chosen'):.1f} / "
+                      f"{_avg(trends, 0, 'rejected'):.1f} → {_avg(trends, -1, 'rejected'):.1f}")
             lines.append(f"| {res['label']} | {setting(res, row['value'], row['lr'])} | "
                          f"{ci(row['validation_gain'])} | {ci(row['gain_vs_base'])} | {kl} | "
                          f"{lp} |")

@@ -457,6 +457,7 @@ class Runner:
 
         import torch
 
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         finished = []
         for cell in all_cells:
             if self.finished(cell):
@@ -482,8 +483,7 @@ class Runner:
             "wall_time_s": wall_time_s,
             # CPU time of this process (user + system): what the run costs on a quiet machine,
             # where with one torch thread the wall time would be about this.
-            "cpu_time_s": (lambda r: r.ru_utime + r.ru_stime)(
-                resource.getrusage(resource.RUSAGE_SELF)),
+            "cpu_time_s": usage.ru_utime + usage.ru_stime,
             "cells": finished,
             "failures": failures,
         }

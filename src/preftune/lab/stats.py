@@ -20,8 +20,8 @@ on hand-made data.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 LEVEL = 0.95
 

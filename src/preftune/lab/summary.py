@@ -15,6 +15,7 @@ For every world, noise setting and method:
 from __future__ import annotations
 
 import math
+
 from preftune.lab import stats
 
 RL_FIT_KL = "kl_k3"  # the KL estimate the RL fits use: >= 0 by construction, so sqrt is defined
