@@ -31,6 +31,16 @@ def ci(iv: dict | None, digits: int = 3) -> str:
     return f"{m} [{iv['ci_low']:+.{digits}f}, {iv['ci_high']:+.{digits}f}]"
 
 
+def pct_ci(iv: dict | None) -> str:
+    """A proportion with its interval: '69.7 percent [65.7, 73.7]'."""
+    if not iv or iv.get("mean") is None:
+        return "-"
+    m = f"{100 * iv['mean']:.1f} percent"
+    if iv.get("ci_low") is None:
+        return m + " [one seed: no interval]"
+    return f"{m} [{100 * iv['ci_low']:.1f}, {100 * iv['ci_high']:.1f}]"
+
+
 def setting(method: dict, value, lr) -> str:
     knob = KNOB_SYMBOL.get(method.get("knob", ""), method.get("knob", ""))
     text = f"{knob}={value:g}"
@@ -45,10 +55,6 @@ def _count(n: float | None) -> str:
     if n >= 1e3:
         return f"{n / 1e3:.0f}k"
     return f"{n:.0f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f} percent"
 
 
 def _kl(iv: dict | None) -> str:
@@ -374,12 +380,13 @@ def reading(results: dict, world: str, noise: str) -> list[str]:
     lines.append(f"Labels: {data['pairs']:.0f} pairs per seed (of {data['sampled']:.0f} "
                  f"sampled; {data['gold_ties_dropped']:.0f} tied on gold and "
                  f"{data['identical_dropped']:.0f} identical were dropped, not coin-flipped); "
-                 f"they agree with the gold order on {ci(agree)} of pairs (flip rate "
+                 f"they agree with the gold order on {pct_ci(agree)} of pairs (flip rate "
                  f"{data['flip_rate']}).")
     if rm:
         lines.append(f"The reward model (early stopping on held-out pairs; best step per seed "
                      f"{rm['best_step']}) orders fresh gold-ranked test pairs correctly "
-                     f"{ci(rm['gold_accuracy_interval'])} of the time (50 percent is chance).")
+                     f"{pct_ci(rm['gold_accuracy_interval'])} of the time (50 percent is "
+                     "chance).")
     for m, res in s["methods"].items():
         sel = res["selected"]
         lines.append(gain_sentence(f"{res['label']} ({setting(res, sel['value'], sel['lr'])})",
