@@ -19,15 +19,25 @@ from typing import Any
 
 import yaml
 
+from preftune import trl_compat
 from preftune.errors import PreftuneError
 
 
-def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
-    """A config field with its documentation (shown by `--help`) and allowed values."""
-    metadata = {"help": help, "choices": choices}
+def arg(default: Any, help: str, *, choices: tuple | None = None,
+        positional: bool = False) -> Any:
+    """A config field with its documentation (shown by `--help`) and allowed values.
+
+    `positional`: a list given as the command's positional arguments (`preftune plot A B`)."""
+    metadata = {"help": help, "choices": choices, "positional": positional}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def fixed(value: Any, why: str) -> Any:
+    """A setting a command inherits but cannot change: no flag in `--help`; giving it (flag or
+    YAML) with another value is refused with `why`."""
+    return field(default=value, metadata={"help": why, "choices": None, "fixed": why})
 
 
 @dataclass
@@ -99,6 +109,9 @@ class TrainConfig:
     save_total_limit: int = arg(2, "Keep at most this many checkpoints (0: keep all).")
     report_to: str = arg("", "Extra trackers through accelerate, comma-separated: "
                          "tensorboard, wandb, mlflow. `metrics.jsonl` is always written.")
+    curves: bool = arg(True, "Draw `curves.png` from metrics.jsonl at the end of the run "
+                       "(about a second of matplotlib; the lab turns it off for its many "
+                       "short runs).")
 
     def validate(self) -> None:
         """Refuse out-of-range settings before anything loads."""
@@ -139,6 +152,8 @@ class TrainConfig:
                 raise PreftuneError(f"report_to: unknown tracker {tracker.strip()!r}; "
                                     "expected a comma-separated list of tensorboard, wandb, mlflow")
         for f in dataclasses.fields(self):
+            if "fixed" in f.metadata and getattr(self, f.name) != f.default:
+                raise PreftuneError(f"{f.name}={getattr(self, f.name)!r}: {f.metadata['fixed']}")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
@@ -146,8 +161,13 @@ class TrainConfig:
 
     @property
     def prompt_limit(self) -> int:
-        """The effective maximum prompt length in tokens."""
-        return self.max_prompt_length or self.max_length // 2
+        return prompt_limit(self.max_prompt_length, self.max_length)
+
+
+def prompt_limit(max_prompt_length: int, max_length: int) -> int:
+    """The effective maximum prompt length in tokens, for every command: `max_prompt_length`,
+    or half of `max_length` when it is 0."""
+    return max_prompt_length or max_length // 2
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -178,7 +198,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if default not in ("", None) and not isinstance(default, bool):
             help_text += f" (default: {default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=f.name.upper(), help=help_text)
+            continue
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if "fixed" in f.metadata:  # accepted only to be refused with its reason, not shown
+            kwargs["help"] = argparse.SUPPRESS
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif tp in (list, typing.List) or typing.get_origin(tp) is list:
@@ -190,6 +215,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = f.metadata["choices"]
                 kwargs.pop("metavar")
         parser.add_argument(flag, **kwargs)
+    trl_compat.add_alias_arguments(parser, cls)  # TRL's names: --learning_rate, ...
 
 
 def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
@@ -237,6 +263,7 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PreftuneError(f"{path}: expected a mapping of setting names to values, "
                             f"got {type(raw).__name__}")
+    raw = trl_compat.resolve_yaml(raw, cls, str(path))  # TRL's keys become preftune's
     fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
@@ -256,7 +283,10 @@ def build_config(cls: type, namespace: argparse.Namespace) -> Any:
     config_file = given.pop("config", None)
     if config_file:
         values.update(load_yaml_config(config_file, cls))
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    given = trl_compat.resolve_namespace(  # TRL's flags become preftune's
+        given, cls, values, lambda v, name: _coerce(cls, fields_by_name[name], v, "command line"))
+    names = set(fields_by_name)
     values.update({k: v for k, v in given.items() if k in names})
     cfg = cls(**values)
     cfg.validate()
@@ -269,6 +299,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config as YAML, atomically."""
+    # Imported here: preftune.utils imports torch, and `preftune --help` should not wait for it.
     from preftune.utils import atomic_write_text
 
     data = {**config_to_dict(cfg), **(extra or {})}

@@ -1,10 +1,9 @@
-"""Small helpers shared by every module: atomic writes and seeding."""
+"""Small helpers shared by every module: atomic writes."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,10 +51,3 @@ def _jsonable(obj: Any) -> Any:
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def seed_everything(seed: int) -> None:
-    """The one place where a run's random number generators are seeded."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -135,10 +135,17 @@ class Engine:
 
     # --- model and optimizer -------------------------------------------------------------
 
-    def setup(self, model: torch.nn.Module, total_steps: int, extra_modules=()) -> torch.nn.Module:
-        """Create AdamW and the schedule for the trainable parameters and prepare them."""
+    def setup(self, model: torch.nn.Module, total_steps: int,
+              schedule_steps: int | None = None) -> torch.nn.Module:
+        """Create AdamW and the schedule for the trainable parameters and prepare them.
+
+        `total_steps` counts the engine's steps (progress, checkpoints, resume); the
+        learning-rate schedule runs over `schedule_steps` optimizer steps (default: the same;
+        an online trainer takes several optimizer steps per training iteration).
+        """
         cfg = self.cfg
         self.total_steps = total_steps
+        schedule_steps = schedule_steps or total_steps
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise PreftuneError("the model has no trainable parameters")
@@ -150,12 +157,11 @@ class Engine:
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
             # One fused kernel over all parameters (CPU and CUDA) instead of a Python loop.
             fused=_fused_adam_ok(params))
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * schedule_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _schedule(cfg.lr_scheduler, warmup, total_steps))
-        prepared = self.accelerator.prepare(model, optimizer, scheduler, *extra_modules)
-        self.model, self.optimizer, self.scheduler = prepared[:3]
-        self.extra_modules = list(prepared[3:])
+            optimizer, _schedule(cfg.lr_scheduler, warmup, schedule_steps))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            model, optimizer, scheduler)
         return self.model
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -239,8 +245,6 @@ class Engine:
         """Clip, step the optimizer and the schedule, zero the gradients; return the norm."""
         max_norm = self.cfg.max_grad_norm or float("inf")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for module in self.extra_modules:
-            params += [p for p in module.parameters() if p.requires_grad]
         grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -404,6 +408,8 @@ class Engine:
     def finish(self, summary: dict[str, Any]) -> None:
         """Mark the run complete and close trackers."""
         if self.is_main:
+            from preftune.engine.model_card import write_run_outputs  # curves.png, README.md
+            write_run_outputs(self.output_dir, self.command, self.cfg, summary)
             atomic_write_json(self.output_dir / "run_complete.json",
                               {"command": self.command, "finished_at": time.time(), **summary})
         if self._progress is not None:

@@ -77,8 +77,9 @@ def trainer(name: str):
 
 
 def common_settings(seed: int) -> dict[str, Any]:
+    # curves=False: the lab's many short runs need no training-curve figure each
     return dict(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, seed=seed,
-                logging_steps=QUIET, save_steps=0, overwrite=True, report_to="")
+                logging_steps=QUIET, save_steps=0, overwrite=True, report_to="", curves=False)
 
 
 def tokens_trained(run_dir: Path) -> int:
