@@ -36,7 +36,8 @@ from preftune.config import _require, arg, save_config
 from preftune.errors import PreftuneError
 from preftune.evaluation import stats
 from preftune.evaluation.plots import reliability_diagram, reward_distributions
-from preftune.evaluation.report import format_table, write_json_atomic
+from preftune.evaluation.report import format_table
+from preftune.utils import atomic_write_json
 
 REWARD_KINDS = ("classifier", "implicit", "reference_free", "function")
 RESULT_FILES = ("results.json", "scores.jsonl", "reliability.png", "rewards.png")
@@ -510,7 +511,7 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
 
     # Outputs: JSON, one line per pair, the two figures, the resolved settings.
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results, out / "results.json")
+    atomic_write_json(out / "results.json", results, strict=True)
     _write_scores(out / "scores.jsonl", index, subsets if has_subsets else None, r_c, r_r, outcomes)
     reliability_diagram(cal, out / "reliability.png")
     reward_distributions(r_c, r_r, out / "rewards.png")

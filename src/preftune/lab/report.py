@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from preftune.evaluation.report import atomic_output, write_json_atomic
+from preftune.utils import atomic_output, atomic_write_json
 
 METRICS = ("gold", "kl", "win_rate", "length", "proxy")
 Z95 = 1.96
@@ -365,7 +365,7 @@ def write_report(results: dict, out: Path) -> dict:
     rows = aggregate(results)
     knobs = _method_knobs(results)
     results = {**results, "summary": rows}
-    write_json_atomic(results, out / "results.json")
+    atomic_write_json(out / "results.json", results, strict=True)
     methods = [m for m in plan["methods"]]
     frontier_plot(rows, plan["worlds"], methods, out / "frontier.png")
     overoptimization_plot(rows, plan["worlds"], methods, out / "overoptimization.png")

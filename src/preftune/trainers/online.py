@@ -195,10 +195,12 @@ def load_reward(cfg: RolloutSettings, device) -> Any:
 
 def load_online(cfg: OnlineConfig, engine) -> OnlineSetup:
     """Policy, tokenizer, prompts and reward source, before the engine prepares anything."""
+    from preftune.engine.checkpoint import data_fingerprint
     from preftune.trainers.common import load_policy
 
     policy, tokenizer = load_policy(cfg)
     prompts = load_prompts(cfg, tokenizer, log=engine.print)
+    engine.data_fingerprint = data_fingerprint(prompts)  # checked by --resume
     reward = load_reward(cfg, engine.accelerator.device)
     if cfg.prompts_per_step % engine.world_size:
         raise PreftuneError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
@@ -484,8 +486,8 @@ def end_iteration(engine, cfg, window, ro, step: int, n_rollouts: int, bar) -> d
     if step % cfg.logging_steps == 0 or step == n_rollouts:
         logged = log_step(engine, window, step)
         bar.set_postfix(reward=f"{logged.get('reward/mean', float('nan')):.3f}")
-    if engine.should_save(step):
-        engine.save_checkpoint(step, {"prompt_position": step * cfg.prompts_per_step})
+    # checkpoint every save_steps; stop here on SIGTERM/SIGINT
+    engine.step_done(step, {"prompt_position": step * cfg.prompts_per_step})
     return logged
 
 

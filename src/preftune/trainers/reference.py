@@ -143,6 +143,7 @@ def cached_logps(engine, path: Path, key: str, compute: Callable[[], dict[str, t
         except Exception:  # a corrupt or foreign file: recompute rather than trust it
             engine.print(f"reference log-probs: {path} is unreadable; computing them again")
     tensors = compute()
+    engine.claim(path.name)  # the run's own file, removed by --overwrite
     if engine.is_main:
         tmp = path.with_name(f".tmp-{path.name}")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
