@@ -48,6 +48,7 @@ ASSISTANT_MARKERS = ("Assistant:",)  # HH layout "\n\nHuman: ...\n\nAssistant: .
 class SFTExample:
     prompt: Text
     completion: Text
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Pair:
     rejected: Text
     margin: float | None = None
     subset: str | None = None
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Unpaired:
     prompt: Text
     completion: Text
     label: bool
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -71,12 +74,14 @@ class Ranked:
     prompt: Text
     completions: list
     scores: list[float]
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
 class PromptExample:
     prompt: Text
     extra: dict = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -342,6 +347,9 @@ def _convert(rows, source, on_bad_row, purpose, accepted, make) -> tuple[list, D
             report.first_problem.setdefault(bad.reason, message)
             continue
         report.n_kept += 1
+        location = where(i) if where else f"{source}, row {i + 1}"
+        for ex in examples:  # so that later messages (tokenization) can name the file and line
+            ex.origin = location
         out.extend(examples)
     report.n_examples = len(out)
     if not out:

@@ -23,6 +23,7 @@ This module owns the first phase and the plumbing around it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -51,6 +52,9 @@ class RolloutSettings:
     reward_weights: list[float] = arg([], "One weight per reward source (the reward model "
                                       "first, then the functions in order); default all 1.")
     reward_batch_size: int = arg(32, "Completions per reward-model forward pass.")
+    reward_timeout: float = arg(600.0, "Seconds a reward function may take for one call "
+                                "before the run stops with an error (0: no limit). A function "
+                                "source runs with your user's rights: only use code you trust.")
     missing_eos_penalty: float = arg(0.0, "Subtracted from the reward of a completion cut at "
                                      "max_new_tokens without EOS (Huang et al. 2024).")
     length_penalty: float = arg(0.0, "Subtracted from the reward once per completion token.")
@@ -71,6 +75,8 @@ class RolloutSettings:
                  "an integer >= 1")
         _require(self.generation_batch_size >= 1, "generation_batch_size",
                  self.generation_batch_size, "an integer >= 1")
+        _require(self.reward_timeout >= 0, "reward_timeout", self.reward_timeout,
+                 "a number of seconds >= 0 (0: no limit)")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
                  "an integer >= 1")
         _require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
@@ -134,6 +140,17 @@ class OnlineConfig(TrainConfig, RolloutSettings):
                  "an integer >= 1")
         _require(math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef", self.kl_coef,
                  "a finite number >= 0")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.kl_coef == 0 and self.kl_estimator != defaults["kl_estimator"]:
+            raise PreftuneError(f"kl_estimator={self.kl_estimator!r} has no effect: kl_coef is 0, "
+                                "so there is no KL term (the KL is still logged with k1 and k3); "
+                                "set --kl-coef or drop --kl-estimator")
+        single_pass = getattr(self, "ppo_epochs", 1) == 1 and getattr(self, "num_minibatches", 1) == 1
+        if "clip_eps" in defaults and single_pass and self.clip_eps != defaults["clip_eps"]:
+            raise PreftuneError(f"clip_eps={self.clip_eps} has no effect with ppo_epochs=1 and "
+                                "num_minibatches=1: each rollout is used once, the ratio is 1 "
+                                "and never clipped; raise --ppo-epochs or --num-minibatches, or "
+                                "drop --clip-eps")
         if self.grad_accum != 1:
             raise PreftuneError(
                 f"grad_accum={self.grad_accum}: online trainers split each rollout into "
@@ -190,7 +207,7 @@ def load_reward(cfg: RolloutSettings, device) -> Any:
 
     return parse_reward_spec(cfg.reward_model or None, cfg.reward_fn, cfg.reward_weights or None,
                              batch_size=cfg.reward_batch_size, max_length=cfg.max_length,
-                             device=device)
+                             device=device, timeout=cfg.reward_timeout)
 
 
 def load_online(cfg: OnlineConfig, engine) -> OnlineSetup:

@@ -32,6 +32,7 @@ from preftune.data.collate import pad_sequences
 from preftune.errors import PreftuneError
 from preftune.models.loading import disabled_adapters, load_causal_lm
 from preftune.models.logprobs import completion_logprobs
+from preftune.utils import file_mode
 
 CACHE_FILE = "ref_logps.safetensors"
 
@@ -148,6 +149,7 @@ def cached_logps(engine, path: Path, key: str, compute: Callable[[], dict[str, t
         tmp = path.with_name(f".tmp-{path.name}")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"fingerprint": key})
+        os.chmod(tmp, file_mode())  # safetensors writes 0600; respect the umask instead
         os.replace(tmp, path)
     engine.accelerator.wait_for_everyone()
     return tensors
