@@ -481,3 +481,47 @@ def test_output_files_respect_the_umask(tmp_path, data):
              for p in out.rglob("*") if p.is_file()}
     assert "model.safetensors" in modes and "checkpoints/step-1/model.safetensors" in modes
     assert {m for m in modes.values()} == {0o644}, modes
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_stops_every_process_at_one_step(tmp_path, data):
+    """A real SIGTERM to the launcher (as a scheduler sends it): torchrun forwards it, the two
+    processes agree on one step, checkpoint it, and --resume continues to the weights of an
+    uninterrupted run (one process, same global batch: equal to 2e-6, as data parallelism is)."""
+    import signal
+
+    out = tmp_path / "two"
+
+    def launch(*extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "preftune.cli",
+               *_sft(data, out, *extra, batch_size=2, lr_scheduler="constant")]
+        env = {**os.environ, "MASTER_PORT": str(29500 + random.Random().randint(0, 500))}
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+
+    proc = launch("--max-steps", "100000")
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, log[-3000:]  # torchrun reports the workers' 143 as a failure
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert checkpoint.verify(ckpt) is None, log[-3000:]
+    step = checkpoint.step_of(ckpt)
+    assert f"stopped by SIGTERM after step {step} of 100000" in log
+    assert "random_states_1.pkl" in json.loads((ckpt / checkpoint.MANIFEST_FILE).read_text())["files"]
+
+    proc = launch("--resume", "--max-steps", str(step + 2))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    one = tmp_path / "one"
+    assert main(_sft(data, one, max_steps=step + 2, batch_size=4, lr_scheduler="constant")) == 0
+    wa, wb = _weights(one), _weights(out)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=0)

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from preftune.engine import preemption, rundir
 
+    config_cls = None
     try:
         with preemption.handling():
             parser, config_cls, run = build_parser(command)
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg)
     except preemption.Preempted as exc:
         if _is_main_rank():
-            how = f"; to continue: {_resume_command(argv)}" if exc.resumable else ""
+            how = ""
+            if exc.resumable:
+                how = (f"; to continue: {_resume_command(argv)}"
+                       if "resume" in getattr(config_cls, "__dataclass_fields__", {})
+                       else "; run the same command again to continue")
             print(f"preftune {command}: {exc}{how}", file=sys.stderr)
         return exc.exit_code
     except PreftuneError as exc:
