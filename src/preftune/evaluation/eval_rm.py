@@ -52,7 +52,8 @@ class EvalRMConfig:
                      "offline cache) in the transformers sequence-classification layout; a "
                      "causal-LM policy with --ref-model or --reference-free; or a python "
                      "function as `module:function` or `path/to/file.py:function`, called as "
-                     "fn(prompts, completions) and returning one number per completion.")
+                     "fn(prompts, completions) and returning one number per completion (the "
+                     "file is imported and run with your user's rights).")
     ref_model: str = arg("", "Reference model of a DPO-trained policy: the reward is then the "
                          "implicit reward beta * sum_t log pi(y_t|..)/pi_ref(y_t|..).")
     reference_free: bool = arg(False, "Score a policy by beta * its own log-prob of the "

@@ -48,13 +48,13 @@ class RolloutSettings:
                             "e.g. the output of `preftune reward`).")
     reward_fn: list[str] = arg([], "Reward function(s) `module:function` or "
                                "`path/to/file.py:function`, called as fn(prompts, completions, "
-                               "**extra_columns) and returning one number per completion.")
+                               "**extra_columns) and returning one number per completion. "
+                               "The file is imported and run with your user's rights.")
     reward_weights: list[float] = arg([], "One weight per reward source (the reward model "
                                       "first, then the functions in order); default all 1.")
     reward_batch_size: int = arg(32, "Completions per reward-model forward pass.")
     reward_timeout: float = arg(600.0, "Seconds a reward function may take for one call "
-                                "before the run stops with an error (0: no limit). A function "
-                                "source runs with your user's rights: only use code you trust.")
+                                "before the run stops with an error (0: no limit).")
     missing_eos_penalty: float = arg(0.0, "Subtracted from the reward of a completion cut at "
                                      "max_new_tokens without EOS (Huang et al. 2024).")
     length_penalty: float = arg(0.0, "Subtracted from the reward once per completion token.")
