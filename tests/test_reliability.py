@@ -242,6 +242,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, data, straight, m
     assert "falling back to step-2" in err and "dropped 1 unreadable line" in err
     _assert_identical(straight, out)
     assert _steps(out) == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3.damaged"]
 
 
 def test_no_intact_checkpoint_stops_with_no_model_saved(tmp_path, data, monkeypatch, capsys):
@@ -471,12 +472,19 @@ def test_step_zero_evaluation_written_once_after_resume(tmp_path, data, monkeypa
 
 
 def test_output_files_respect_the_umask(tmp_path, data):
+    from preftune.utils import atomic_write_json
+
     old = os.umask(0o022)
     try:
         out = tmp_path / "run"
         assert main(_sft(data, out, max_steps=2, save_steps=1)) == 0
+        atomic_write_json(tmp_path / "results.json", {"acc": 0.5}, strict=True)  # eval-rm, lab
+        os.umask(0o027)
+        atomic_write_json(tmp_path / "group.json", {})
     finally:
         os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "group.json").stat().st_mode & 0o777 == 0o640
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777
              for p in out.rglob("*") if p.is_file()}
     assert "model.safetensors" in modes and "checkpoints/step-1/model.safetensors" in modes

@@ -247,13 +247,26 @@ class Checkpoints:
             if problem is None:
                 if damaged:
                     engine.print(f"--resume: falling back to {ckpt.name}, the newest intact "
-                                 "checkpoint")
+                                 "checkpoint; the damaged ones are kept as step-N.damaged")
+                    self._set_aside(candidates[:len(damaged)])
                 return state
             damaged.append(f"{ckpt.name} ({problem})")
             engine.print(f"--resume: checkpoint {ckpt} is damaged: {problem}")
         raise PreftuneError(
             f"--resume: no intact checkpoint in {self.root}: " + "; ".join(damaged)
             + ". Start again with --overwrite (or another --output-dir)")
+
+    def _set_aside(self, folders: list[Path]) -> None:
+        """Rename damaged checkpoints out of the way (kept for inspection, never loaded or
+        counted by --save-total-limit), so that they do not displace intact ones."""
+        if self.engine.is_main:
+            for folder in folders:
+                target = folder.with_name(folder.name + ".damaged")
+                if target.exists():
+                    shutil.rmtree(target, ignore_errors=True)
+                os.replace(folder, target)
+            fsync_dir(self.root)
+        self.engine.accelerator.wait_for_everyone()
 
     def _load(self, ckpt: Path) -> tuple[dict[str, Any] | None, str | None]:
         engine = self.engine

@@ -181,19 +181,32 @@ def run_started(folder: Path) -> bool:
     return False
 
 
+def _is_owned(name: str, owned: set[str]) -> bool:
+    """An owned name, or the temporary file of one left by a crash (`.tmp-NAME` of the
+    engine's writers, `.NAME.<random>.tmp` of `utils.atomic_output`)."""
+    if name in owned:
+        return True
+    if name.startswith(".tmp-") and name[len(".tmp-"):] in owned:
+        return True
+    return (name.startswith(".") and name.endswith(".tmp")
+            and any(name.startswith(f".{o}.") for o in owned))
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """Entries of `folder` that no preftune run wrote."""
     owned = owned_names(folder)
-    return sorted(p.name for p in folder.iterdir() if p.name not in owned)
+    return sorted(p.name for p in folder.iterdir() if not _is_owned(p.name, owned))
 
 
 def remove_owned(folder: Path) -> None:
     """Delete what the run wrote (its lock and the ownership list excepted)."""
-    for name in owned_names(folder) - {LOCK_FILE, OWNED_FILE}:
-        path = folder / name
+    owned = owned_names(folder)
+    for path in list(folder.iterdir()):
+        if path.name in (LOCK_FILE, OWNED_FILE) or not _is_owned(path.name, owned):
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
+        else:
             path.unlink()
 
 
