@@ -198,10 +198,12 @@ class Checkpoints:
                                  "data_fingerprint": engine.data_fingerprint, **(state or {})}
                 (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
                 write_manifest(tmp)
+                old = self.root / f".old-step-{step}"  # the same step written again (resume)
                 if final.exists():
-                    shutil.rmtree(final)
+                    os.replace(final, old)
                 os.replace(tmp, final)
                 fsync_dir(self.root)
+                shutil.rmtree(old, ignore_errors=True)
             except OSError as exc:
                 error = exc
         if engine.any_rank(error is not None):

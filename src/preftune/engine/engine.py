@@ -71,11 +71,14 @@ class StepBatches:
 def _resolve_mixed_precision(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
+
+
+def _check_mixed_precision(setting: str) -> None:
     if setting == "fp16" and not torch.cuda.is_available():
         # accelerate would run fp16 autocast on the CPU without a word, or fail deep inside
         raise PreftuneError("mixed_precision=fp16 needs a CUDA GPU, and none is available; "
                             "use --mixed-precision no (or bf16) on the CPU")
-    return setting
 
 
 class Engine:
@@ -86,6 +89,7 @@ class Engine:
         self.command = command
         self.output_dir = Path(cfg.output_dir or f"runs/{command}")
         trackers = [t.strip() for t in cfg.report_to.split(",") if t.strip()]
+        _check_mixed_precision(cfg.mixed_precision)
         self.accelerator = Accelerator(
             mixed_precision=_resolve_mixed_precision(cfg.mixed_precision),
             log_with=trackers or None,
