@@ -121,11 +121,11 @@ def test_output_dir_dot_never_empties_the_working_directory(tmp_path, data, monk
 def test_second_run_refused_while_the_first_lives_allowed_after_it_dies(tmp_path, data, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from preftune.engine.rundir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
-         "print('locked', flush=True); time.sleep(300)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from pathlib import Path; "
+            "from preftune.engine.rundir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
+            "print('locked', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(_sft(data, out, max_steps=1)) == 2

@@ -24,8 +24,8 @@ import json
 import os
 import shutil
 import signal
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
