@@ -533,3 +533,14 @@ def test_sigterm_to_accelerate_launch_stops_every_process_at_one_step(tmp_path, 
     wa, wb = _weights(one), _weights(out)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=0)
+
+
+def test_checkpoint_from_before_manifests_still_resumes(tmp_path, data, straight, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(SIGNAL_AT_STEP_ENV, "2")
+    assert main(_sft(data, out)) == 143
+    monkeypatch.delenv(SIGNAL_AT_STEP_ENV)
+    (out / "checkpoints" / "step-2" / checkpoint.MANIFEST_FILE).unlink()  # as older preftune wrote
+    (out / rundir.OWNED_FILE).unlink()
+    assert main(_sft(data, out, "--resume")) == 0
+    _assert_identical(straight, out)
