@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from preftune.cli import main
 from preftune.engine import checkpoint, rundir
-from preftune.engine.preemption import SIGNAL_AT_STEP_ENV, SignalWatch
+from preftune.engine.preemption import SIGNAL_AT_STEP_ENV, SignalWatch, StoppedBeforeTraining
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = str(ROOT / "tests" / "rewards_for_tests.py")
@@ -313,6 +313,11 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     watch.first_at -= 10
     watch.handle(signal.SIGTERM, None)
     assert exits == [143]
+    before = SignalWatch()  # before training (loading, reading data): nothing to save
+    with pytest.raises(StoppedBeforeTraining):
+        before.handle(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):
+        SignalWatch().handle(signal.SIGINT, None)
 
 
 # --- a full disk, an unusable output folder ------------------------------------------------

@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"preftune {command}: interrupted", file=sys.stderr)
         return 130
+    except preemption.StoppedBeforeTraining as exc:
+        print(f"preftune {command}: stopped by SIGTERM before training started; nothing to "
+              "resume, run the same command again", file=sys.stderr)
+        return exc.exit_code
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

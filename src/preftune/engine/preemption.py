@@ -45,6 +45,13 @@ class Preempted(PreftuneError):
         self.resumable = resumable
 
 
+class StoppedBeforeTraining(BaseException):
+    """SIGTERM before training started: nothing to save. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    exit_code = EXIT_CODES[signal.SIGTERM]
+
+
 class SignalWatch:
     """What the handler saw: the first signal's number and time, and whether training runs."""
 
@@ -62,8 +69,7 @@ class SignalWatch:
             if not self.training:
                 if signum == signal.SIGINT:
                     raise KeyboardInterrupt
-                raise Preempted(f"stopped by {name} before training started; nothing to "
-                                "resume, run the same command again", signum, resumable=False)
+                raise StoppedBeforeTraining
             if _is_main_rank():
                 print(f"preftune: {name} received: finishing the current step and writing a "
                       "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
