@@ -34,6 +34,7 @@ def test_top_level_help_lists_every_command(capsys):
         assert name in out
 
 
+@pytest.mark.slow
 def test_command_help_comes_from_the_config_fields():
     proc = _run_cli("sft", "--help")
     assert proc.returncode == 0
@@ -69,6 +70,7 @@ def test_bad_yaml_is_named(tmp_path, capsys, content, expected):
     assert str(cfg) in err and expected in err
 
 
+@pytest.mark.slow
 def test_unknown_option_and_out_of_range_value_exit_2_without_traceback(tmp_path):
     proc = _run_cli("sft", "--learning-rte", "1")
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
@@ -79,6 +81,7 @@ def test_unknown_option_and_out_of_range_value_exit_2_without_traceback(tmp_path
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_malformed_json_names_file_and_line(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"}\n'

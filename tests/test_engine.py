@@ -89,6 +89,7 @@ def test_two_processes_equal_one_process(tmp_path):
     _assert_same_weights(one, two, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     data = _write_sft_data(tmp_path / "d.jsonl")
     straight, killed = tmp_path / "straight", tmp_path / "killed"

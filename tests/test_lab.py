@@ -29,6 +29,7 @@ def _rows(results, method):
                   key=lambda r: r["value"] if r["value"] is not None else -1)
 
 
+@pytest.mark.slow  # the quick lab runs once for the module, minutes on CPU
 def test_report_files_exist(quick_lab):
     out, _, _, results = quick_lab
     for name in ("report.md", "frontier.png", "overoptimization.png", "results.json"):
@@ -40,6 +41,7 @@ def test_report_files_exist(quick_lab):
     assert results["config"]["quick"] is True and results["plan"]["seeds"] == [0]
 
 
+@pytest.mark.slow  # the quick lab runs once for the module, minutes on CPU
 def test_base_policy_is_a_fair_coin_against_itself(quick_lab):
     _, _, _, results = quick_lab
     (base,) = _rows(results, "base_policy")
@@ -49,6 +51,7 @@ def test_base_policy_is_a_fair_coin_against_itself(quick_lab):
     assert abs(base["win_rate"] - 0.5) <= 4 * max(base["win_rate_se"], 0.03)
 
 
+@pytest.mark.slow  # the quick lab runs once for the module, minutes on CPU
 def test_every_trained_method_moved_away_from_the_base(quick_lab):
     _, _, _, results = quick_lab
     trained = [r for r in results["summary"] if r["method"] not in ("base_policy", "best_of_n")]
@@ -61,6 +64,7 @@ def test_every_trained_method_moved_away_from_the_base(quick_lab):
         assert 0.0 <= r["win_rate"] <= 1.0
 
 
+@pytest.mark.slow  # the quick lab runs once for the module, minutes on CPU
 def test_best_of_n_gold_grows_with_n(quick_lab):
     _, _, _, results = quick_lab
     bon = _rows(results, "best_of_n")
@@ -73,6 +77,7 @@ def test_best_of_n_gold_grows_with_n(quick_lab):
     assert bon[2]["gold"] > bon[0]["gold"]
 
 
+@pytest.mark.slow  # the quick lab runs once for the module, minutes on CPU
 def test_rerun_resumes_and_skips_finished_cells(quick_lab, capsys):
     out, cache, argv, results = quick_lab
     before = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}

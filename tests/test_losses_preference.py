@@ -84,6 +84,19 @@ def test_hinge_and_ipo_match_hand_numbers():
     assert losses.tolist() == pytest.approx([(1.5 - 5.0) ** 2, (-2.0 - 5.0) ** 2])
 
 
+
+def test_ipo_length_normalisation_divides_each_log_ratio_by_its_length():
+    # Pair 0: chosen log-ratio +1 over 4 tokens, rejected −0.5 over 2 -> h = 0.25 + 0.25 = 0.5.
+    # Pair 1: chosen −1 over 5 tokens, rejected +1 over 4 -> h = −0.2 − 0.25 = −0.45.
+    lc, lr = t(4.0, 5.0), t(2.0, 4.0)
+    losses, m = ref_based("ipo", ipo_length_normalize=True, chosen_lengths=lc, rejected_lengths=lr)
+    assert losses.tolist() == pytest.approx([(0.5 - 5.0) ** 2, (-0.45 - 5.0) ** 2], rel=1e-12)
+    assert m["rewards/chosen"].tolist() == pytest.approx([0.1 * 0.25, 0.1 * -0.2])
+    with pytest.raises(PreftuneError, match="applies to loss_type=.ipo. only"):
+        ref_based("dpo", ipo_length_normalize=True, chosen_lengths=lc, rejected_lengths=lr)
+    with pytest.raises(PreftuneError, match="lengths"):
+        ref_based("ipo", ipo_length_normalize=True)
+
 def test_simpo_matches_hand_numbers():
     lc, lr = t(4.0, 5.0), t(3.0, 5.0)
     losses, m = preference_loss(

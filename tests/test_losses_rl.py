@@ -86,6 +86,21 @@ def test_k3_is_finite_for_extreme_ratios():
     assert torch.isfinite(out).all() and torch.isfinite(logps.grad).all()
 
 
+
+def test_k3_keeps_its_restoring_gradient_when_the_policy_overshoots():
+    # d = log π_ref − log π = −30 (π far above π_ref): k3 = (e^d − 1) − d = 29 + e^−30, and
+    # ∂k3/∂log π = 1 − e^d ≈ 1 pulls log π back down (a clamp of d at −20 would give 0 there).
+    logps = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    out = kl_penalty(logps, torch.tensor([-30.0], dtype=torch.float64), "k3")
+    out.sum().backward()
+    assert out.item() == pytest.approx(math.expm1(-30.0) + 30.0, rel=1e-12)
+    assert logps.grad.item() == pytest.approx(1 - math.exp(-30.0), rel=1e-12)
+    # The overflow guard stays: d = +200 is clamped to 20, a finite value with zero gradient.
+    logps = torch.tensor([-200.0], dtype=torch.float64, requires_grad=True)
+    out = kl_penalty(logps, torch.tensor([0.0], dtype=torch.float64), "k3")
+    out.sum().backward()
+    assert out.item() == pytest.approx(math.expm1(20.0) - 20.0) and logps.grad.item() == 0.0
+
 def test_ppo_policy_loss_values_clipfrac_and_zero_gradient_where_clipped():
     eps = 0.2
     # tokens: (A, ρ) = (1, 1.5) clipped; (−1, 0.5) clipped; (1, 0.9) unclipped; (−1, 1.5) unclipped
@@ -197,3 +212,24 @@ def test_sum_and_units_make_micro_batches_match_the_full_batch(mode):
     if mode == "token":
         naive = (aggregate(LOSSES[:1], MASK[:1], mode) + aggregate(LOSSES[1:], MASK[1:], mode)) / 2
         assert naive.item() != pytest.approx(full.item())
+
+
+def test_sequence_sum_is_reinforce_on_the_sequence_log_prob():
+    # Row sums over the mask 6, 4, 8 over 3 rows: the mean of the per-completion sums.
+    assert aggregate(LOSSES, MASK, "sequence_sum").item() == pytest.approx((6 + 4 + 8) / 3)
+    parts = [aggregate_sum_and_units(LOSSES[s], MASK[s], "sequence_sum") for s in (slice(0, 1), slice(1, 3))]
+    assert (sum(p[0] for p in parts) / sum(p[1] for p in parts)).item() == pytest.approx(18 / 3)
+    # On-policy (ratio 1) the gradient of the clipped surrogate under sequence_sum is
+    # −A_i / B per completion token: Ahmadian et al. 2024, Eq. 8, −1/B Σ_i A_i ∇log π(y_i|x).
+    # `constant` gives the same direction max_len (here 4) times smaller.
+    logps = t(-1.0, -2.0, -0.5, -3.0, -1.5, -1.0, -2.0, -1.0, -0.2, -0.3, -0.4, -0.5).reshape(3, 4)
+    adv = t(2.0, -1.0, 0.5)
+    grads = {}
+    for mode in ("sequence_sum", "constant"):
+        x = logps.clone().requires_grad_(True)
+        per_token, _ = ppo_policy_loss(x, x.detach(), adv[:, None], MASK, clip_eps=0.2)
+        aggregate(per_token, MASK, mode, max_len=4).backward()
+        grads[mode] = x.grad
+    expected = -adv[:, None] / 3 * MASK
+    torch.testing.assert_close(grads["sequence_sum"], expected.to(torch.float64))
+    torch.testing.assert_close(grads["constant"], expected.to(torch.float64) / 4)

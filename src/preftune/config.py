@@ -35,6 +35,12 @@ def arg(default: Any, help: str, *, choices: tuple | None = None, finite: bool =
     return field(default=default, metadata=metadata)
 
 
+def fixed(value: Any, why: str) -> Any:
+    """A setting a command inherits but cannot change: no flag in `--help`; giving it (flag or
+    YAML) with another value is refused with `why`."""
+    return field(default=value, metadata={"help": why, "choices": None, "fixed": why})
+
+
 @dataclass
 class TrainConfig:
     """Settings shared by every training command."""
@@ -163,6 +169,8 @@ class TrainConfig:
                 raise PreftuneError(f"report_to: unknown tracker {tracker.strip()!r}; "
                                     "expected a comma-separated list of tensorboard, wandb, mlflow")
         for f in dataclasses.fields(self):
+            if "fixed" in f.metadata and getattr(self, f.name) != f.default:
+                raise PreftuneError(f"{f.name}={getattr(self, f.name)!r}: {f.metadata['fixed']}")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
@@ -170,8 +178,13 @@ class TrainConfig:
 
     @property
     def prompt_limit(self) -> int:
-        """The effective maximum prompt length in tokens."""
-        return self.max_prompt_length or self.max_length // 2
+        return prompt_limit(self.max_prompt_length, self.max_length)
+
+
+def prompt_limit(max_prompt_length: int, max_length: int) -> int:
+    """The effective maximum prompt length in tokens, for every command: `max_prompt_length`,
+    or half of `max_length` when it is 0."""
+    return max_prompt_length or max_length // 2
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -203,6 +216,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if default not in ("", None) and not isinstance(default, bool):
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if "fixed" in f.metadata:  # accepted only to be refused with its reason, not shown
+            kwargs["help"] = argparse.SUPPRESS
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif tp in (list, typing.List) or typing.get_origin(tp) is list:
@@ -312,6 +327,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config as YAML, atomically."""
+    # Imported here: preftune.utils imports torch, and `preftune --help` should not wait for it.
     from preftune.utils import atomic_write_text
 
     data = {**config_to_dict(cfg), **(extra or {})}

@@ -1,4 +1,4 @@
-"""Small helpers shared by every module: the one atomic writer, and seeding."""
+"""Small helpers shared by every module: the one atomic writer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,10 +115,3 @@ def atomic_write_json(path: Path | str, obj: Any, *, strict: bool = False) -> No
     else:
         text = json.dumps(obj, indent=2, default=_jsonable)
     atomic_write_text(path, text + "\n")
-
-
-def seed_everything(seed: int) -> None:
-    """The one place where a run's random number generators are seeded."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

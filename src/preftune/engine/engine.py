@@ -244,10 +244,18 @@ class Engine:
 
     # --- model and optimizer -------------------------------------------------------------
 
-    def setup(self, model: torch.nn.Module, total_steps: int, extra_modules=()) -> torch.nn.Module:
-        """Create AdamW and the schedule for the trainable parameters and prepare them."""
+    def setup(self, model: torch.nn.Module, total_steps: int,
+              schedule_steps: int | None = None) -> torch.nn.Module:
+        """Create AdamW and the schedule for the trainable parameters and prepare them.
+
+        `total_steps` counts the engine's steps (progress, checkpoints, resume); the
+        learning-rate schedule runs over `schedule_steps` optimizer steps (default: the same;
+        an online trainer takes several optimizer steps per training iteration).
+        """
         cfg = self.cfg
-        self.total_steps = self.schedule_steps = total_steps
+        self.total_steps = total_steps
+        schedule_steps = schedule_steps or total_steps
+        self.schedule_steps = schedule_steps
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise PreftuneError("the model has no trainable parameters")
@@ -259,12 +267,11 @@ class Engine:
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
             # One fused kernel over all parameters (CPU and CUDA) instead of a Python loop.
             fused=_fused_adam_ok(params))
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * schedule_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _schedule(cfg.lr_scheduler, warmup, total_steps))
-        prepared = self.accelerator.prepare(model, optimizer, scheduler, *extra_modules)
-        self.model, self.optimizer, self.scheduler = prepared[:3]
-        self.extra_modules = list(prepared[3:])
+            optimizer, _schedule(cfg.lr_scheduler, warmup, schedule_steps))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            model, optimizer, scheduler)
         return self.model
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -359,8 +366,6 @@ class Engine:
         preemption.maybe_send_test_signal(opt_step, self.rank)
         max_norm = self.cfg.max_grad_norm or float("inf")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for module in self.extra_modules:
-            params += [p for p in module.parameters() if p.requires_grad]
         grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
         norm = float(grad_norm) if grad_norm is not None else float("nan")
         loss_ok = True if self._loss_finite is None else bool(self._loss_finite)

@@ -33,11 +33,22 @@ import torch
 import yaml
 
 from preftune.config import _require, arg, save_config
+from preftune.data import formats
+from preftune.data.collate import collate_pairs
+from preftune.data.loading import load_rows, parse_column_map
+from preftune.data.tokenize import (TokenizeReport, TruncationConfig, set_chat_template,
+                                    tokenize_pairs)
 from preftune.errors import PreftuneError
 from preftune.evaluation import stats
 from preftune.evaluation.plots import reliability_diagram, reward_distributions
 from preftune.evaluation.report import format_table
-from preftune.utils import atomic_write_json
+from preftune.models.loading import (_resolve, _torch_dtype, check_same_tokenizer, load_causal_lm,
+                                     load_tokenizer)
+from preftune.models.logprobs import completion_logprobs
+from preftune.rewards.sources import FunctionReward
+from preftune.trainers.common import resolve_data_source
+from preftune.trainers.reward import check_max_length, ensure_eos
+from preftune.utils import atomic_write_json, atomic_write_text
 
 REWARD_KINDS = ("classifier", "implicit", "reference_free", "function")
 RESULT_FILES = ("results.json", "scores.jsonl", "reliability.png", "rewards.png")
@@ -184,10 +195,6 @@ def parse_section_weights(spec: str) -> dict[str, float] | None:
 # --- data ------------------------------------------------------------------------------------
 
 def read_pairs(cfg: EvalRMConfig, log) -> list:
-    from preftune.data import formats
-    from preftune.data.loading import load_rows, parse_column_map
-    from preftune.trainers.common import resolve_data_source
-
     column_map = parse_column_map(cfg.columns) if cfg.columns else None
     rows = load_rows(resolve_data_source(cfg.data), split=cfg.split, column_map=column_map)
     pairs, report = formats.to_pairs(rows, cfg.data, on_bad_row=cfg.on_bad_row)
@@ -211,8 +218,6 @@ def training_truncation(model_dir: str) -> dict:
 
 
 def resolve_truncation(cfg: EvalRMConfig, model_dir: str, log):
-    from preftune.data.tokenize import TruncationConfig
-
     trained = training_truncation(model_dir)
     max_length = cfg.max_length or int(trained.get("max_length", 512))
     prompt = cfg.max_prompt_length or int(trained.get("max_prompt_length", 0)) or max_length // 2
@@ -230,8 +235,6 @@ def tokenize_each(tokenizer, pairs: list, trunc, log) -> tuple[list[dict], list[
 
     -> (features, index of each feature's pair, {reason: pairs dropped}).
     """
-    from preftune.data.tokenize import TokenizeReport, tokenize_pairs
-
     features, index = [], []
     total = TokenizeReport(n_examples=len(pairs))
     for i, pair in enumerate(_progress(pairs, "tokenize", len(pairs) > 2000)):
@@ -281,8 +284,6 @@ def completion_lengths(features: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def score_classifier(model, features: list[dict], pad_id: int, batch_size: int,
                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """r(x, y) of a one-output sequence classifier for each pair's chosen and rejected rows."""
-    from preftune.data.collate import collate_pairs
-
     r_c = np.empty(len(features))
     r_r = np.empty(len(features))
     batches = list(_batches(features, batch_size))
@@ -300,9 +301,6 @@ def score_policy(policy, ref, features: list[dict], pad_id: int, batch_size: int
                  device: torch.device, *, agg: str, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """β·Σ_t log π(y_t|·) − log π_ref(y_t|·) (Rafailov et al. 2023, Eq. 5), or β·log π without a
     reference; with agg="mean" divided by the completion's token count."""
-    from preftune.data.collate import collate_pairs
-    from preftune.models.logprobs import completion_logprobs
-
     r_c = np.empty(len(features))
     r_r = np.empty(len(features))
     for idx in _progress(list(_batches(features, batch_size)), "scoring"):
@@ -321,8 +319,6 @@ def score_policy(policy, ref, features: list[dict], pad_id: int, batch_size: int
 
 def score_function(spec: str, pairs: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """fn(prompts, completions) on batches of chosen, then rejected, completions."""
-    from preftune.rewards.sources import FunctionReward
-
     source = FunctionReward.from_spec(spec)
     r_c = np.empty(len(pairs))
     r_r = np.empty(len(pairs))
@@ -344,9 +340,6 @@ def load_classifier(cfg: EvalRMConfig):
     """A one-output sequence classifier with its trained head; anything else is refused with
     what to pass instead."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from preftune.models.loading import _resolve, _torch_dtype, load_tokenizer
-    from preftune.trainers.reward import ensure_eos
 
     name = _resolve(cfg.model)
     try:
@@ -384,25 +377,18 @@ def load_classifier(cfg: EvalRMConfig):
 
 
 def load_policies(cfg: EvalRMConfig):
-    from preftune.models.loading import load_causal_lm
-
     policy, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
     _prepare_tokenizer(tokenizer, cfg)
     ref = None
     if cfg.ref_model:
         ref, ref_tokenizer = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, seed=cfg.seed)
-        probe = "Human: hello there\n\nAssistant: 123 ünïcode"
-        if (len(ref_tokenizer) != len(tokenizer)
-                or ref_tokenizer(probe)["input_ids"] != tokenizer(probe)["input_ids"]):
-            raise PreftuneError(f"ref_model {cfg.ref_model!r} does not share the tokenizer of "
-                                f"model {cfg.model!r}: log-ratios need the same tokens")
+        _prepare_tokenizer(ref_tokenizer, cfg)
+        check_same_tokenizer(tokenizer, ref_tokenizer, f"ref_model {cfg.ref_model!r}")
     return policy.eval(), ref, tokenizer
 
 
 def _prepare_tokenizer(tokenizer, cfg: EvalRMConfig) -> None:
     if cfg.chat_template:
-        from preftune.data.tokenize import set_chat_template
-
         set_chat_template(tokenizer, cfg.chat_template)
 
 
@@ -446,8 +432,6 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
         device = _device(cfg)
         if kind == "classifier":
             model, tokenizer, name = load_classifier(cfg)
-            from preftune.trainers.reward import check_max_length
-
             trunc = resolve_truncation(cfg, name, log)
             check_max_length(trunc.max_length, model, tokenizer, repr(cfg.model))
         else:
@@ -539,8 +523,6 @@ def _fmt(x, pct: bool = True) -> str:
 
 
 def _write_scores(path: Path, index, subsets, r_c, r_r, outcomes) -> None:
-    from preftune.utils import atomic_write_text
-
     lines = []
     for j, i in enumerate(index):
         record = {"pair": i, "reward_chosen": float(r_c[j]), "reward_rejected": float(r_r[j]),

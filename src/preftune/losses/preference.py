@@ -98,6 +98,7 @@ def preference_loss(
     simpo_gamma: float = 0.5,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    ipo_length_normalize: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair preference loss [B] and detached per-pair metrics.
 
@@ -113,7 +114,9 @@ def preference_loss(
           - hinge:  max(0, 1 − βh)                               Zhao et al. 2023, SLiC-HF
           - ipo:    (h − 1/(2β))²                                Azar et al. 2023, Eq. 17
             Here h uses *summed* log-ratios, like DPO (the paper's h is per sequence, not
-            per token); 1/(2β) is therefore a target margin on summed log-ratios.
+            per token); 1/(2β) is therefore a target margin on summed log-ratios. With
+            `ipo_length_normalize` each log-ratio is divided by its completion's length
+            first (TRL's convention), so 1/(2β) is a margin per token.
           - simpo:  −log σ(β(π_c/|y_c| − π_r/|y_r|) − γ)        Meng et al. 2024, Eq. 6
             γ = `simpo_gamma` is the absolute target margin (not TRL's γ/β ratio).
           - orpo:   −ℓ_c + λ·(−log σ(log odds_c − log odds_r))   Hong et al. 2024, Eq. 6-7
@@ -124,7 +127,9 @@ def preference_loss(
         label_smoothing: ε ∈ [0, 0.5), the assumed label-flip rate; only cdpo and robust.
         simpo_gamma: γ, SimPO's target reward margin.
         chosen_lengths, rejected_lengths: completion token counts [B] (positive); required
-            for simpo, orpo, cpo. When `chosen_lengths` is given, "nll/chosen" is reported.
+            for simpo, orpo, cpo and ipo_length_normalize. When `chosen_lengths` is given,
+            "nll/chosen" is reported.
+        ipo_length_normalize: ipo only; per-token log-ratios as in TRL (see ipo above).
 
     Metrics (detached, per pair, [B]):
         rewards/chosen, rewards/rejected: the implicit rewards whose difference the loss
@@ -149,7 +154,10 @@ def preference_loss(
             f"loss_type={loss_type!r} needs reference log-probs (ref_chosen_logps and "
             f"ref_rejected_logps); reference-free losses are {', '.join(sorted(REFERENCE_FREE))}"
         )
-    if loss_type in LENGTH_NORMALISED and (chosen_lengths is None or rejected_lengths is None):
+    if ipo_length_normalize and loss_type != "ipo":
+        raise PreftuneError(f"ipo_length_normalize applies to loss_type='ipo' only, not {loss_type!r}")
+    needs_lengths = loss_type in LENGTH_NORMALISED or ipo_length_normalize
+    if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise PreftuneError(
             f"loss_type={loss_type!r} needs completion lengths (chosen_lengths and rejected_lengths)"
         )
@@ -158,6 +166,9 @@ def preference_loss(
     if not reference_free:
         chosen_ratio = chosen_logps - ref_chosen_logps
         rejected_ratio = rejected_logps - ref_rejected_logps
+        if ipo_length_normalize:  # TRL's IPO: mean per-token log-ratios
+            chosen_ratio = chosen_ratio / chosen_lengths
+            rejected_ratio = rejected_ratio / rejected_lengths
         h = chosen_ratio - rejected_ratio
         # −log σ(x) = softplus(−x): finite for any x, no exp overflow.
         if loss_type == "dpo":

@@ -14,7 +14,7 @@ from torch import Tensor
 from preftune.errors import PreftuneError
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATION_MODES = ("sequence", "token", "constant")
+AGGREGATION_MODES = ("sequence", "token", "constant", "sequence_sum")
 K3_MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: large, yet far from float32 overflow (exp(89))
 
 
@@ -71,7 +71,10 @@ def kl_penalty(logps: Tensor, ref_logps: Tensor, kind: str = "k1") -> Tensor:
     """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (Schulman 2020,
     "Approximating KL divergence"). With d = log π_ref − log π:
         k1 = −d,   k2 = ½ d²,   k3 = (e^d − 1) − d   (unbiased, always ≥ 0).
-    For k3, d is clamped to ±20 so one extreme token cannot overflow into inf/NaN gradients.
+    For k3, d is clamped from above at 20 so that one extreme token cannot overflow e^d into
+    inf/NaN gradients. There is no lower clamp: for d → −∞ (π ≫ π_ref) e^d underflows to 0
+    harmlessly and the estimator keeps its restoring gradient ∂k3/∂log π = 1 − e^d → 1
+    (Shao et al. 2024, Eq. 4); a lower clamp would zero it exactly where it is needed.
     """
     if kind not in KL_ESTIMATORS:
         raise PreftuneError(f"kl estimator kind={kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
@@ -80,7 +83,7 @@ def kl_penalty(logps: Tensor, ref_logps: Tensor, kind: str = "k1") -> Tensor:
         return -d  # k1 = log π − log π_ref
     if kind == "k2":
         return 0.5 * d**2  # k2 = ½ (log π − log π_ref)²
-    d = d.clamp(-K3_MAX_LOG_RATIO, K3_MAX_LOG_RATIO)
+    d = d.clamp(max=K3_MAX_LOG_RATIO)  # overflow guard only, see above
     return torch.expm1(d) - d  # k3 = (r − 1) − log r, r = π_ref/π
 
 
@@ -180,6 +183,7 @@ def aggregate_sum_and_units(
       sequence: sum = Σ_b mean_t(loss_bt) over rows with ≥ 1 token; units = number of such rows.
       token:    sum = Σ_bt loss_bt;                              units = number of tokens.
       constant: sum = Σ_bt loss_bt;                              units = B · max_len.
+      sequence_sum: sum = Σ_bt loss_bt;          units = number of rows with ≥ 1 token.
     `max_len` (the generation budget, e.g. max_completion_length) is used only by "constant";
     if None, the padded width T is used, which varies between batches.
     """
@@ -193,6 +197,8 @@ def aggregate_sum_and_units(
         return per_seq.sum(), (n_tokens > 0).sum().to(per_token_losses.dtype)
     if mode == "token":
         return masked.sum(), m.sum()  # DAPO (Yu et al. 2025): token-level average
+    if mode == "sequence_sum":  # REINFORCE on log π(y|x) = Σ_t log π(y_t|…), Ahmadian et al. 2024, Eq. 8
+        return masked.sum(), (m.sum(-1) > 0).sum().to(per_token_losses.dtype)
     width = per_token_losses.shape[-1] if max_len is None else max_len
     units = per_token_losses.new_tensor(float(per_token_losses.shape[0] * width))
     return masked.sum(), units  # Dr. GRPO (Liu et al. 2025): a constant, length-independent divisor

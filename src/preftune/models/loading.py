@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune.errors import PreftuneError
+from preftune.models.logprobs import CompletionLogProbs
 from preftune.models.tiny import (
     PAD,
     build_tiny_model,
@@ -287,8 +288,6 @@ def apply_lora(model, settings: LoraSettings, task_type: str = "CAUSAL_LM"):
 
 def unwrap_model(model):
     """See through DDP/FSDP/accelerate (`.module`), torch.compile (`._orig_mod`) and CompletionLogProbs."""
-    from preftune.models.logprobs import CompletionLogProbs
-
     while True:
         if isinstance(model, CompletionLogProbs):
             model = model.policy
@@ -319,3 +318,30 @@ def disabled_adapters(model):
             inner.enable_adapters()
     else:
         yield
+
+
+def check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
+    """Refuse a second model (reference, value model) whose tokenizer differs from the policy's.
+
+    It reads the policy's token ids, so both must split text the same way: the same vocabulary
+    (token -> id), the same BOS/EOS, the same encoding of a probe text, the same chat template.
+    `what` names the setting, e.g. "ref_model 'path'".
+    """
+    problems = []
+    if len(policy_tok) != len(other_tok):
+        problems.append(f"vocabulary sizes {len(policy_tok)} (policy) vs {len(other_tok)}")
+    elif policy_tok.get_vocab() != other_tok.get_vocab():
+        problems.append("the same vocabulary size but different token ids")
+    for name in ("bos_token_id", "eos_token_id"):  # padding is masked, so its id may differ
+        a, b = getattr(policy_tok, name, None), getattr(other_tok, name, None)
+        if a != b:
+            problems.append(f"{name} {a} (policy) vs {b}")
+    probe = "Human: hello there\n\nAssistant: 123 ünïcode"  # normalisers, pre-tokenizers, BOS
+    if not problems and policy_tok(probe)["input_ids"] != other_tok(probe)["input_ids"]:
+        problems.append(f"a different encoding of {probe!r}")
+    if getattr(policy_tok, "chat_template", None) != getattr(other_tok, "chat_template", None):
+        problems.append("a different chat template")
+    if problems:
+        raise PreftuneError(
+            f"{what}: its tokenizer differs from the policy's (" + "; ".join(problems) + "); it "
+            "must use the policy's tokenizer so that the same token ids mean the same text")

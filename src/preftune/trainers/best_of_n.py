@@ -16,21 +16,22 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from preftune.config import arg, save_config
+from preftune.config import arg, prompt_limit, save_config
 from preftune.errors import PreftuneError
-from preftune.generation import generate
-from preftune.trainers import online
+from preftune.models.loading import load_causal_lm
+from preftune.trainers.common import prepare_tokenizer
+from preftune.trainers.rollout import (RolloutSettings, load_prompts, load_reward,
+                                       make_generator_backend, sample_and_score, sampling_seed)
 from preftune.utils import atomic_write_json, atomic_write_text
 
 
 @dataclass
-class BestOfNConfig(online.RolloutSettings):
+class BestOfNConfig(RolloutSettings):
     model: str = arg("tiny", "Policy to sample from: a local folder, a hub name, or `tiny`.")
     dtype: str = arg("auto", "Weights dtype when loading the model.",
                      choices=("auto", "float32", "bfloat16", "float16"))
@@ -44,7 +45,7 @@ class BestOfNConfig(online.RolloutSettings):
                           choices=("skip", "error"))
     max_prompts: int = arg(0, "Use only the first this many prompts (0: all).")
     max_length: int = arg(512, "Maximum tokens of prompt + completion.")
-    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: max_length − max_new_tokens).")
+    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: half of `max_length`).")
     prompt_truncation: str = arg("keep_end", "Which part of a long prompt survives truncation.",
                                  choices=("keep_end", "keep_start"))
     n: int = arg(4, "N: completions sampled per prompt.")
@@ -55,8 +56,6 @@ class BestOfNConfig(online.RolloutSettings):
 
     def validate(self) -> None:
         self.validate_rollout()
-        if self.generator == "vllm" and self.model.startswith("tiny"):
-            raise PreftuneError("generator=vllm needs a model folder or hub name, not `tiny`")
         for name, value in (("n", self.n), ("prompts_per_batch", self.prompts_per_batch)):
             if not isinstance(value, int) or value < 1:
                 raise PreftuneError(f"{name}: got {value!r}, expected an integer >= 1")
@@ -65,9 +64,6 @@ class BestOfNConfig(online.RolloutSettings):
         if not 0 <= self.max_prompt_length < self.max_length:
             raise PreftuneError(f"max_prompt_length: got {self.max_prompt_length}, expected an "
                                 f"integer in [0, max_length={self.max_length})")
-        if self.max_new_tokens >= self.max_length:
-            raise PreftuneError(f"max_new_tokens={self.max_new_tokens} leaves no room for the "
-                                f"prompt within max_length={self.max_length}")
         for f in self.__dataclass_fields__.values():
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -76,7 +72,7 @@ class BestOfNConfig(online.RolloutSettings):
 
     @property
     def prompt_limit(self) -> int:
-        return self.max_prompt_length or self.max_length - self.max_new_tokens
+        return prompt_limit(self.max_prompt_length, self.max_length)
 
 
 def kl_bound(n: int) -> float:
@@ -85,9 +81,6 @@ def kl_bound(n: int) -> float:
 
 
 def run_best_of_n(cfg: BestOfNConfig) -> dict:
-    from preftune.models.loading import load_causal_lm
-    from preftune.trainers.common import prepare_tokenizer
-
     out_dir = Path(cfg.output_dir or "runs/best-of-n")
     if (out_dir / "config.yaml").exists() and not cfg.overwrite:
         raise PreftuneError(f"output directory {out_dir} already holds a run (config.yaml): pass "
@@ -102,41 +95,20 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
     prepare_tokenizer(tokenizer, cfg)
     model.to(device).eval()
-    prompts = online.load_prompts(cfg, tokenizer, log=log)
+    prompts = load_prompts(cfg, tokenizer, log=log)
     if cfg.max_prompts:
         prompts = prompts[:cfg.max_prompts]
-    reward = online.load_reward(cfg, device)
-    vllm_backend = None
-    if cfg.generator == "vllm":
-        from preftune.generation import VLLMGenerator
-
-        vllm_backend = VLLMGenerator(cfg.model, cfg.sampling(), cfg.vllm_gpu_memory_utilization,
-                                     dtype=cfg.dtype, max_model_len=cfg.max_length, seed=cfg.seed,
-                                     eos_token_ids=[tokenizer.eos_token_id])
+    reward = load_reward(cfg, device)
+    vllm_backend = make_generator_backend(cfg, tokenizer)
 
     best_rows, pair_rows = [], []
     all_rewards, best_rewards, worst_rewards = [], [], []
     times = {"time/generation_s": 0.0, "time/scoring_s": 0.0}
     for start in range(0, len(prompts), cfg.prompts_per_batch):
         features = prompts[start:start + cfg.prompts_per_batch]
-        t0 = time.perf_counter()
-        prompt_ids = [f["prompt_ids"] for f in features]
-        if vllm_backend is not None:
-            rollout = vllm_backend.generate(prompt_ids, num_samples=cfg.n)
-        else:
-            generator = torch.Generator(device=device).manual_seed(
-                online.sampling_seed(cfg.seed, start, 0))
-            rollout = generate(model, tokenizer, prompt_ids, cfg.sampling(), num_samples=cfg.n,
-                               batch_size=cfg.generation_batch_size, generator=generator)
-        t1 = time.perf_counter()
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        row_prompts = [f["prompt"] for f in features for _ in range(cfg.n)]
-        extras = online.extra_columns([f["extra"] for f in features for _ in range(cfg.n)])
-        rewards, _ = online.score(reward, row_prompts, texts, extras, rollout.finished,
-                                  rollout.completion_lengths, cfg)
-        times["time/generation_s"] += t1 - t0
-        times["time/scoring_s"] += time.perf_counter() - t1
-
+        scored = sample_and_score(cfg, model, tokenizer, reward, features, cfg.n,
+                                  sampling_seed(cfg.seed, start, 0), device, times, vllm_backend)
+        rewards, texts = scored.rewards, scored.completions
         grouped = rewards.view(len(features), cfg.n)
         for i, f in enumerate(features):
             group = grouped[i]

@@ -11,6 +11,7 @@ from preftune.data import formats
 from preftune.data.loading import load_rows, parse_column_map
 from preftune.data.tokenize import TruncationConfig, set_chat_template
 from preftune.errors import PreftuneError
+from preftune.models.loading import LoraSettings, apply_lora, load_causal_lm
 
 DEMO_DATA = "demo"  # `--data demo`: 300 real HH-RLHF pairs shipped with the package
 
@@ -80,9 +81,7 @@ def prepare_tokenizer(tokenizer, cfg: TrainConfig):
     return tokenizer
 
 
-def lora_settings(cfg: TrainConfig):
-    from preftune.models.loading import LoraSettings
-
+def lora_settings(cfg: TrainConfig) -> LoraSettings:
     targets: Any = cfg.lora_target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -90,15 +89,13 @@ def lora_settings(cfg: TrainConfig):
                         target_modules=targets)
 
 
-def load_policy(cfg: TrainConfig, *, trainable: bool = True):
+def load_policy(cfg: TrainConfig):
     """The causal LM to train, with its tokenizer, LoRA and gradient checkpointing applied."""
-    from preftune.models.loading import apply_lora, load_causal_lm
-
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
     prepare_tokenizer(tokenizer, cfg)
-    if trainable and cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if trainable and cfg.lora:
+    if cfg.lora:
         model = apply_lora(model, lora_settings(cfg), task_type="CAUSAL_LM")
     return model, tokenizer

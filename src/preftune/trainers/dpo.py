@@ -13,7 +13,6 @@ One training step, per micro-batch:
 
 from __future__ import annotations
 
-import copy
 import gc
 from dataclasses import dataclass
 
@@ -56,6 +55,9 @@ class DPOConfig(TrainConfig):
                                  "labels (cdpo, robust only).")
     simpo_gamma: float = arg(DEFAULT_SIMPO_GAMMA, "γ: SimPO's target margin between the "
                              "length-normalised rewards (simpo only).")
+    ipo_length_norm: bool = arg(False, "ipo only: divide each log-ratio by its completion's "
+                                "length (TRL's IPO; 1/(2β) becomes a per-token margin) instead "
+                                "of summing (Azar et al. 2023, Eq. 17).")
     sft_weight: float = arg(0.0, "Weight of an NLL term on the chosen completion (mean per "
                             "token), added to the preference loss as in RPO and Llama 3 "
                             "(not with orpo/cpo, which already include one).")
@@ -81,6 +83,9 @@ class DPOConfig(TrainConfig):
         if self.simpo_gamma != DEFAULT_SIMPO_GAMMA and self.loss != "simpo":
             raise PreftuneError(f"simpo_gamma={self.simpo_gamma} has no effect with "
                                 f"loss={self.loss!r}; it is used only by simpo")
+        if self.ipo_length_norm and self.loss != "ipo":
+            raise PreftuneError(f"ipo_length_norm has no effect with loss={self.loss!r}; it is "
+                                "used only by ipo")
 
 
 def collate_pairs_with_ref(features: list[dict], pad_id: int) -> dict:
@@ -117,7 +122,7 @@ class DPOObjective:
             if "ref_chosen_logps" in batch:
                 ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             else:
-                ref = self.reference(module, ids, attn, cmask)
+                ref = self.reference(module, ids, attn, cmask).seq_logps
                 ref_chosen, ref_rejected = ref[:n], ref[n:]
         # 2. policy: chosen and rejected rows in one forward pass
         out = module(ids, attn, cmask)
@@ -127,7 +132,8 @@ class DPOObjective:
         losses, metrics = preference_loss(
             chosen, rejected, ref_chosen, ref_rejected, loss_type=cfg.loss, beta=cfg.beta,
             label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-            chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
+            chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
+            ipo_length_normalize=cfg.ipo_length_norm)
         if cfg.sft_weight:
             losses = add_sft_term(losses, chosen, lengths[:n], cfg.sft_weight)
         return losses.sum(), metrics
@@ -143,24 +149,29 @@ def _tokenize(tokenizer, examples, cfg, what: str, log):
     return features
 
 
-def precompute_reference(engine: Engine, cfg: TrainConfig, ref_model, *, lora: bool,
-                         splits: dict[str, list[dict]], pad_id: int) -> None:
+def precompute_reference(engine: Engine, cfg: TrainConfig, reference: ref_lib.Reference,
+                         policy, *, splits: dict[str, list[dict]], pad_id: int) -> None:
     """Attach ref_chosen_logps/ref_rejected_logps to every pair of every split (cached on disk)."""
     identity = {"reference": cfg.ref_model or cfg.model, "seed": cfg.seed, "dtype": cfg.dtype,
-                "lora_base": lora}
+                "lora_base": reference.kind == "adapters"}
     seqs = {f"{split}/{side}": [{"input_ids": f[f"{side}_input_ids"],
                                  "completion_mask": f[f"{side}_completion_mask"]} for f in feats]
             for split, feats in splits.items() for side in ("chosen", "rejected")}
     key = ref_lib.fingerprint(identity, [s for name in sorted(seqs) for s in seqs[name]])
 
     def compute():
-        ref_model.to(engine.accelerator.device)
-        was_training = ref_model.training
-        ref_model.eval()
-        score = ref_lib.scorer(ref_model, lora=lora)
+        model = reference.model if reference.model is not None else reference.policy
+        model.to(engine.accelerator.device)
+        was_training = model.training
+        model.eval()
+        forward = CompletionLogProbs(policy)  # run with its adapters off when kind == adapters
+
+        def score(*batch):
+            return reference(forward, *batch).seq_logps
+
         out = {name: ref_lib.sequence_logps(engine, score, s, pad_id, 2 * cfg.batch_size)
                for name, s in seqs.items() if s}
-        ref_model.train(was_training)
+        model.train(was_training)
         return out
 
     cached = ref_lib.cached_logps(engine, engine.output_dir / ref_lib.CACHE_FILE, key, compute)
@@ -179,26 +190,17 @@ def run_dpo(cfg: DPOConfig) -> dict:
     eval_set = _tokenize(tokenizer, eval_examples, cfg, "eval", engine.print) if eval_examples else None
     pad_id = tokenizer.pad_token_id
 
-    # The reference: none, precomputed, the LoRA base, or a frozen model.
+    # The reference: none (reference-free losses), precomputed, the LoRA base, or a frozen model.
     reference = None
     if cfg.loss not in REFERENCE_FREE:
-        separate = (ref_lib.load_reference_model(cfg.ref_model, tokenizer, dtype=cfg.dtype,
-                                                 seed=cfg.seed) if cfg.ref_model else None)
+        reference = ref_lib.build_reference(cfg, engine, policy, tokenizer,
+                                            precompute=cfg.precompute_ref)
         if cfg.precompute_ref:
-            # Without --ref-model the initial policy itself is the reference: no copy at all.
-            source = separate if separate is not None else policy
-            precompute_reference(engine, cfg, source, lora=cfg.lora and separate is None,
-                                 splits={"train": train_set, "eval": eval_set or []},
-                                 pad_id=pad_id)
-            del separate, source
+            precompute_reference(engine, cfg, reference, policy, pad_id=pad_id,
+                                 splits={"train": train_set, "eval": eval_set or []})
+            reference = None
             gc.collect()
             engine.print("reference log-probs precomputed; training holds no reference model")
-        elif separate is not None:
-            reference = ref_lib.Reference(engine.prepare_frozen(separate))
-        elif cfg.lora:
-            reference = ref_lib.Reference(None)  # the base model with the adapters disabled
-        else:
-            reference = ref_lib.Reference(engine.prepare_frozen(copy.deepcopy(policy)))
         engine.print(f"reference: {'precomputed' if reference is None else reference.kind}")
 
     module = CompletionLogProbs(policy)

@@ -16,7 +16,6 @@ One training step, per micro-batch of B examples:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +103,8 @@ class KTOObjective:
         matched = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         mismatched = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
         # 1-2. reference log-probs of matched and mismatched sequences
-        ref_matched = self.reference(module, *matched)
-        ref_mismatched = self.reference(module, *mismatched)
+        ref_matched = self.reference(module, *matched).seq_logps
+        ref_mismatched = self.reference(module, *mismatched).seq_logps
         # 3. z0: no gradient flows through it, so the mismatched forward runs without one.
         with torch.no_grad():
             policy_mismatched = module(*mismatched).seq_logps
@@ -161,13 +160,7 @@ def run_kto(cfg: KTOConfig) -> dict:
         engine.print(f"note: desirable_weight*n_desirable / (undesirable_weight*n_undesirable) = "
                      f"{ratio:.2f}; Ethayarajh et al. 2024 advise a value in [1, 4/3]")
 
-    if cfg.ref_model:
-        reference = ref_lib.Reference(engine.prepare_frozen(ref_lib.load_reference_model(
-            cfg.ref_model, tokenizer, dtype=cfg.dtype, seed=cfg.seed)))
-    elif cfg.lora:
-        reference = ref_lib.Reference(None)  # the base model with the adapters disabled
-    else:
-        reference = ref_lib.Reference(engine.prepare_frozen(copy.deepcopy(policy)))
+    reference = ref_lib.build_reference(cfg, engine, policy, tokenizer)
     engine.print(f"reference: {reference.kind}")
 
     module = CompletionLogProbs(policy)

@@ -26,6 +26,9 @@ from preftune.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
                                         check_preference_hparams, preference_loss)
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
+from preftune.trainers.reference import build_reference
+from preftune.trainers.rollout import collect_rollout, make_generator_backend
+from preftune.trainers.updates import add_policy_metrics, take
 
 
 @dataclass
@@ -33,20 +36,16 @@ class OnlineDPOConfig(online.OnlineConfig):
     num_generations: int = arg(2, "Completions per prompt: online DPO compares exactly 2.")
     loss_type: str = arg("dpo", "Preference loss (the offline DPO family).",
                          choices=PREFERENCE_LOSSES)
-    beta: float = arg(0.1, "β: strength of the implicit KL to the reference (λ for orpo).")
+    beta: float = arg(0.1, "β: strength of the implicit KL to the reference (λ for orpo); "
+                      "online DPO has no separate KL penalty.")
     label_smoothing: float = arg(0.0, "Assumed label-flip rate, cdpo and robust only.")
     simpo_gamma: float = arg(0.5, "SimPO's target reward margin γ.")
-    kl_coef: float = arg(0.0, "Not used: DPO's β is its KL strength; the KL to the reference "
-                         "is measured and logged. Must stay 0.")
 
     def validate(self) -> None:
         super().validate()
         if self.num_generations != 2:
             raise PreftuneError(f"num_generations: got {self.num_generations}, online DPO "
                                 "samples exactly 2 completions per prompt and ranks them")
-        if self.kl_coef:
-            raise PreftuneError(f"kl_coef={self.kl_coef}: online DPO has no separate KL "
-                                "penalty; its strength is --beta")
         check_preference_hparams(self.loss_type, self.beta, self.label_smoothing,
                                  self.simpo_gamma)
 
@@ -54,25 +53,24 @@ class OnlineDPOConfig(online.OnlineConfig):
 def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     engine = Engine(cfg, "online-dpo")
     setup = online.load_online(cfg, engine)
-    n_rollouts = online.planned_rollouts(cfg, len(setup.prompts))
-    online.setup_engine_steps(engine, CompletionLogProbs(setup.policy), n_rollouts, 1)
-    module = engine.model
     # The reference is also what the KL metric is measured against, so every loss type has it.
-    reference, vllm_backend, start = online.reference_backend_and_resume(cfg, engine,
-                                                                          setup.tokenizer)
+    reference = build_reference(cfg, engine, setup.policy, setup.tokenizer)
+    n_rollouts = online.planned_rollouts(cfg, len(setup.prompts))
+    module = engine.setup(CompletionLogProbs(setup.policy), n_rollouts)  # one step per rollout
+    vllm_backend = make_generator_backend(cfg, setup.tokenizer)
+    start = online.resume(engine, vllm_backend)
     uses_reference = cfg.loss_type not in REFERENCE_FREE
 
-    def policy_logps(batch):
-        return module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                      temperature=cfg.temperature)
+    def forward(input_ids, attention_mask, completion_mask, temperature=cfg.temperature, **kw):
+        return module(input_ids, attention_mask, completion_mask, temperature=temperature, **kw)
 
     bar = engine.progress(start)
     window = MetricWindow()
     logged: dict = {}
     for step in range(start + 1, n_rollouts + 1):
         # 1. rollout: rows 2i and 2i+1 are the two completions of prompt i ------------------------
-        ro = online.collect_rollout(cfg, engine, setup, step, policy_logps=policy_logps,
-                                    reference=reference, vllm_backend=vllm_backend)
+        ro = collect_rollout(cfg, engine, setup, step, reference=reference,
+                             policy_forward=forward, vllm_backend=vllm_backend)
         batch = ro.batch
 
         # 2. pairs: the reward source ranks the two completions (Guo et al. 2024, Alg. 1) --------
@@ -93,12 +91,11 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
         micro = torch.arange(r.shape[0]).split(cfg.batch_size)  # pairs per forward pass
         for i, pairs in enumerate(micro):
             rows = torch.cat([chosen[pairs.to(chosen.device)], rejected[pairs.to(chosen.device)]])
-            b = online.take(batch, rows.cpu())
+            b = take(batch, rows.cpu())
             m = b["completion_mask"]
             weight = untied[pairs.to(untied.device)]
             with engine.sync_context(i, len(micro)):
-                out = module(b["input_ids"], b["attention_mask"], m, temperature=cfg.temperature,
-                             return_entropy=True)
+                out = forward(b["input_ids"], b["attention_mask"], m, return_entropy=True)
                 ref_seq = b["ref_logps"].sum(-1)
                 c, k = out.seq_logps.chunk(2)
                 ref_c, ref_k = ref_seq.chunk(2) if uses_reference else (None, None)
@@ -112,15 +109,12 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
             window.add("loss/policy", loss_sum.detach(), count=float(weight.sum()))
             for name, value in metrics.items():  # per pair; ties excluded
                 window.add(name, value[weight > 0])
-            window.add_all(online.sequence_kl(out.token_logps, b["ref_logps"], m))
-            online.token_mean(window, "entropy", out.entropy, m)
+            add_policy_metrics(window, out, b, m)
         window.add("grad_norm", engine.optimizer_step())
-        if vllm_backend is not None:
-            vllm_backend.sync_weights(engine.unwrap().policy)
-        ro.times["time/training_s"] = time.perf_counter() - t_train
 
         # 4. log and checkpoint ----------------------------------------------------------------
-        logged = online.end_iteration(engine, cfg, window, ro, step, n_rollouts, bar) or logged
+        logged = online.end_iteration(engine, cfg, window, ro, step, bar, vllm_backend=vllm_backend,
+                                      updates_started=t_train) or logged
 
-    online.save_policy_and_finish(engine, setup.tokenizer, logged, n_rollouts)
+    online.finish(engine, setup.tokenizer, logged)
     return logged

@@ -33,21 +33,28 @@ from preftune.config import arg
 from preftune.engine.engine import Engine
 from preftune.engine.loop import MetricWindow
 from preftune.errors import PreftuneError
-from preftune.losses.rl import (AGGREGATION_MODES, aggregate_sum_and_units, gae, kl_penalty,
+from preftune.losses.rl import (AGGREGATION_MODES, KL_ESTIMATORS, gae, kl_penalty,
                                 ppo_policy_loss, ppo_value_loss, whiten)
+from preftune.models.loading import (apply_lora, check_same_tokenizer,
+                                     load_sequence_classifier)
 from preftune.models.logprobs import completion_logprobs
 from preftune.trainers import online
+from preftune.trainers.common import lora_settings, prepare_tokenizer
+from preftune.trainers.reference import build_reference
+from preftune.trainers.rollout import collect_rollout, make_generator_backend
+from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, add_policy_metrics,
+                                       aggregate_loss, loss_units, minibatches, token_mean)
 
 
 @dataclass
-class PPOConfig(online.OnlineConfig):
+class PPOConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
     value_model: str = arg("", "Initial weights of the value model (a causal LM or a reward "
                            "model folder sharing the policy's tokenizer); default: the "
                            "policy's `model`.")
     kl_coef: float = arg(0.05, "β of the per-token KL penalty to the reference.")
     kl_estimator: str = arg("k1", "Per-token KL estimator (Schulman 2020): k1 in the reward "
                             "(Ziegler et al. 2019); use k3 with --kl-penalty loss.",
-                            choices=("k1", "k2", "k3"))
+                            choices=KL_ESTIMATORS)
     kl_penalty: str = arg("reward", "Where the KL penalty goes: `reward` (−β·KL_t added to "
                           "each token's reward, then GAE) or `loss` (β·KL_t added to the "
                           "per-token loss, as GRPO does).", choices=("reward", "loss"))
@@ -57,27 +64,24 @@ class PPOConfig(online.OnlineConfig):
     value_clip_eps: float = arg(0.2, "ε of the value clipping around V_old.")
     vf_coef: float = arg(0.1, "Weight of the value loss in the total loss.")
     ppo_epochs: int = arg(4, "Passes over each rollout.")
-    num_minibatches: int = arg(1, "Optimizer steps per pass: the rollout is split into this "
-                               "many minibatches.")
     whiten_rewards: bool = arg(False, "Whiten the scores over the rollout before the KL "
                                "penalty is added (mean 0, std 1).")
     whiten_advantages: bool = arg(True, "Whiten the advantages over the rollout's tokens.")
     loss_aggregation: str = arg("token", "How per-token losses become the loss: `token` (mean "
-                                "over all tokens), `sequence` or `constant`.",
+                                "over all tokens), `sequence`, `constant` or `sequence_sum`.",
                                 choices=AGGREGATION_MODES)
 
     def validate(self) -> None:
         super().validate()
-        for name in ("clip_eps", "value_clip_eps"):
-            if not getattr(self, name) > 0:
-                raise PreftuneError(f"{name}: got {getattr(self, name)}, expected a number > 0")
+        self.validate_updates()
+        self.validate_kl()
+        if not self.value_clip_eps > 0:
+            raise PreftuneError(f"value_clip_eps: got {self.value_clip_eps}, expected a "
+                                "number > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise PreftuneError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
         if not self.vf_coef > 0:
             raise PreftuneError(f"vf_coef: got {self.vf_coef}, expected a number > 0")
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise PreftuneError(f"ppo_epochs and num_minibatches must be >= 1, got "
-                                f"{self.ppo_epochs} and {self.num_minibatches}")
 
 
 class PolicyAndValue(nn.Module):
@@ -109,16 +113,11 @@ def token_values(value_model: nn.Module, input_ids, attention_mask) -> torch.Ten
 
 
 def load_value_model(cfg: PPOConfig, tokenizer) -> nn.Module:
-    from preftune.models.loading import apply_lora, load_sequence_classifier
-    from preftune.trainers.common import lora_settings
-
     source = cfg.value_model or cfg.model
     model, value_tokenizer = load_sequence_classifier(source, num_labels=1, dtype=cfg.dtype,
                                                       seed=cfg.seed)
-    if len(value_tokenizer) != len(tokenizer):
-        raise PreftuneError(f"value_model {source!r} has a vocabulary of {len(value_tokenizer)} "
-                            f"tokens, the policy {len(tokenizer)}: it reads the policy's tokens, "
-                            "so they must share a tokenizer")
+    prepare_tokenizer(value_tokenizer, cfg)  # the same --chat-template as the policy's
+    check_same_tokenizer(tokenizer, value_tokenizer, f"value_model {source!r}")
     if not any(hasattr(model, name) for name in ("score", "classifier")):
         raise PreftuneError(f"value_model {source!r}: no `score` or `classifier` head found")
     if cfg.gradient_checkpointing:
@@ -132,31 +131,33 @@ def run_ppo(cfg: PPOConfig) -> dict:
     engine = Engine(cfg, "ppo")
     setup = online.load_online(cfg, engine)
     value_model = load_value_model(cfg, setup.tokenizer)
+    reference = build_reference(cfg, engine, setup.policy, setup.tokenizer)
     n_rollouts = online.planned_rollouts(cfg, len(setup.prompts))
-    online.setup_engine_steps(engine, PolicyAndValue(setup.policy, value_model), n_rollouts,
-                              cfg.ppo_epochs * cfg.num_minibatches)
-    module = engine.model
-    reference, vllm_backend, start = online.reference_backend_and_resume(cfg, engine,
-                                                                          setup.tokenizer)
+    module = engine.setup(PolicyAndValue(setup.policy, value_model), n_rollouts,
+                          schedule_steps=n_rollouts * cfg.steps_per_rollout)
+    vllm_backend = make_generator_backend(cfg, setup.tokenizer)
+    start = online.resume(engine, vllm_backend)
 
-    def forward(batch, **kw):
-        return module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                      temperature=cfg.temperature, **kw)
+    def forward(input_ids, attention_mask, completion_mask, temperature=cfg.temperature, **kw):
+        return module(input_ids, attention_mask, completion_mask, temperature=temperature, **kw)
+
+    def policy_forward(*args, **kw):  # the log-probs alone, for the LoRA-base reference
+        return forward(*args, **kw)[0]
+
+    def old_policy(batch):  # π_old and V_old, before any update of this rollout
+        out, values = forward(batch["input_ids"], batch["attention_mask"],
+                              batch["completion_mask"])
+        return {"old_logps": out.token_logps, "old_values": values}
 
     bar = engine.progress(start)
     window = MetricWindow()
     logged: dict = {}
     for step in range(start + 1, n_rollouts + 1):
         # 1. rollout: completions, scores, π_ref, then π_old and V_old --------------------------
-        ro = online.collect_rollout(cfg, engine, setup, step,
-                                    policy_logps=lambda b: forward(b)[0],
-                                    reference=reference, vllm_backend=vllm_backend)
+        ro = collect_rollout(cfg, engine, setup, step, reference=reference,
+                             policy_forward=policy_forward, old_policy=old_policy,
+                             vllm_backend=vllm_backend)
         batch = ro.batch
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out_old, values_old = forward(batch)
-        batch["old_logps"], batch["old_values"] = out_old.token_logps, values_old
-        ro.times["time/scoring_s"] += time.perf_counter() - t0
 
         # 2. advantages: per-token rewards, GAE, whitening ---------------------------------------
         mask = batch["completion_mask"]
@@ -175,59 +176,41 @@ def run_ppo(cfg: PPOConfig) -> dict:
             advantages = whiten(advantages, mask)
         batch["advantages"], batch["returns"] = advantages, returns
         window.add("reward/with_kl", (token_rewards * mask).sum(-1))
-        online.token_mean(window, "value/mean", batch["old_values"], mask)
+        token_mean(window, "value/mean", batch["old_values"], mask)
 
         # 3. minibatch updates ---------------------------------------------------------------------
         t_train = time.perf_counter()
         module.train()
-        generator = online.update_generator(cfg, step, engine.rank)
-        for epoch in range(cfg.ppo_epochs):
-            for minibatch in online.minibatch_indices(len(ro.completions), cfg.num_minibatches,
-                                                      generator):
-                micro = minibatch.split(cfg.batch_size)
-                global_units = engine.global_sum(online.loss_units(
-                    batch["completion_mask"][minibatch.to(batch["completion_mask"].device)],
-                    cfg.loss_aggregation, cfg.max_new_tokens))
-                for i, rows in enumerate(micro):
-                    b = online.take(batch, rows)
-                    m = b["completion_mask"]
-                    with engine.sync_context(i, len(micro)):
-                        out, values = forward(b, return_entropy=epoch == 0)
-                        pg_tok, pg = ppo_policy_loss(out.token_logps, b["old_logps"],
-                                                     b["advantages"], m, clip_eps=cfg.clip_eps)
-                        vf_tok, vf = ppo_value_loss(values, b["old_values"], b["returns"], m,
-                                                    clip_eps=cfg.value_clip_eps)
-                        per_token = pg_tok + cfg.vf_coef * vf_tok
-                        if cfg.kl_penalty == "loss":
-                            per_token = per_token + cfg.kl_coef * kl_penalty(
-                                out.token_logps, b["ref_logps"], cfg.kl_estimator)
-                        loss_sum, _ = aggregate_sum_and_units(per_token, m, cfg.loss_aggregation,
-                                                              cfg.max_new_tokens)
-                        engine.backward(loss_sum, global_units)
-                    units = online.loss_units(m, cfg.loss_aggregation, cfg.max_new_tokens)
-                    window.add("loss/total", loss_sum.detach(), count=units)
-                    window.add("loss/policy", aggregate_sum_and_units(
-                        pg_tok.detach(), m, cfg.loss_aggregation, cfg.max_new_tokens)[0], count=units)
-                    window.add("loss/value", aggregate_sum_and_units(
-                        vf_tok.detach(), m, cfg.loss_aggregation, cfg.max_new_tokens)[0], count=units)
-                    window.add("clipfrac", pg["clipfrac"])
-                    window.add("approx_kl", pg["approx_kl"])
-                    window.add("value/clipfrac", vf["vf_clipfrac"])
-                    if epoch == 0:
-                        window.add_all(online.sequence_kl(out.token_logps, b["ref_logps"], m))
-                        online.token_mean(window, "entropy", out.entropy, m)
+        for mb in minibatches(engine, cfg, batch, step):
+            b, m, first_epoch = mb.batch, mb.batch["completion_mask"], mb.epoch == 0
+            with engine.sync_context(mb.index, mb.count):
+                out, values = forward(b["input_ids"], b["attention_mask"], m,
+                                      return_entropy=first_epoch)
+                pg_tok, pg = ppo_policy_loss(out.token_logps, b["old_logps"], b["advantages"], m,
+                                             clip_eps=cfg.clip_eps)  # Schulman et al. 2017, Eq. 7
+                vf_tok, vf = ppo_value_loss(values, b["old_values"], b["returns"], m,
+                                            clip_eps=cfg.value_clip_eps)
+                per_token = pg_tok + cfg.vf_coef * vf_tok
+                if cfg.kl_penalty == "loss":
+                    per_token = per_token + cfg.kl_coef * kl_penalty(
+                        out.token_logps, b["ref_logps"], cfg.kl_estimator)
+                loss_sum = aggregate_loss(per_token, m, cfg)
+                engine.backward(loss_sum, mb.global_units)
+            units = loss_units(m, cfg)
+            window.add("loss/total", loss_sum.detach(), count=units)
+            window.add("loss/policy", aggregate_loss(pg_tok.detach(), m, cfg), count=units)
+            window.add("loss/value", aggregate_loss(vf_tok.detach(), m, cfg), count=units)
+            window.add("clipfrac", pg["clipfrac"])
+            window.add("approx_kl", pg["approx_kl"])
+            window.add("value/clipfrac", vf["vf_clipfrac"])
+            if first_epoch:
+                add_policy_metrics(window, out, b, m)
+            if mb.last:
                 window.add("grad_norm", engine.optimizer_step())
-        if vllm_backend is not None:
-            vllm_backend.sync_weights(engine.unwrap().policy)
-        ro.times["time/training_s"] = time.perf_counter() - t_train
 
         # 4. log and checkpoint ----------------------------------------------------------------
-        logged = online.end_iteration(engine, cfg, window, ro, step, n_rollouts, bar) or logged
+        logged = online.end_iteration(engine, cfg, window, ro, step, bar, vllm_backend=vllm_backend,
+                                      updates_started=t_train) or logged
 
-    engine.save_pretrained(engine.unwrap().policy, setup.tokenizer, prefix="policy.")
-    engine.save_pretrained(engine.unwrap().value_model, setup.tokenizer, prefix="value_model.",
-                           subdir="value_model")
-    engine.finish({"metrics": logged, "rollouts": n_rollouts})
-    engine.print(f"saved the policy to {engine.output_dir}, the value model to "
-                 f"{engine.output_dir / 'value_model'}")
+    online.finish(engine, setup.tokenizer, logged, value_model=True)
     return logged

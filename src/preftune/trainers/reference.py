@@ -1,26 +1,28 @@
-"""Reference log-probs for the DPO family and KTO: where they come from, computed once, no grad.
+"""The reference policy π_ref of every trainer that has one (the DPO family, KTO, the online
+trainers): one class, one builder, always without gradients.
 
-Three sources, chosen by the trainer before training starts:
+Its sources, chosen by `build_reference` before training starts:
 
-- a separate frozen model (`--ref-model PATH`, or a copy of the initial policy), prepared with
-  `engine.prepare_frozen` and run under `torch.no_grad` on every batch;
-- the policy itself with its LoRA adapters disabled: the base model *is* the initial policy,
-  so no second copy is held in memory;
-- precomputed (`--precompute-ref`): the reference runs once over the whole data set before
-  training, its sequence log-probs are cached in `<output_dir>/ref_logps.safetensors` (written
-  atomically, reused by `--resume` when the fingerprint of model and data matches) and then
-  travel with each example's features; training holds and runs no reference model.
+- a separate model (`--ref-model PATH`), whose tokenizer must match the policy's;
+- a frozen copy of the initial policy (the default without LoRA);
+- the policy itself with its LoRA adapters disabled (the default with LoRA): the base model
+  *is* the initial policy, so no second copy is held in memory;
+- precomputed (DPO's `--precompute-ref`): one of the above runs once over the whole data set
+  before training, its sequence log-probs are cached in `<output_dir>/ref_logps.safetensors`
+  (written atomically, reused by `--resume` when the fingerprint of model and data matches)
+  and then travel with each example's features; training holds and runs no reference model.
 
 A method that needs no reference (SimPO, ORPO, CPO) never builds any of these.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import math
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -29,68 +31,76 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from preftune.data.collate import pad_sequences
-from preftune.errors import PreftuneError
-from preftune.models.loading import disabled_adapters, load_causal_lm
-from preftune.models.logprobs import completion_logprobs
+from preftune.models.loading import check_same_tokenizer, disabled_adapters, load_causal_lm
+from preftune.models.logprobs import CompletionLogProbs, LogProbOutput
+from preftune.trainers.common import prepare_tokenizer
 from preftune.utils import file_mode
 
 CACHE_FILE = "ref_logps.safetensors"
 
 
 class Reference:
-    """Sequence log-probs [rows] under the reference policy, always without gradients.
+    """Log-probs of completions under π_ref [rows] (`LogProbOutput`), without gradients.
 
-    `model` is a frozen causal LM (a separate reference), or None: then the reference is the
-    policy module the objective is given, run with its LoRA adapters disabled.
+    `model` is a frozen `CompletionLogProbs` (a separate model or a copy of the initial
+    policy); or None, and then `policy` is the model whose LoRA adapters are disabled while
+    the caller's policy forward runs.
     """
 
-    def __init__(self, model: torch.nn.Module | None = None):
+    def __init__(self, model: torch.nn.Module | None = None, policy: torch.nn.Module | None = None):
+        if (model is None) == (policy is None):
+            raise ValueError("a Reference is a frozen model or a policy with adapters, not both")
         self.model = model
+        self.policy = policy
 
     @property
     def kind(self) -> str:
         return "model" if self.model is not None else "adapters"
 
     @torch.no_grad()
-    def __call__(self, module: torch.nn.Module, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, policy_forward: Callable[..., LogProbOutput], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, completion_mask: torch.Tensor, *,
+                 temperature: float = 1.0) -> LogProbOutput:
+        """`policy_forward(input_ids, attention_mask, completion_mask, temperature=)` runs the
+        prepared policy (through its DDP/FSDP wrapper); used only with adapters."""
         if self.model is not None:
-            return completion_logprobs(self.model, input_ids, attention_mask,
-                                       completion_mask).seq_logps
+            return self.model(input_ids, attention_mask, completion_mask, temperature=temperature)
         # The base model under the adapters is the initial policy; eval mode so that no
         # dropout makes the reference noisy.
-        was_training = module.training
-        module.eval()
-        try:
-            with disabled_adapters(module):
-                return module(input_ids, attention_mask, completion_mask).seq_logps.detach()
-        finally:
-            module.train(was_training)
+        with _eval_mode(self.policy), disabled_adapters(self.policy):
+            return policy_forward(input_ids, attention_mask, completion_mask,
+                                  temperature=temperature)
 
 
-def load_reference_model(name: str, policy_tokenizer, *, dtype: str, seed: int):
-    """Load `--ref-model` and refuse it when its tokenizer differs from the policy's."""
-    model, tokenizer = load_causal_lm(name, dtype=dtype, seed=seed)
-    check_same_tokenizer(policy_tokenizer, tokenizer, name)
-    return model
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
-def check_same_tokenizer(policy_tok, ref_tok, ref_name: str) -> None:
-    """Log-ratios compare token by token, so both models must split text the same way."""
-    problems = []
-    if len(policy_tok) != len(ref_tok):
-        problems.append(f"vocabulary sizes {len(policy_tok)} (policy) vs {len(ref_tok)} (reference)")
-    elif policy_tok.get_vocab() != ref_tok.get_vocab():
-        problems.append("the same vocabulary size but different token ids")
-    for name in ("bos_token_id", "eos_token_id"):
-        a, b = getattr(policy_tok, name, None), getattr(ref_tok, name, None)
-        if a != b:
-            problems.append(f"{name} {a} (policy) vs {b} (reference)")
-    if problems:
-        raise PreftuneError(
-            f"ref_model {ref_name!r}: its tokenizer differs from the policy's ("
-            + "; ".join(problems) + "); the reference must use the policy's tokenizer so that "
-            "log-probs of the same token ids can be compared")
+def build_reference(cfg, engine, policy: torch.nn.Module, tokenizer, *,
+                    precompute: bool = False) -> Reference:
+    """π_ref for the policy about to be trained (call before `engine.setup`).
+
+    `--ref-model`: that model; else with LoRA the policy with its adapters disabled; else a
+    frozen copy of the initial policy, prepared on the device. With `precompute` the reference
+    runs once before training and is dropped: the policy itself serves without a copy, and the
+    caller places it (`precomputed_logps`).
+    """
+    if cfg.ref_model:
+        model, ref_tokenizer = load_causal_lm(cfg.ref_model, dtype=cfg.dtype, seed=cfg.seed)
+        prepare_tokenizer(ref_tokenizer, cfg)  # the same --chat-template as the policy's
+        check_same_tokenizer(tokenizer, ref_tokenizer, f"ref_model {cfg.ref_model!r}")
+    elif cfg.lora:
+        return Reference(policy=policy)
+    else:
+        model = policy if precompute else copy.deepcopy(policy)
+    model = CompletionLogProbs(model)
+    return Reference(model if precompute else engine.prepare_frozen(model))
 
 
 # --- precomputation -------------------------------------------------------------------------
@@ -153,11 +163,3 @@ def cached_logps(engine, path: Path, key: str, compute: Callable[[], dict[str, t
         os.replace(tmp, path)
     engine.accelerator.wait_for_everyone()
     return tensors
-
-
-def scorer(model: torch.nn.Module, *, lora: bool):
-    """score(input_ids, attention_mask, completion_mask) -> seq log-probs, for precomputation."""
-    def score(input_ids, attention_mask, completion_mask):
-        with disabled_adapters(model) if lora else nullcontext():
-            return completion_logprobs(model, input_ids, attention_mask, completion_mask).seq_logps
-    return score

@@ -27,6 +27,7 @@ from torch import nn
 
 from preftune.config import TrainConfig, arg
 from preftune.data.collate import collate_pairs, collate_ranked
+from preftune.data.loading import load_rows, parse_column_map
 from preftune.data.tokenize import tokenize_pairs, tokenize_ranked
 from preftune.engine.engine import Engine
 from preftune.engine.loop import evaluate, train_offline
@@ -37,9 +38,11 @@ from preftune.losses.reward import (
     plackett_luce_loss,
     reward_centering_penalty,
 )
+from preftune.models.loading import apply_lora, load_sequence_classifier, minilm_path
 from preftune.trainers.common import (
     lora_settings,
     prepare_tokenizer,
+    resolve_data_source,
     train_eval_examples,
     truncation,
 )
@@ -131,8 +134,6 @@ def check_max_length(max_length: int, model, tokenizer, name: str) -> None:
 
 def load_reward_backbone(cfg: RewardConfig):
     """(classifier with a fresh one-output head, tokenizer), LoRA and checkpointing applied."""
-    from preftune.models.loading import apply_lora, load_sequence_classifier, minilm_path
-
     name = minilm_path() if cfg.model == MINILM else cfg.model
     model, tokenizer = load_sequence_classifier(name, num_labels=1, dtype=cfg.dtype, seed=cfg.seed)
     prepare_tokenizer(tokenizer, cfg)
@@ -177,7 +178,7 @@ class PairwiseRewardObjective:
         r_chosen, r_rejected = rewards[:n], rewards[n:]
         # Bradley & Terry 1952; margin: Touvron et al. 2023 (Llama 2), Eq. 2.
         losses, m = bradley_terry_loss(r_chosen, r_rejected, batch.get("margin"))
-        metrics = {"accuracy": m["accuracy"], "margin": m["margin"],
+        metrics = {"rewards/accuracies": m["accuracy"], "rewards/margins": m["margin"],
                    "rewards/chosen": m["reward/chosen"], "rewards/rejected": m["reward/rejected"]}
         if self.center_coef:
             penalty = reward_centering_penalty(r_chosen, r_rejected, self.center_coef)  # Eisenstein et al. 2023
@@ -215,7 +216,7 @@ class ListwiseRewardObjective:
         better = (scores[:, :, None] > scores[:, None, :]) & mask[:, :, None] & mask[:, None, :]
         diff = (rewards[:, :, None] - rewards[:, None, :]).detach()
         margin = (diff * better).sum((-1, -2)) / better.sum((-1, -2)).clamp(min=1)
-        metrics = {"accuracy": m["accuracy"], "margin": margin}
+        metrics = {"rewards/accuracies": m["accuracy"], "rewards/margins": margin}
         if self.center_coef:
             # Eisenstein et al. 2023 centre a pair's rewards, coef·(r_1 + r_2)²; for K
             # completions the same term on their sum, which is that for K = 2.
@@ -291,9 +292,6 @@ def run_reward(cfg: RewardConfig) -> dict:
 
 
 def _has_column(cfg: RewardConfig, name: str) -> bool:
-    from preftune.data.loading import load_rows, parse_column_map
-    from preftune.trainers.common import resolve_data_source
-
     column_map = parse_column_map(cfg.columns) if cfg.columns else None
     rows = load_rows(resolve_data_source(cfg.data), split=cfg.split, column_map=column_map)
     return any(name in row for row in rows)
