@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +22,16 @@ from preftune.errors import PreftuneError
 from preftune.losses.rl import AGGREGATION_MODES, KL_ESTIMATORS, aggregate_sum_and_units
 from preftune.losses.rl import kl_penalty
 from preftune.trainers.rollout import sampling_seed
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print a warning on stderr the first time this process meets it."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"preftune: warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -47,10 +58,10 @@ class ClippedUpdateSettings:
                                 f"{self.ppo_epochs} and {self.num_minibatches}")
         default = {f.name: f.default for f in dataclasses.fields(self)}["clip_eps"]
         if self.steps_per_rollout == 1 and self.clip_eps != default:
-            raise PreftuneError(f"clip_eps={self.clip_eps} has no effect with ppo_epochs=1 and "
-                                "num_minibatches=1: each rollout is used once, the ratio is 1 "
-                                "and never clipped; raise --ppo-epochs or --num-minibatches, or "
-                                "drop --clip-eps")
+            # Warned, not refused: one settings file may serve runs with and without reuse.
+            warn_once(f"clip_eps={self.clip_eps} has no effect with ppo_epochs=1 and "
+                      "num_minibatches=1: each rollout is used once, the ratio is 1 and never "
+                      "clipped")
 
     @property
     def steps_per_rollout(self) -> int:
