@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                    "Online DPO: sample two completions, rank them by the reward, DPO loss."),
     "best-of-n": ("preftune.trainers.best_of_n", "BestOfNConfig", "run_best_of_n",
                   "Sample N completions per prompt and keep the best by the reward."),
+    "plot": ("preftune.engine.curves", "PlotConfig", "run_plot",
+             "Overlay the training curves of one or more runs: preftune plot RUN_DIR [RUN_DIR ...]."),
 }
 
 

@@ -20,16 +20,19 @@ from typing import Any
 
 import yaml
 
+from preftune import trl_compat
 from preftune.errors import PreftuneError
 
 
-def arg(default: Any, help: str, *, choices: tuple | None = None, finite: bool = True) -> Any:
+def arg(default: Any, help: str, *, choices: tuple | None = None,
+        positional: bool = False, finite: bool = True) -> Any:
     """A config field with its documentation (shown by `--help`) and allowed values.
 
+    `positional`: a list given as the command's positional arguments (`preftune plot A B`).
     Every number must be finite (`check_finite`, run for every command) unless the field
     opts out with `finite=False`.
     """
-    metadata = {"help": help, "choices": choices, "finite": finite}
+    metadata = {"help": help, "choices": choices, "positional": positional, "finite": finite}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -116,6 +119,9 @@ class TrainConfig:
     save_total_limit: int = arg(2, "Keep at most this many checkpoints (0: keep all).")
     report_to: str = arg("", "Extra trackers through accelerate, comma-separated: "
                          "tensorboard, wandb, mlflow. `metrics.jsonl` is always written.")
+    curves: bool = arg(True, "Draw `curves.png` from metrics.jsonl at the end of the run "
+                       "(about a second of matplotlib; the lab turns it off for its many "
+                       "short runs).")
 
     def validate(self) -> None:
         """Refuse out-of-range settings before anything loads."""
@@ -215,6 +221,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if default not in ("", None) and not isinstance(default, bool):
             help_text += f" (default: {default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=f.name.upper(), help=help_text)
+            continue
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if "fixed" in f.metadata:  # accepted only to be refused with its reason, not shown
             kwargs["help"] = argparse.SUPPRESS
@@ -229,6 +238,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = f.metadata["choices"]
                 kwargs.pop("metavar")
         parser.add_argument(flag, **kwargs)
+    trl_compat.add_alias_arguments(parser, cls)  # TRL's names: --learning_rate, ...
 
 
 def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
@@ -281,6 +291,7 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PreftuneError(f"{path}: expected a mapping of setting names to values, "
                             f"got {type(raw).__name__}")
+    raw = trl_compat.resolve_yaml(raw, cls, str(path))  # TRL's keys become preftune's
     fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
@@ -300,7 +311,10 @@ def build_config(cls: type, namespace: argparse.Namespace) -> Any:
     config_file = given.pop("config", None)
     if config_file:
         values.update(load_yaml_config(config_file, cls))
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    given = trl_compat.resolve_namespace(  # TRL's flags become preftune's
+        given, cls, values, lambda v, name: _coerce(cls, fields_by_name[name], v, "command line"))
+    names = set(fields_by_name)
     values.update({k: v for k, v in given.items() if k in names})
     cfg = cls(**values)
     check_finite(cfg)

@@ -572,6 +572,8 @@ class Engine:
         """Mark the run complete, close trackers, release the output folder."""
         if self.is_main:
             try:
+                from preftune.engine.model_card import write_run_outputs  # curves.png, README.md
+                write_run_outputs(self.output_dir, self.command, self.cfg, summary)
                 atomic_write_json(self.output_dir / "run_complete.json",
                                   {"command": self.command, "finished_at": time.time(), **summary})
             except OSError as exc:

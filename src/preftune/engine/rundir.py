@@ -37,7 +37,8 @@ MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json
                "generation_config.json", "adapter_model.safetensors", "adapter_config.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
-               "tokenizer.model", "ref_logps.safetensors", "summary.json", "README.md")
+               "tokenizer.model", "ref_logps.safetensors", "summary.json", "README.md",
+               "curves.png")
 
 _HELD: dict[str, RunLock] = {}  # locks this process holds, by folder
 
