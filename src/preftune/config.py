@@ -53,8 +53,10 @@ class TrainConfig:
                      "Llama-style model with random weights and a byte-level tokenizer).")
     dtype: str = arg("auto", "Weights dtype when loading the model.",
                      choices=("auto", "float32", "bfloat16", "float16"))
-    mixed_precision: str = arg("auto", "Autocast precision: `auto` is bf16 where the hardware "
-                               "supports it (CUDA) and no autocast on the CPU.",
+    mixed_precision: str = arg("auto", "Autocast precision: `auto` is bf16 on CUDA devices "
+                               "that support it, and on CPUs with native bf16 (avx512_bf16 or "
+                               "AMX) when a startup probe measures bf16 at least 1.3x faster "
+                               "than float32; otherwise no autocast.",
                                choices=("auto", "no", "bf16", "fp16"))
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to "
                                        "save memory.")

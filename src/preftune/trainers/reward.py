@@ -72,9 +72,20 @@ class RewardConfig(TrainConfig):
     ranked_pairs: str = arg("all", "With `bt`, how ranked rows become pairs: every pair with "
                             "different scores, or only best vs worst.",
                             choices=("all", "best_worst"))
+    early_stopping_patience: int = arg(0, "Early stopping: stop when the held-out loss (every "
+                                       "--eval-steps steps) has not improved for this many "
+                                       "evaluations, then restore and save the weights with "
+                                       "the lowest held-out loss. 0: off (train all steps).")
 
     def validate(self) -> None:
         super().validate()
+        if self.early_stopping_patience < 0:
+            raise PreftuneError(f"early_stopping_patience: got {self.early_stopping_patience}, "
+                                "expected an integer >= 0")
+        if self.early_stopping_patience and not (self.eval_steps and (self.eval_data
+                                                                      or self.eval_fraction)):
+            raise PreftuneError("early_stopping_patience needs held-out pairs evaluated during "
+                                "training: set --eval-steps and --eval-fraction (or --eval-data)")
         if not (math.isfinite(self.center_coef) and self.center_coef >= 0):
             raise PreftuneError(f"center_coef: got {self.center_coef!r}, expected a number >= 0")
         if self.loss != "bt" and self.ranked_pairs != "all":
@@ -279,16 +290,67 @@ def run_reward(cfg: RewardConfig) -> dict:
         return collate_fn(features, pad_id)
 
     eval_fn = None
+    stopper = EarlyStopping(cfg.early_stopping_patience, cfg.eval_steps, engine)
     if eval_set:
         def eval_fn():
-            return eval_with_exact_std(engine, engine.model, eval_set, collate, objective)
+            ev = eval_with_exact_std(engine, engine.model, eval_set, collate, objective)
+            if cfg.early_stopping_patience:
+                stopper.update(ev)  # raises _StopTraining when patience runs out
+            return ev
 
-    metrics = train_offline(engine, engine.model, train_set, collate, objective, eval_fn=eval_fn)
+    try:
+        metrics = train_offline(engine, engine.model, train_set, collate, objective,
+                                eval_fn=eval_fn)
+    except _StopTraining:
+        metrics = {}
+    if cfg.early_stopping_patience:
+        metrics = {**metrics, **stopper.restore_best()}
     save_reward_model(engine, tokenizer)
     engine.finish({"metrics": metrics, "train_examples": len(train_set),
                    "eval_examples": len(eval_set or [])})
     engine.print(f"saved the reward model to {engine.output_dir}")
     return metrics
+
+
+class _StopTraining(Exception):
+    pass
+
+
+class EarlyStopping:
+    """Keeps the weights with the lowest held-out loss; stops after `patience` evaluations
+    without improvement (evaluations come every `eval_steps` steps, the first at step 0)."""
+
+    def __init__(self, patience: int, eval_steps: int, engine: Engine):
+        self.patience, self.eval_steps, self.engine = patience, eval_steps, engine
+        self.calls = 0
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_step: int | None = None
+
+    def update(self, ev: dict[str, float]) -> None:
+        step = self.calls * self.eval_steps
+        self.calls += 1
+        if ev["eval/loss"] < self.best_loss:
+            self.best_loss, self.best_step, self.best_metrics = ev["eval/loss"], step, dict(ev)
+            self.best_state = {k: v.detach().clone()
+                               for k, v in self.engine.unwrap().state_dict().items()}
+        elif step - self.best_step >= self.patience * self.eval_steps:
+            self.engine.log(step, ev)
+            self.stopped_step = step
+            raise _StopTraining
+
+    def restore_best(self) -> dict[str, float]:
+        if self.best_state is not None:
+            self.engine.unwrap().load_state_dict(self.best_state)
+        out = {**self.best_metrics, "early_stopping/best_step": self.best_step}
+        if self.stopped_step is not None:
+            out["early_stopping/stopped_step"] = self.stopped_step
+        self.engine.print(f"early stopping: best held-out loss {self.best_loss:.4f} at step "
+                          f"{self.best_step}" + (f", stopped at step {self.stopped_step}"
+                                                 if self.stopped_step is not None else ""))
+        return out
 
 
 def _has_column(cfg: RewardConfig, name: str) -> bool:
