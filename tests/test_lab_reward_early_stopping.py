@@ -69,7 +69,8 @@ def test_stops_early_and_keeps_the_best_weights(tmp_path):
 def test_early_stopping_needs_held_out_evaluation(tmp_path):
     with pytest.raises(PreftuneError, match="early_stopping_patience"):
         _cfg(tmp_path, eval_steps=0).validate()
-    with pytest.raises(PreftuneError, match="early_stopping_patience"):
+    # no held-out data: refused already for eval_steps itself (the engine's own check)
+    with pytest.raises(PreftuneError, match="no held-out data to evaluate on"):
         _cfg(tmp_path, eval_fraction=0.0).validate()
     with pytest.raises(PreftuneError, match="early_stopping_patience"):
         _cfg(tmp_path, early_stopping_patience=-1).validate()

@@ -152,7 +152,7 @@ def test_loading_errors_name_the_problem(tmp_path):
         load_sequence_classifier(str(tmp_path / "missing"))
     with pytest.raises(PreftuneError, match="dtype"):
         load_causal_lm("tiny", dtype="float64")
-    with pytest.raises(PreftuneError, match="could not load"):
+    with pytest.raises(PreftuneError, match="has no config.json, so it is not a saved model"):
         load_causal_lm(str(tmp_path))  # exists, but holds no model
 
 

@@ -62,6 +62,7 @@ TIE_MODES = ("drop", "keep")
 class SFTExample:
     prompt: Text
     completion: Text
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Pair:
     margin: float | None = None
     subset: str | None = None
     tie: bool = False  # a tie: neither reply preferred (chosen/rejected are just the two replies)
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Unpaired:
     prompt: Text
     completion: Text
     label: bool
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -86,12 +89,14 @@ class Ranked:
     prompt: Text
     completions: list
     scores: list[float]
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
 class PromptExample:
     prompt: Text
     extra: dict = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -406,6 +411,9 @@ def _convert(rows, source, on_bad_row, purpose, accepted, make) -> tuple[list, D
             report.first_problem.setdefault(bad.reason, message)
             continue
         report.n_kept += 1
+        location = where(i) if where else f"{source}, row {i + 1}"
+        for ex in examples:  # so that later messages (tokenization) can name the file and line
+            ex.origin = location
         out.extend(examples)
     report.n_examples = len(out)
     if not out:

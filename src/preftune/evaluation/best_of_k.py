@@ -172,7 +172,7 @@ def score_rows(cfg, kind: str, rows: list[dict], log) -> tuple[list[np.ndarray],
 
 def run_best_of_k(cfg, log) -> dict:
     from preftune.config import save_config
-    from preftune.evaluation.report import write_json_atomic
+    from preftune.utils import atomic_write_json
 
     out = Path(cfg.output_dir or "runs/eval-rm")
     if not cfg.overwrite and any((out / f).exists() for f in RESULT_FILES):
@@ -214,7 +214,7 @@ def run_best_of_k(cfg, log) -> dict:
                "gold": cfg.gold_fn or "answer column (exact match)", "confidence": cfg.confidence,
                "curve": curve, "ensemble": ensemble}
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results, out / "best_of_k.json")
+    atomic_write_json(out / "best_of_k.json", results, strict=True)
     _plot(curve, out / "best_of_k.png", cfg.confidence)
     save_config(cfg, out / "config.yaml", extra={"command": "eval-rm"})
     print(f"best-of-K over {m} prompts (gold: {results['gold']}; mean ± {cfg.confidence:.0%} "

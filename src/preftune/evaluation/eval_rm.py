@@ -54,14 +54,14 @@ from preftune.data.tokenize import (TokenizeReport, TruncationConfig, set_chat_t
 from preftune.errors import PreftuneError
 from preftune.evaluation import stats
 from preftune.evaluation.plots import reliability_diagram, reward_distributions
-from preftune.evaluation.report import format_table, write_json_atomic
+from preftune.evaluation.report import format_table
 from preftune.models.loading import (_resolve, _torch_dtype, check_same_tokenizer, load_causal_lm,
                                      load_tokenizer)
 from preftune.models.logprobs import completion_logprobs
 from preftune.rewards.sources import FunctionReward
 from preftune.trainers.common import resolve_data_source
 from preftune.trainers.reward import check_max_length, ensure_eos
-from preftune.utils import atomic_write_text
+from preftune.utils import atomic_write_json, atomic_write_text
 
 REWARD_KINDS = ("classifier", "three_way", "ensemble", "implicit", "reference_free", "function")
 RESULT_FILES = ("results.json", "scores.jsonl", "reliability.png", "rewards.png")
@@ -76,7 +76,8 @@ class EvalRMConfig:
                      "offline cache) in the transformers sequence-classification layout; a "
                      "causal-LM policy with --ref-model or --reference-free; or a python "
                      "function as `module:function` or `path/to/file.py:function`, called as "
-                     "fn(prompts, completions) and returning one number per completion.")
+                     "fn(prompts, completions) and returning one number per completion (the "
+                     "file is imported and run with your user's rights).")
     ref_model: str = arg("", "Reference model of a DPO-trained policy: the reward is then the "
                          "implicit reward beta * sum_t log pi(y_t|..)/pi_ref(y_t|..).")
     reference_free: bool = arg(False, "Score a policy by beta * its own log-prob of the "
@@ -722,7 +723,8 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
         results["files"]["ties_reliability.png"] = str(out / "ties_reliability.png")
 
     # Outputs: JSON, one line per pair, the figures, the resolved settings.
-    write_json_atomic(results, out / "results.json")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results, strict=True)
     _write_scores(out / "scores.jsonl", index, pairs, sc, tied, outcomes,
                   probs if tie_results is not None else None,
                   set(test_idx.tolist()) if tie_results is not None else None)

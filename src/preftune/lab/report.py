@@ -13,8 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from preftune.evaluation.report import atomic_output
 from preftune.lab import stats
+from preftune.utils import atomic_output
 
 KNOB_SYMBOL = {"beta": "β", "kl_coef": "KL coef", "n": "N"}
 

@@ -20,6 +20,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,26 +100,61 @@ class FunctionReward(RewardSource):
     `**kwargs` receives only the columns it names as parameters.
     """
 
-    def __init__(self, fn: Callable, name: str | None = None):
+    def __init__(self, fn: Callable, name: str | None = None, timeout: float = 0.0):
         if not callable(fn):
             raise PreftuneError(f"FunctionReward needs a callable, got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "reward_fn")
         self._wanted = _accepted_keywords(fn)
+        self.timeout = timeout  # seconds per call; 0: no limit
 
     @classmethod
-    def from_spec(cls, spec: str) -> "FunctionReward":
-        return cls(load_function(spec), name=spec.rpartition(":")[2])
+    def from_spec(cls, spec: str, timeout: float = 0.0) -> "FunctionReward":
+        return cls(load_function(spec), name=spec.rpartition(":")[2], timeout=timeout)
 
     def score_with_components(self, prompts, completions, **extra_columns):
         if self._wanted is not None:
             extra_columns = {k: v for k, v in extra_columns.items() if k in self._wanted}
         try:
-            out = self.fn(prompts, completions, **extra_columns)
+            out = _call_with_timeout(self.fn, (prompts, completions), extra_columns, self.timeout,
+                                     f"reward function {self.name!r}")
+        except _Timeout:
+            raise
         except Exception as e:
             raise PreftuneError(f"reward function {self.name!r} raised {type(e).__name__}: {e}") from e
         scores = _as_scores(out, len(completions), f"reward function {self.name!r}")
         return scores, {self.name: scores}
+
+
+def _call_with_timeout(fn: Callable, args: tuple, kwargs: dict, timeout: float, who: str):
+    """fn(*args, **kwargs), or a PreftuneError when it has not returned within `timeout` s.
+
+    The call runs in a daemon thread (a Python function cannot be interrupted from outside):
+    a hung call is left behind, and the run stops with the error instead of waiting forever.
+    """
+    if not timeout:
+        return fn(*args, **kwargs)
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True, name="preftune-reward")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise _Timeout(f"{who} did not return within {timeout:g} s (--reward-timeout); it may "
+                       "hang (a lock, a network call without a timeout), or raise the limit")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class _Timeout(PreftuneError):
+    pass
 
 
 def _accepted_keywords(fn) -> set[str] | None:
@@ -205,7 +241,11 @@ class ModelReward(RewardSource):
 
     @classmethod
     def from_pretrained(cls, path: str, *, batch_size: int = 32, max_length: int = 512, device=None, dtype=None) -> "ModelReward":
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         try:
             config = AutoConfig.from_pretrained(path)
@@ -440,6 +480,7 @@ def parse_reward_spec(
     device=None,
     ensemble_agg: str = "mean",
     ensemble_coef: float = 1.0,
+    timeout: float = 0.0,
 ) -> RewardSource:
     """Build the reward source from the CLI settings: the reward model (if any) first, then the
     functions in order; `weights` gives one weight per source (default all 1).
@@ -453,7 +494,7 @@ def parse_reward_spec(
     elif reward_model:
         sources.append(ModelReward.from_pretrained(reward_model, batch_size=batch_size, max_length=max_length, device=device))
     for spec in reward_fn or []:
-        sources.append(FunctionReward.from_spec(spec))
+        sources.append(FunctionReward.from_spec(spec, timeout=timeout))
     if not sources:
         raise PreftuneError("no reward source: set reward_model (a path) and/or reward_fn ('module:function')")
     if weights is None:

@@ -38,7 +38,8 @@ class RewardSettings:
                             "e.g. the output of `preftune reward`).")
     reward_fn: list[str] = arg([], "Reward function(s) `module:function` or "
                                "`path/to/file.py:function`, called as fn(prompts, completions, "
-                               "**extra_columns) and returning one number per completion.")
+                               "**extra_columns) and returning one number per completion. "
+                               "The file is imported and run with your user's rights.")
     reward_weights: list[float] = arg([], "One weight per reward source (the reward model "
                                       "first, then the functions in order); default all 1.")
     reward_batch_size: int = arg(32, "Completions per reward-model forward pass.")
@@ -49,6 +50,8 @@ class RewardSettings:
                             choices=("mean", "min", "mean-minus-std", "mean-minus-var"))
     ensemble_coef: float = arg(1.0, "The multiple of the members' std (or variance) that "
                                "mean-minus-std (mean-minus-var) subtracts.")
+    reward_timeout: float = arg(600.0, "Seconds a reward function may take for one call "
+                                "before the run stops with an error (0: no limit).")
     missing_eos_penalty: float = arg(0.0, "Subtracted from the reward of a completion cut at "
                                      "max_new_tokens without EOS (Huang et al. 2024).")
     length_penalty: float = arg(0.0, "Subtracted from the reward once per completion token.")
@@ -56,6 +59,8 @@ class RewardSettings:
     def validate_reward(self) -> None:
         _require(self.reward_batch_size >= 1, "reward_batch_size", self.reward_batch_size,
                  "an integer >= 1")
+        _require(self.reward_timeout >= 0, "reward_timeout", self.reward_timeout,
+                 "a number of seconds >= 0 (0: no limit)")
         for name in ("missing_eos_penalty", "length_penalty"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, value,
@@ -151,7 +156,7 @@ def load_reward(cfg: RewardSettings, device) -> Any:
     return parse_reward_spec(cfg.reward_model or None, cfg.reward_fn, cfg.reward_weights or None,
                              batch_size=cfg.reward_batch_size, max_length=cfg.max_length,
                              device=device, ensemble_agg=cfg.ensemble_agg,
-                             ensemble_coef=cfg.ensemble_coef)
+                             ensemble_coef=cfg.ensemble_coef, timeout=cfg.reward_timeout)
 
 
 def make_generator_backend(cfg: RolloutSettings, tokenizer):
