@@ -8,7 +8,7 @@ import pytest
 
 from preftune.errors import PreftuneError
 from preftune.evaluation.plots import reliability_diagram, reward_distributions
-from preftune.evaluation.report import format_table, write_json_atomic
+from preftune.evaluation.report import format_table
 from preftune.evaluation.stats import (
     Row,
     accuracy_table,
@@ -19,6 +19,7 @@ from preftune.evaluation.stats import (
     reward_summary,
     wilson_interval,
 )
+from preftune.utils import atomic_write_json
 
 Z95 = 1.959964
 
@@ -218,12 +219,12 @@ def test_plots_write_png(tmp_path):
     reward_distributions([1.0, 1.0], [1.0, 1.0], tmp_path / "flat.png")  # constant rewards still plot
 
 
-def test_write_json_atomic_converts_numpy(tmp_path):
+def test_atomic_write_json_strict_converts_numpy(tmp_path):
     cal = calibration([2.0, 3.0], [0.0, 0.0], n_bins=2)  # σ(2) = 0.88, σ(3) = 0.95: both in [0.75, 1]
     path = tmp_path / "report.json"
     path.write_text("old")
-    write_json_atomic({"n": np.int64(3), "acc": np.float32(0.5), "cal": cal, "ok": np.bool_(True),
-                       "ci": (0.1, 0.9)}, path)
+    atomic_write_json(path, {"n": np.int64(3), "acc": np.float32(0.5), "cal": cal,
+                             "ok": np.bool_(True), "ci": (0.1, 0.9)}, strict=True)
     data = json.loads(path.read_text())
     assert data["n"] == 3 and data["acc"] == 0.5 and data["ok"] is True and data["ci"] == [0.1, 0.9]
     assert data["cal"]["counts"] == [0, 2]

@@ -240,3 +240,48 @@ def test_bt_is_deterministic_and_validates():
         bt_label_pairs(a, b, noise=0.1, rng=random.Random(0), temperature=0.0)
     with pytest.raises(ValueError):
         bt_label_pairs([1.0], [], noise=0.1, rng=random.Random(0))
+
+
+# ---------------------------------------------------------------- three-way prompt split
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_prompt_split_is_disjoint_with_an_unseen_part(name, seed):
+    world = get_world(name)
+    split = world.split_prompts(random.Random(seed))
+    parts = [split.train, split.validation, split.test_seen, split.test_unseen]
+    assert all(len(p) == len(set(p)) and p for p in parts)
+    union = set().union(*map(set, parts))
+    assert len(union) == sum(map(len, parts)) and split.overlap() == 0
+    # Every string is a prompt the gold reward accepts.
+    world.gold_reward(sorted(union), [""] * len(union))
+    assert split.test == split.test_seen + split.test_unseen
+    assert world.split_prompts(random.Random(seed)) == split  # deterministic
+
+
+def _product(prompt):
+    return prompt.rsplit(" ", 1)[1].rstrip(":")
+
+
+def test_review_unseen_products_never_in_training():
+    split = ReviewWorld().split_prompts(random.Random(3))
+    train_products = {_product(p) for p in split.train}
+    assert {_product(p) for p in split.test_unseen}.isdisjoint(train_products)
+    assert {_product(p) for p in split.validation + split.test_seen} <= train_products
+    # 39 products, a fifth unseen: 8 products x 6 templates.
+    assert len(split.test_unseen) == 8 * 6
+
+
+def test_arithmetic_unseen_operand_pairs_never_in_training():
+    split = ArithmeticWorld().split_prompts(random.Random(3))
+
+    def pair(prompt):
+        a, b = prompt.rstrip("=").split("+")
+        return frozenset((int(a), int(b)))
+
+    train_pairs = {pair(p) for p in split.train}
+    assert {pair(p) for p in split.test_unseen}.isdisjoint(train_pairs)
+    # A seen test prompt is the commuted order of a training prompt: new string, known pair.
+    assert {pair(p) for p in split.test_seen} <= train_pairs
+    assert all(p not in split.train for p in split.test_seen)

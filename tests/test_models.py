@@ -152,7 +152,7 @@ def test_loading_errors_name_the_problem(tmp_path):
         load_sequence_classifier(str(tmp_path / "missing"))
     with pytest.raises(PreftuneError, match="dtype"):
         load_causal_lm("tiny", dtype="float64")
-    with pytest.raises(PreftuneError, match="could not load"):
+    with pytest.raises(PreftuneError, match="has no config.json, so it is not a saved model"):
         load_causal_lm(str(tmp_path))  # exists, but holds no model
 
 
@@ -293,8 +293,8 @@ def test_head_runs_only_on_completion_positions(tiny):
     input_ids, attention, completion = make_batch(tok, EXAMPLES)
     seen = []
     model.lm_head.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
-    with torch.no_grad():
-        completion_logprobs(model, input_ids, attention, completion)
+    with torch.no_grad():  # the straightforward head (the chunked one never calls the module)
+        completion_logprobs(model, input_ids, attention, completion, chunked_head=False)
     assert seen == [(int(completion.sum()), model.config.hidden_size)]
 
 

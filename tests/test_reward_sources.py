@@ -217,7 +217,8 @@ def test_model_reward_batch_size_does_not_change_scores():
     assert torch.allclose(one, four, atol=1e-5)
     assert one.std() > 0  # different texts, different scores
     # and each row equals scoring its own unpadded text by hand
-    ids = tok("Hello" + " world")["input_ids"]
+    # (the completion ends with EOS, the layout `preftune reward` trains on)
+    ids = tok("Hello" + " world")["input_ids"] + [tok.eos_token_id]
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0, 0]
     assert abs(one[0].item() - expected.item()) < 1e-5
@@ -230,7 +231,9 @@ def test_model_reward_truncates_and_keeps_train_mode():
     scores = source(["a" * 50, "b"], ["c" * 50, "d"])
     with torch.no_grad():
         model.eval()
-        expected = model(input_ids=torch.tensor([tok("a" * 8)["input_ids"]])).logits[0, 0]
+        # truncated to max_length, still ending with EOS like the training layout
+        ids = tok("a" * 8)["input_ids"][:7] + [tok.eos_token_id]
+        expected = model(input_ids=torch.tensor([ids])).logits[0, 0]
     assert abs(scores[0].item() - expected.item()) < 1e-5
     model.train()
     source(["a"], ["b"])

@@ -174,8 +174,9 @@ def test_translated_values():
     cfg = resolve("sft", ["--dataset_text_field", "content"])
     assert cfg.columns == "text=content"
     # eval_strategy steps without eval_steps: transformers falls back to logging_steps.
+    # (evaluating needs held-out data: --eval-steps without it is refused)
     cfg = resolve("dpo", ["--eval_strategy", "steps", "--logging_steps", "7",
-                          "--save_strategy", "no"])
+                          "--save_strategy", "no", "--eval-fraction", "0.1"])
     assert (cfg.eval_steps, cfg.logging_steps, cfg.save_steps) == (7, 7, 0)
 
 
@@ -183,7 +184,8 @@ def test_translated_yaml_values(tmp_path):
     path = tmp_path / "trl.yaml"
     # YAML 1.1 reads `no` as false and `5e-7` as a string; both mean what TRL means.
     path.write_text("save_strategy: no\nlearning_rate: 5e-7\nmodel_name_or_path: 1e5\n"
-                    "eval_strategy: steps\neval_steps: 20\nreport_to: [none]\n")
+                    "eval_strategy: steps\neval_steps: 20\nreport_to: [none]\n"
+                    "eval_fraction: 0.1\n")  # evaluating needs held-out data
     cfg = resolve("dpo", ["--config", str(path)])
     assert (cfg.save_steps, cfg.lr, cfg.model, cfg.eval_steps, cfg.report_to) == (
         0, 5e-7, "1e5", 20, "")

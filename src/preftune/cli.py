@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import shlex
 import sys
 
 from preftune import __version__
@@ -74,24 +77,62 @@ def main(argv: list[str] | None = None) -> int:
         print(_top_level_help(), file=sys.stderr)
         print(f"\npreftune: error: unknown command {command!r}", file=sys.stderr)
         return 2
-    try:
-        if command == "data":  # a command group: the parser comes from its subcommand
-            from preftune.datatools.cli import build_parser as build_data_parser
+    from preftune.engine import preemption, rundir
 
-            argv = argv[1:]
-            parser, config_cls, run = build_data_parser(argv)
-        else:
-            parser, config_cls, run = build_parser(command)
-        namespace = parser.parse_args(argv[1:])  # argparse exits 2 on unknown options
-        cfg = build_config(config_cls, namespace)
-        run(cfg)
+    config_cls = None
+    try:
+        with preemption.handling():
+            if command == "data":  # a command group: the parser comes from its subcommand
+                from preftune.datatools.cli import build_parser as build_data_parser
+
+                parser, config_cls, run = build_data_parser(argv[1:])
+                namespace = parser.parse_args(argv[2:])
+            else:
+                parser, config_cls, run = build_parser(command)
+                namespace = parser.parse_args(argv[1:])  # argparse exits 2 on unknown options
+            cfg = build_config(config_cls, namespace)
+            run(cfg)
+    except preemption.Preempted as exc:
+        if _is_main_rank():
+            how = ""
+            if exc.resumable:
+                how = (f"; to continue: {_resume_command(argv)}"
+                       if "resume" in getattr(config_cls, "__dataclass_fields__", {})
+                       else "; run the same command again to continue")
+            print(f"preftune {command}: {exc}{how}", file=sys.stderr)
+        return exc.exit_code
     except PreftuneError as exc:
         print(f"preftune {command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"preftune {command}: interrupted", file=sys.stderr)
         return 130
+    except preemption.StoppedBeforeTraining as exc:
+        print(f"preftune {command}: stopped by SIGTERM before training started; nothing to "
+              "resume, run the same command again", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"preftune {command}: error: the disk is full (no space left on device){where}; "
+              "free some space and run the command again", file=sys.stderr)
+        return 2
+    finally:
+        rundir.release_all()
     return 0
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues a stopped run: the same one with --resume."""
+    args = [a for a in argv if a not in ("--overwrite", "--no-resume")]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["preftune", *args])
 
 
 if __name__ == "__main__":

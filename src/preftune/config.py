@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,11 +25,14 @@ from preftune.errors import PreftuneError
 
 
 def arg(default: Any, help: str, *, choices: tuple | None = None,
-        positional: bool = False) -> Any:
+        positional: bool = False, finite: bool = True) -> Any:
     """A config field with its documentation (shown by `--help`) and allowed values.
 
-    `positional`: a list given as the command's positional arguments (`preftune plot A B`)."""
-    metadata = {"help": help, "choices": choices, "positional": positional}
+    `positional`: a list given as the command's positional arguments (`preftune plot A B`).
+    Every number must be finite (`check_finite`, run for every command) unless the field
+    opts out with `finite=False`.
+    """
+    metadata = {"help": help, "choices": choices, "positional": positional, "finite": finite}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -49,8 +53,10 @@ class TrainConfig:
                      "Llama-style model with random weights and a byte-level tokenizer).")
     dtype: str = arg("auto", "Weights dtype when loading the model.",
                      choices=("auto", "float32", "bfloat16", "float16"))
-    mixed_precision: str = arg("auto", "Autocast precision: `auto` is bf16 where the hardware "
-                               "supports it (CUDA) and no autocast on the CPU.",
+    mixed_precision: str = arg("auto", "Autocast precision: `auto` is bf16 on CUDA devices "
+                               "that support it, and on CPUs with native bf16 (avx512_bf16 or "
+                               "AMX) when a startup probe measures bf16 at least 1.3x faster "
+                               "than float32; otherwise no autocast.",
                                choices=("auto", "no", "bf16", "fp16"))
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to "
                                        "save memory.")
@@ -101,6 +107,12 @@ class TrainConfig:
     warmup_steps: int = arg(0, "Warmup steps (overrides `warmup_ratio` when > 0).")
     max_grad_norm: float = arg(1.0, "Clip the global gradient norm to this (0: no clipping).")
     seed: int = arg(0, "Seed for weights of `tiny`, data order, sampling and dropout.")
+    nan_policy: str = arg("fail", "What a NaN or infinite loss or gradient norm does: `fail` "
+                          "stops the run at that step without saving a model (the checkpoints "
+                          "stay intact); `skip-step` skips that update and goes on (and fails "
+                          "after 10 such steps in a row).", choices=("fail", "skip-step"))
+    allow_data_change: bool = arg(False, "Let --resume continue on training data that differs "
+                                  "from the data the checkpoint was trained on.")
 
     # --- logging and checkpoints -------------------------------------------------------------
     logging_steps: int = arg(10, "Log training metrics every this many steps.")
@@ -119,6 +131,7 @@ class TrainConfig:
         _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
         _require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0")
         _require(self.epochs > 0, "epochs", self.epochs, "a number > 0")
+        _require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         _require(self.lr > 0, "lr", self.lr, "a number > 0")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _require(0 <= self.adam_beta1 < 1, "adam_beta1", self.adam_beta1, "a number in [0, 1)")
@@ -143,6 +156,18 @@ class TrainConfig:
         if self.eval_data and self.eval_fraction:
             raise PreftuneError("eval_data and eval_fraction were both given: pass one of them "
                                 "(eval_fraction splits `data`; eval_data is a separate file)")
+        if not self.eval_data and not self.eval_fraction and self.eval_steps:
+            raise PreftuneError(f"eval_steps={self.eval_steps} but there is no held-out data to "
+                                "evaluate on; pass --eval-data FILE or --eval-fraction, or drop "
+                                "--eval-steps")
+        if not self.lora:
+            changed = [f.name for f in dataclasses.fields(TrainConfig)
+                       if f.name.startswith("lora_") and getattr(self, f.name) != f.default]
+            if changed:
+                raise PreftuneError(f"{', '.join(changed)} set but lora is off, so "
+                                    f"{'they have' if len(changed) > 1 else 'it has'} no effect; "
+                                    "add --lora or drop "
+                                    + ", ".join("--" + c.replace("_", "-") for c in changed))
         if self.overwrite and self.resume:
             raise PreftuneError("overwrite and resume were both given: --resume continues the "
                                 "run in output_dir, --overwrite replaces it; pass one")
@@ -228,6 +253,11 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -289,8 +319,22 @@ def build_config(cls: type, namespace: argparse.Namespace) -> Any:
     names = set(fields_by_name)
     values.update({k: v for k, v in given.items() if k in names})
     cfg = cls(**values)
+    check_finite(cfg)
     cfg.validate()
     return cfg
+
+
+def check_finite(cfg: Any) -> None:
+    """Refuse NaN and infinity in every float setting (argparse and YAML accept `inf`, `nan`)
+    unless the field opts out with `arg(..., finite=False)`."""
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("finite", True):
+            continue
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise PreftuneError(f"{f.name}: got {value!r}, expected a finite number")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -5,8 +5,9 @@ Formats (columns; extra columns are allowed):
     language_modeling   text
     prompt_completion   prompt, completion
     conversational      messages
-    paired              prompt, chosen, rejected         (+ margin, subset)
-    implicit_paired     chosen, rejected                 (prompt = their common prefix)
+    arena               prompt, response_a, response_b, winner   (winner: a, b or tie)
+    paired              prompt, chosen, rejected         (+ margin, subset, tie)
+    implicit_paired     chosen, rejected                 (prompt = their common prefix; + tie)
     unpaired            prompt, completion, label
     ranked              prompt, completions, scores
     prompt_only         prompt
@@ -17,6 +18,13 @@ Each converter (`to_sft`, `to_pairs`, `to_unpaired`, `to_ranked`, `to_prompts`) 
 examples and a `DataReport`. A bad row (missing field, wrong type, empty text, chosen ==
 rejected, malformed messages, non-boolean label, bad ranking) raises a `PreftuneError` naming
 the row and field with `on_bad_row="error"`, or is counted under its reason with "skip".
+
+Ties: a pair with `tie` true, two completions of a ranked row with equal scores, or an arena
+row with `winner: tie` is a tied pair (`Pair.tie`, its two replies in `chosen`/`rejected` in no
+particular order). `to_pairs(..., ties="keep")` returns them (the tie-aware reward losses);
+`ties="drop"` (the default, for Bradley-Terry and DPO, which have no tie outcome) leaves them
+out and counts them in `DataReport.n_ties`, never turning a tie into a coin-flipped preference.
+`to_sft` and `to_unpaired` skip tied pairs (reason "tie"); `to_ranked` gives them equal scores.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ Text = Union[str, Messages]
 
 # Detection order: the most specific column sets first.
 FORMATS: dict[str, tuple[str, ...]] = {
+    "arena": ("prompt", "response_a", "response_b", "winner"),
     "ranked": ("prompt", "completions", "scores"),
     "unpaired": ("prompt", "completion", "label"),
     "paired": ("prompt", "chosen", "rejected"),
@@ -42,12 +51,18 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "prompt_only": ("prompt",),
 }
 ASSISTANT_MARKERS = ("Assistant:",)  # HH layout "\n\nHuman: ...\n\nAssistant: ..."
+# Arena `winner` values: preftune's a/b/tie, and Chatbot Arena's own (lmsys arena conversation
+# dumps: model_a, model_b, tie, "tie (bothbad)"); matched case-insensitively.
+ARENA_WINNERS = {"a": "a", "b": "b", "tie": "tie", "model_a": "a", "model_b": "b",
+                 "tie (bothbad)": "tie", "tie_bothbad": "tie"}
+TIE_MODES = ("drop", "keep")
 
 
 @dataclass
 class SFTExample:
     prompt: Text
     completion: Text
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -57,6 +72,8 @@ class Pair:
     rejected: Text
     margin: float | None = None
     subset: str | None = None
+    tie: bool = False  # a tie: neither reply preferred (chosen/rejected are just the two replies)
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -64,6 +81,7 @@ class Unpaired:
     prompt: Text
     completion: Text
     label: bool
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -71,12 +89,14 @@ class Ranked:
     prompt: Text
     completions: list
     scores: list[float]
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
 class PromptExample:
     prompt: Text
     extra: dict = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)  # "file, line N"
 
 
 @dataclass
@@ -90,11 +110,18 @@ class DataReport:
     n_examples: int = 0  # examples produced (a ranked row gives several pairs, ...)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> number of rows
     first_problem: dict[str, str] = field(default_factory=dict)  # reason -> first message
+    n_ties: int = 0  # tied pairs met (kept or dropped, as `ties` says)
+    ties: str = "drop"
 
     def summary(self) -> str:
         text = f"{self.source}: format {self.format}, {self.n_rows} rows, {self.n_kept} kept"
         if self.n_examples != self.n_kept:
             text += f" ({self.n_examples} examples)"
+        if self.n_ties and self.ties == "drop":
+            text += (f"; {self.n_ties} tied pairs dropped (Bradley-Terry and DPO have no tie "
+                     "outcome; reward --loss rao-kupper, davidson or three-way learns from them)")
+        elif self.n_ties:
+            text += f"; {self.n_ties} of the pairs are ties"
         if self.skipped:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
             text += f"; skipped {sum(self.skipped.values())} ({reasons})"
@@ -102,6 +129,10 @@ class DataReport:
             if first:
                 text += f"; first: {first}"
         return text
+
+
+class _TieRow(Exception):
+    """A row that holds only tied pairs, which the caller asked to drop (not a bad row)."""
 
 
 class _BadRow(Exception):
@@ -242,7 +273,37 @@ def _read_pair(row: dict, fmt: str, has_margin: bool) -> Pair:
     subset = row.get("subset")
     if subset is not None and not isinstance(subset, str):
         raise _BadRow("wrong_type", f"field 'subset' must be a string, got {_short(subset)}")
-    return Pair(prompt, chosen, rejected, margin=margin, subset=subset)
+    tie = _check_tie(row["tie"]) if row.get("tie") is not None else False
+    return Pair(prompt, chosen, rejected, margin=margin, subset=subset, tie=tie)
+
+
+def _check_tie(value: Any) -> bool:
+    try:
+        return _check_label(value)
+    except _BadRow:
+        raise _BadRow("bad_tie", f"field 'tie' must be a boolean (true/false, 1/0), got "
+                      f"{_short(value)}") from None
+
+
+def _read_arena(row: dict, has_margin: bool) -> Pair:
+    """prompt, response_a, response_b, winner -> a Pair with the winner as `chosen`."""
+    prompt = _check_text(_get(row, "prompt"), "prompt")
+    a = _check_completion(_get(row, "response_a"), "response_a", prompt)
+    b = _check_completion(_get(row, "response_b"), "response_b", prompt)
+    winner = _get(row, "winner")
+    key = winner.strip().lower() if isinstance(winner, str) else None
+    if key not in ARENA_WINNERS:
+        raise _BadRow("bad_winner", f"field 'winner' must be one of {', '.join(ARENA_WINNERS)}, "
+                      f"got {_short(winner)}")
+    if a == b:
+        raise _BadRow("chosen_equals_rejected", "fields 'response_a' and 'response_b' are identical")
+    margin = _check_number(_get(row, "margin"), "margin") if has_margin else None
+    subset = row.get("subset")
+    if subset is not None and not isinstance(subset, str):
+        raise _BadRow("wrong_type", f"field 'subset' must be a string, got {_short(subset)}")
+    outcome = ARENA_WINNERS[key]
+    chosen, rejected = (b, a) if outcome == "b" else (a, b)
+    return Pair(prompt, chosen, rejected, margin=margin, subset=subset, tie=outcome == "tie")
 
 
 def _implicit(row: dict) -> tuple[Text, Text, Text]:
@@ -285,29 +346,34 @@ def _read_ranked(row: dict) -> Ranked:
 
 
 def _ranked_to_pairs(ex: Ranked, mode: str, subset: str | None) -> list[Pair]:
+    """All pairs (or best vs worst); completions with equal scores give tied pairs."""
     k = len(ex.completions)
     if mode == "best_worst":
         best = max(range(k), key=lambda i: ex.scores[i])
         worst = min(range(k), key=lambda i: ex.scores[i])
-        index_pairs = [(best, worst)] if ex.scores[best] > ex.scores[worst] else []
-    else:  # all pairs with different scores, the higher-scored completion is chosen
+        if best == worst:  # all scores equal
+            best, worst = 0, k - 1
+        index_pairs = [(best, worst)]
+    else:  # every pair; the higher-scored completion is chosen
         index_pairs = [
-            (i, j) if ex.scores[i] > ex.scores[j] else (j, i)
+            (i, j) if ex.scores[i] >= ex.scores[j] else (j, i)
             for i in range(k)
             for j in range(i + 1, k)
-            if ex.scores[i] != ex.scores[j]
         ]
-    if not index_pairs:
-        raise _BadRow("bad_ranking", "field 'scores': all scores are equal, no pair to make")
     pairs = []
     for hi, lo in index_pairs:
+        tie = ex.scores[hi] == ex.scores[lo]
         if ex.completions[hi] == ex.completions[lo]:
+            if tie:
+                continue  # the same text twice, scored the same: nothing to compare
             raise _BadRow(
                 "chosen_equals_rejected",
-                f"fields 'completions[{hi}]' and 'completions[{lo}]' are identical but scored "
-                "differently",
+                f"fields 'completions[{hi}]' and 'completions[{lo}]' are identical",
             )
-        pairs.append(Pair(ex.prompt, ex.completions[hi], ex.completions[lo], subset=subset))
+        pairs.append(Pair(ex.prompt, ex.completions[hi], ex.completions[lo], subset=subset,
+                          tie=tie))
+    if not pairs:
+        raise _BadRow("bad_ranking", "fields 'completions': all completions are the same text")
     return pairs
 
 
@@ -331,6 +397,9 @@ def _convert(rows, source, on_bad_row, purpose, accepted, make) -> tuple[list, D
     for i, row in enumerate(rows):
         try:
             examples = make(row, fmt)
+        except _TieRow:
+            report.skipped["tie"] = report.skipped.get("tie", 0) + 1
+            continue
         except _BadRow as bad:
             location = where(i) if where else f"{source}, row {i + 1}"
             message = f"{location}: {bad.message}"
@@ -342,6 +411,9 @@ def _convert(rows, source, on_bad_row, purpose, accepted, make) -> tuple[list, D
             report.first_problem.setdefault(bad.reason, message)
             continue
         report.n_kept += 1
+        location = where(i) if where else f"{source}, row {i + 1}"
+        for ex in examples:  # so that later messages (tokenization) can name the file and line
+            ex.origin = location
         out.extend(examples)
     report.n_examples = len(out)
     if not out:
@@ -370,6 +442,8 @@ def to_sft(rows, source: str, *, on_bad_row: str = "error") -> tuple[list[SFTExa
         if fmt == "conversational":
             return [SFTExample(*_split_conversation(row))]
         pair = _read_pair(row, fmt, has_margin=False)
+        if pair.tie:
+            raise _TieRow()  # no preferred reply to imitate
         return [SFTExample(pair.prompt, pair.chosen)]
 
     accepted = (
@@ -383,22 +457,49 @@ def to_sft(rows, source: str, *, on_bad_row: str = "error") -> tuple[list[SFTExa
 
 
 def to_pairs(
-    rows, source: str, *, on_bad_row: str = "error", ranked_pairs: str = "all"
+    rows, source: str, *, on_bad_row: str = "error", ranked_pairs: str = "all",
+    ties: str = "drop",
 ) -> tuple[list[Pair], DataReport]:
-    """Rows -> preference pairs (paired, implicit_paired, or ranked expanded to pairs)."""
+    """Rows -> preference pairs (arena, paired, implicit_paired, or ranked expanded to pairs).
+
+    `ties="drop"` leaves tied pairs out and counts them (report.n_ties); "keep" returns them
+    with `tie=True`. A row whose pairs are all dropped ties is skipped under reason "tie".
+    """
     if ranked_pairs not in ("all", "best_worst"):
         raise PreftuneError(f"ranked_pairs must be 'all' or 'best_worst', got {ranked_pairs!r}")
+    if ties not in TIE_MODES:
+        raise PreftuneError(f"ties must be one of {', '.join(TIE_MODES)}, got {ties!r}")
     has_margin = "margin" in _columns(rows)
+    n_ties = 0
 
     def make(row, fmt):
+        nonlocal n_ties
         if fmt == "ranked":
             subset = row.get("subset") if isinstance(row.get("subset"), str) else None
-            return _ranked_to_pairs(_read_ranked(row), ranked_pairs, subset)
-        return [_read_pair(row, fmt, has_margin)]
+            pairs = _ranked_to_pairs(_read_ranked(row), ranked_pairs, subset)
+        elif fmt == "arena":
+            pairs = [_read_arena(row, has_margin)]
+        else:
+            pairs = [_read_pair(row, fmt, has_margin)]
+        tied = sum(p.tie for p in pairs)
+        n_ties += tied
+        if ties == "drop" and tied:
+            pairs = [p for p in pairs if not p.tie]
+            if not pairs:
+                raise _TieRow()
+        return pairs
 
-    return _convert(
-        rows, source, on_bad_row, "preference pairs", ("paired", "implicit_paired", "ranked"), make
-    )
+    try:
+        out, report = _convert(rows, source, on_bad_row, "preference pairs",
+                               ("arena", "paired", "implicit_paired", "ranked"), make)
+    except PreftuneError as e:
+        if n_ties and ties == "drop":
+            raise PreftuneError(f"{e}; all {n_ties} usable pairs are ties, which Bradley-Terry "
+                                "and DPO cannot learn from (use reward --loss rao-kupper, "
+                                "davidson or three-way)") from None
+        raise
+    report.n_ties, report.ties = n_ties, ties
+    return out, report
 
 
 def to_unpaired(
@@ -412,6 +513,8 @@ def to_unpaired(
             completion = _check_completion(_get(row, "completion"), "completion", prompt)
             return [Unpaired(prompt, completion, _check_label(_get(row, "label")))]
         pair = _read_pair(row, fmt, has_margin=False)
+        if pair.tie:
+            raise _TieRow()  # neither reply is desirable rather than undesirable
         return [
             Unpaired(pair.prompt, pair.chosen, True),
             Unpaired(pair.prompt, pair.rejected, False),
@@ -434,7 +537,7 @@ def to_ranked(rows, source: str, *, on_bad_row: str = "error") -> tuple[list[Ran
         if fmt == "ranked":
             return [_read_ranked(row)]
         pair = _read_pair(row, fmt, has_margin=False)
-        return [Ranked(pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0])]
+        return [Ranked(pair.prompt, [pair.chosen, pair.rejected], [0.0 if pair.tie else 1.0, 0.0])]
 
     return _convert(
         rows, source, on_bad_row, "rankings", ("ranked", "paired", "implicit_paired"), make
@@ -465,6 +568,7 @@ def to_prompts(
 
     accepted = (
         "prompt_only",
+        "arena",
         "paired",
         "implicit_paired",
         "unpaired",

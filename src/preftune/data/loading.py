@@ -133,13 +133,21 @@ def _read_file(path: Path, label: str, rows: Rows) -> None:
 def _read_text(path: Path, label: str) -> str:
     try:
         if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PreftuneError(f"{label}: not UTF-8 text ({e})") from None
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError) as e:
         raise PreftuneError(f"{label}: could not read file ({e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PreftuneError(
+            f"{label}, line {line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+            f"{column}); save the file as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: Path, label: str, rows: Rows, text: str | None = None) -> None:
@@ -194,12 +202,32 @@ def _read_arrow(path: Path, label: str, rows: Rows, kind: str) -> None:
         else:
             import pyarrow.csv as pcsv
 
+            _check_csv_quotes(path, label)
             table = pcsv.read_csv(path)
+    except PreftuneError:
+        raise
     except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
         raise PreftuneError(f"{label}: could not read {kind} file ({e})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
         rows.append(row)
         rows.origins.append((label, "row", i))
+
+
+def _check_csv_quotes(path: Path, label: str) -> None:
+    """Refuse a malformed quoted field such as `"ans"wer`, which pyarrow silently reads as
+    `answer`: Python's strict CSV reader finds it and its line."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(_read_text(path, label), newline=""), strict=True)
+    try:
+        for _ in reader:
+            pass
+    except csv.Error as e:
+        raise PreftuneError(
+            f"{label}, line {reader.line_num}: malformed CSV ({e}); a field with quotes must be "
+            'quoted as a whole, with inner quotes doubled: "say ""hi"""'
+        ) from None
 
 
 def _read_folder(path: Path, label: str, split: str) -> Rows:

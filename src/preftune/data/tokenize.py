@@ -253,7 +253,7 @@ class _Encoder:
         self.report = report
         self.index = 0  # 1-based number of the example being encoded, for error messages
 
-    def sequences(self, prompt: Text, completions: list[Text]):
+    def sequences(self, prompt: Text, completions: list[Text], origin: str | None = None):
         """-> list of sequence features (None for a completion with nothing left)."""
         prompt_text = None
         completion_texts = []
@@ -272,7 +272,8 @@ class _Encoder:
                 self.tokens.prefix,
             )
         except PromptTooLong as exc:
-            raise PreftuneError(f"example {self.index}: {exc} (prompt_truncation=error; use "
+            where = f"{origin} (example {self.index})" if origin else f"example {self.index}"
+            raise PreftuneError(f"{where}: {exc} (prompt_truncation=error; use "
                                 "keep_end or keep_start to truncate instead)") from None
         self.report.n_prompt_truncated += prompt_cut
         features, any_cut = [], False
@@ -292,7 +293,7 @@ def tokenize_sft(tokenizer, examples: list[SFTExample], trunc: TruncationConfig,
     enc = _Encoder(tokenizer, trunc, report)
     features = []
     for ex in _progress(examples, progress, "tokenize"):
-        (seq,) = enc.sequences(ex.prompt, [ex.completion])
+        (seq,) = enc.sequences(ex.prompt, [ex.completion], getattr(ex, "origin", None))
         if seq is None:
             report.drop("no_completion_tokens")
             continue
@@ -306,7 +307,7 @@ def tokenize_unpaired(tokenizer, examples: list[Unpaired], trunc: TruncationConf
     enc = _Encoder(tokenizer, trunc, report)
     features = []
     for ex in _progress(examples, progress, "tokenize"):
-        (seq,) = enc.sequences(ex.prompt, [ex.completion])
+        (seq,) = enc.sequences(ex.prompt, [ex.completion], getattr(ex, "origin", None))
         if seq is None:
             report.drop("no_completion_tokens")
             continue
@@ -320,7 +321,7 @@ def tokenize_pairs(tokenizer, examples: list[Pair], trunc: TruncationConfig, pro
     enc = _Encoder(tokenizer, trunc, report)
     features = []
     for ex in _progress(examples, progress, "tokenize"):
-        chosen, rejected = enc.sequences(ex.prompt, [ex.chosen, ex.rejected])
+        chosen, rejected = enc.sequences(ex.prompt, [ex.chosen, ex.rejected], getattr(ex, "origin", None))
         if chosen is None or rejected is None:
             report.drop("no_completion_tokens")
             continue
@@ -348,7 +349,7 @@ def tokenize_ranked(tokenizer, examples: list[Ranked], trunc: TruncationConfig, 
     enc = _Encoder(tokenizer, trunc, report)
     features = []
     for ex in _progress(examples, progress, "tokenize"):
-        seqs = enc.sequences(ex.prompt, list(ex.completions))
+        seqs = enc.sequences(ex.prompt, list(ex.completions), getattr(ex, "origin", None))
         if any(s is None for s in seqs):
             report.drop("no_completion_tokens")
             continue
@@ -386,7 +387,9 @@ def tokenize_prompts(
                 tokens.prompt_ids(prompt_text), max_prompt_length, prompt_truncation, tokens.prefix
             )
         except PromptTooLong as exc:
-            raise PreftuneError(f"prompt {index}: {exc}") from None
+            origin = getattr(ex, "origin", None)
+            where = f"{origin} (prompt {index})" if origin else f"prompt {index}"
+            raise PreftuneError(f"{where}: {exc}") from None
         report.n_prompt_truncated += cut
         if not ids:
             report.drop("empty_prompt")

@@ -19,7 +19,7 @@ from preftune.datatools.io import (
     write_report,
 )
 from preftune.errors import PreftuneError
-from preftune.evaluation.report import atomic_output, to_jsonable
+from preftune.utils import atomic_output, to_jsonable
 
 
 @dataclass

@@ -388,7 +388,7 @@ def plot_lengths(arrays: dict, unit: str, out_dir) -> list[str]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from preftune.evaluation.report import atomic_output
+    from preftune.utils import atomic_output
 
     out_dir = Path(out_dir)
     written = []

@@ -25,7 +25,7 @@ from preftune.data.loading import (
     parse_column_map,
 )
 from preftune.errors import PreftuneError
-from preftune.evaluation.report import atomic_output, write_json_atomic
+from preftune.utils import atomic_output, atomic_write_json
 
 Origin = tuple[str, str, int]  # (file label, unit, number), e.g. ("data.jsonl", "line", 7)
 OUTPUT_FORMATS = ("jsonl", "parquet")
@@ -302,7 +302,7 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict], fmt: str = "jsonl"
 
 
 def write_report(report: dict, path: str | os.PathLike) -> None:
-    write_json_atomic(report, path)
+    atomic_write_json(path, report, strict=True)
 
 
 def output_path(output_dir: str | os.PathLike, stem: str, fmt: str) -> Path:

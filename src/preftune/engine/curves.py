@@ -77,7 +77,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], path: str | os.PathLike, *,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from preftune.evaluation.report import atomic_output
+    from preftune.utils import atomic_output
 
     runs = [read_metrics(d) for d in run_dirs]
     labels = labels or [Path(d).name or str(d) for d in run_dirs]

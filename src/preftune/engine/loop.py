@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from preftune.engine.engine import Engine
+from preftune.engine.engine import Engine, data_fingerprint
 
 
 class Objective(Protocol):
@@ -75,6 +75,7 @@ def train_offline(engine: Engine, module: torch.nn.Module, train_set: Sequence[A
     """Run the optimisation; return the last logged training and evaluation metrics."""
     cfg = engine.cfg
     device = engine.accelerator.device
+    engine.data_fingerprint = data_fingerprint(train_set)
     state = engine.maybe_resume()
     start = int(state["step"])
     bar = engine.progress(start)
@@ -137,8 +138,7 @@ def train_offline(engine: Engine, module: torch.nn.Module, train_set: Sequence[A
             if ev:
                 engine.log(step, ev)
                 last.update(ev)
-        if engine.should_save(step):
-            engine.save_checkpoint(step)
+        engine.step_done(step)  # checkpoint every save_steps; stop here on SIGTERM/SIGINT
 
     ev = run_eval()
     if ev:

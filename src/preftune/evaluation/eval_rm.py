@@ -14,8 +14,21 @@ Models see exactly what `preftune reward` trains on: the same data conversion, t
 truncation (by default read from the `config.yaml` the training run left next to the model)
 and right-padded batches. The statistics are pure functions in `evaluation.stats`.
 
+Also: a reward-model ensemble (`preftune reward --ensemble K`), read as one reward through
+`--ensemble-agg`, with each member's accuracy and the members' disagreement; and the three-way
+head of `preftune reward --loss three-way` (a pair classifier, no reward per reply).
+
+Ties (`tie` labels, arena `winner: tie`, equal ranked scores) are kept out of the pairwise
+accuracy and evaluated three ways (P(win), P(tie), P(lose): log loss, accuracy, calibration;
+`evaluation.ties`). A tie-aware model gives the probabilities itself; for a reward without a tie
+outcome a margin threshold is fitted on `--tie-fit-fraction` of the pairs, and every model's
+three-way numbers are on the remaining pairs, so that they compare on the same pairs.
+
+`--best-of-k` evaluates something else: prompts with several completions and a gold score
+(`evaluation.best_of_k`).
+
 Outputs in `--output-dir`: results.json, scores.jsonl (one line per pair), reliability.png,
-rewards.png, config.yaml; the accuracy table is printed.
+rewards.png, ties_reliability.png (with ties), config.yaml; the accuracy table is printed.
 """
 
 from __future__ import annotations
@@ -41,16 +54,16 @@ from preftune.data.tokenize import (TokenizeReport, TruncationConfig, set_chat_t
 from preftune.errors import PreftuneError
 from preftune.evaluation import stats
 from preftune.evaluation.plots import reliability_diagram, reward_distributions
-from preftune.evaluation.report import format_table, write_json_atomic
+from preftune.evaluation.report import format_table
 from preftune.models.loading import (_resolve, _torch_dtype, check_same_tokenizer, load_causal_lm,
                                      load_tokenizer)
 from preftune.models.logprobs import completion_logprobs
 from preftune.rewards.sources import FunctionReward
 from preftune.trainers.common import resolve_data_source
 from preftune.trainers.reward import check_max_length, ensure_eos
-from preftune.utils import atomic_write_text
+from preftune.utils import atomic_write_json, atomic_write_text
 
-REWARD_KINDS = ("classifier", "implicit", "reference_free", "function")
+REWARD_KINDS = ("classifier", "three_way", "ensemble", "implicit", "reference_free", "function")
 RESULT_FILES = ("results.json", "scores.jsonl", "reliability.png", "rewards.png")
 
 
@@ -63,7 +76,8 @@ class EvalRMConfig:
                      "offline cache) in the transformers sequence-classification layout; a "
                      "causal-LM policy with --ref-model or --reference-free; or a python "
                      "function as `module:function` or `path/to/file.py:function`, called as "
-                     "fn(prompts, completions) and returning one number per completion.")
+                     "fn(prompts, completions) and returning one number per completion (the "
+                     "file is imported and run with your user's rights).")
     ref_model: str = arg("", "Reference model of a DPO-trained policy: the reward is then the "
                          "implicit reward beta * sum_t log pi(y_t|..)/pi_ref(y_t|..).")
     reference_free: bool = arg(False, "Score a policy by beta * its own log-prob of the "
@@ -103,6 +117,28 @@ class EvalRMConfig:
     n_bins: int = arg(10, "Bins of the reliability diagram and of the calibration error.")
     section_weights: str = arg("", "Weights of the `subset` sections for a weighted accuracy "
                                "row, e.g. `chat=1,safety=2` (subsets not named get weight 0).")
+    tie_fit_fraction: float = arg(0.3, "With tied pairs in the data: this fraction of the pairs "
+                                  "(drawn with `seed`) fits the margin-threshold tie baseline "
+                                  "of rewards without a tie outcome; the three-way numbers of "
+                                  "every reward are on the other pairs.")
+
+    # --- ensembles ---------------------------------------------------------------------------
+    ensemble_agg: str = arg("mean", "How an ensemble's members are combined (Coste et al. "
+                            "2023): mean, min, mean-minus-std, mean-minus-var.",
+                            choices=("mean", "min", "mean-minus-std", "mean-minus-var"))
+    ensemble_coef: float = arg(1.0, "The multiple of the members' std (variance) subtracted by "
+                               "mean-minus-std (mean-minus-var).")
+
+    # --- best-of-K ---------------------------------------------------------------------------
+    best_of_k: bool = arg(False, "Best-of-K evaluation instead of pairs: `data` holds prompts "
+                          "with several `completions` each and a gold source; the gold score "
+                          "of the reward's pick among K completions, against K, beside the "
+                          "oracle's and a random pick.")
+    gold_fn: str = arg("", "With best_of_k: the gold score, a python function `module:function` "
+                       "called as fn(prompts, completions, **columns). Default: 1 when the "
+                       "completion, stripped, equals the row's `answer` column, else 0.")
+    k_values: list[int] = arg([], "With best_of_k: the K values (default 1, 2, 4, ... up to "
+                              "the fewest completions of a prompt).")
 
     # --- output ------------------------------------------------------------------------------
     output_dir: str = arg("", "Where results.json, scores.jsonl and the plots go "
@@ -136,7 +172,7 @@ class EvalRMConfig:
                                 "log-ratios against a reference, --reference-free the policy alone; "
                                 "pass one")
         kind = self.reward_kind
-        if kind in ("classifier", "function"):
+        if kind in ("classifier", "function", "ensemble"):
             for name, value, default in (("logprob_agg", self.logprob_agg, "sum"),
                                          ("beta", self.beta, 1.0)):
                 if value != default:
@@ -149,14 +185,39 @@ class EvalRMConfig:
                     raise PreftuneError(f"{name}: a python-function reward reads the raw text, "
                                         "not tokens; drop the setting")
         parse_section_weights(self.section_weights)
+        _require(0 < self.tie_fit_fraction < 1, "tie_fit_fraction", self.tie_fit_fraction,
+                 "a number in (0, 1)")
+        _require(math.isfinite(self.ensemble_coef) and self.ensemble_coef >= 0, "ensemble_coef",
+                 self.ensemble_coef, "a finite number >= 0")
+        if kind != "ensemble" and (self.ensemble_agg != "mean" or self.ensemble_coef != 1.0):
+            raise PreftuneError(f"ensemble_agg/ensemble_coef only apply to an ensemble folder "
+                                f"(with ensemble.json); {self.model!r} is a {kind} reward")
+        if self.ensemble_agg not in ("mean-minus-std", "mean-minus-var") and self.ensemble_coef != 1.0:
+            raise PreftuneError(f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
+                                f"mean-minus-var, not {self.ensemble_agg}")
+        if not self.best_of_k and (self.gold_fn or self.k_values):
+            raise PreftuneError("gold_fn and k_values only apply to --best-of-k")
+        if self.best_of_k:
+            if kind in ("implicit", "reference_free"):
+                raise PreftuneError("best_of_k scores completions with a reward model, an "
+                                    "ensemble or a python function, not a policy's implicit reward")
+            if any(k < 1 for k in self.k_values):
+                raise PreftuneError(f"k_values: got {self.k_values}, expected integers >= 1")
 
     @property
     def reward_kind(self) -> str:
+        from preftune.rewards.sources import is_ensemble
+
         if looks_like_function(self.model):
             if self.ref_model or self.reference_free:
                 raise PreftuneError(f"model {self.model!r} is a python function; --ref-model and "
                                     "--reference-free only apply to a policy model")
             return "function"
+        if is_ensemble(self.model):
+            if self.ref_model or self.reference_free:
+                raise PreftuneError(f"{self.model!r} is a reward-model ensemble; --ref-model and "
+                                    "--reference-free only apply to a policy model")
+            return "ensemble"
         if self.ref_model:
             return "implicit"
         if self.reference_free:
@@ -196,7 +257,7 @@ def parse_section_weights(spec: str) -> dict[str, float] | None:
 def read_pairs(cfg: EvalRMConfig, log) -> list:
     column_map = parse_column_map(cfg.columns) if cfg.columns else None
     rows = load_rows(resolve_data_source(cfg.data), split=cfg.split, column_map=column_map)
-    pairs, report = formats.to_pairs(rows, cfg.data, on_bad_row=cfg.on_bad_row)
+    pairs, report = formats.to_pairs(rows, cfg.data, on_bad_row=cfg.on_bad_row, ties="keep")
     log(report.summary())
     return pairs
 
@@ -354,7 +415,8 @@ def load_classifier(cfg: EvalRMConfig):
                 if causal else "pass a reward model trained by `preftune reward`")
         raise PreftuneError(f"{cfg.model!r} ({', '.join(architectures)}) has no reward head "
                             f"(no ...ForSequenceClassification architecture); {hint}")
-    if config.num_labels != 1:
+    three_way = getattr(config, "preftune_head", None) == "three-way" and config.num_labels == 3
+    if config.num_labels != 1 and not three_way:
         raise PreftuneError(f"{cfg.model!r} has num_labels={config.num_labels}; a reward model has "
                             "one output (train one with `preftune reward`)")
     try:
@@ -406,10 +468,175 @@ def _check_finite_rewards(r_c: np.ndarray, r_r: np.ndarray, pairs: list, index: 
             "the model's weights or dtype may be broken (try --dtype float32)")
 
 
+@dataclass
+class Scored:
+    """What a scorer hands the statistics: one entry per kept pair (`index` into the data)."""
+
+    index: list[int]
+    r_c: np.ndarray | None  # rewards of the first (preferred) replies; None for a 3-way head
+    r_r: np.ndarray | None
+    len_c: np.ndarray | None
+    len_r: np.ndarray | None
+    length_unit: str
+    trunc: object = None
+    dropped: dict = dataclasses.field(default_factory=dict)
+    probs: np.ndarray | None = None  # [N, 3] P(win, tie, lose) of a tie-aware model
+    tie_method: str = ""
+    ensemble: dict | None = None
+
+
+def score_model_dir(cfg: EvalRMConfig, pairs: list, log) -> Scored:
+    """A sequence classifier (one output, maybe Rao-Kupper/Davidson) or a three-way head."""
+    device = _device(cfg)
+    model, tokenizer, name = load_classifier(cfg)
+    trunc = resolve_truncation(cfg, name, log)
+    check_max_length(trunc.max_length, model, tokenizer, repr(cfg.model))
+    model = model.to(device)
+    config = model.config
+    if getattr(config, "preftune_head", None) == "three-way":
+        probs, index, dropped = score_three_way(model, tokenizer, pairs, trunc, cfg, device, log)
+        return Scored(index, None, None, None, None, "tokens", trunc, dropped, probs,
+                      "three-way head")
+    features, index, dropped = tokenize_each(tokenizer, pairs, trunc, log)
+    if not features:
+        raise PreftuneError(f"{cfg.data}: no pairs left to score after tokenization ({dropped})")
+    r_c, r_r = score_classifier(model, features, tokenizer.pad_token_id, cfg.batch_size, device)
+    len_c, len_r = completion_lengths(features)
+    scored = Scored(index, r_c, r_r, len_c, len_r, "tokens", trunc, dropped)
+    tie_model = getattr(config, "tie_model", None)
+    if tie_model:
+        from preftune.evaluation.ties import model_probabilities
+
+        scored.probs = model_probabilities(r_c - r_r, tie_model, float(config.tie_parameter))
+        letter = "theta" if tie_model == "rao-kupper" else "nu"
+        scored.tie_method = f"{tie_model} ({letter} = {float(config.tie_parameter):.4g})"
+    return scored
+
+
+@torch.no_grad()
+def score_three_way(model, tokenizer, pairs: list, trunc, cfg: EvalRMConfig, device, log):
+    """P(win), P(tie), P(lose) of the first reply, averaged over both orders of the pair."""
+    from preftune.data.collate import pad_sequences
+    from preftune.data.tokenize import tokenize_sft
+    from preftune.trainers.reward import joint_examples
+
+    features, index, dropped = [], [], {}
+    for i, pair in enumerate(pairs):
+        (ab, _), (ba, _) = joint_examples(tokenizer, pair, trunc)
+        feats, _ = tokenize_sft(tokenizer, [ab, ba], trunc, progress=False)
+        if len(feats) == 2:
+            features += feats
+            index.append(i)
+        else:
+            dropped["no_completion_tokens"] = dropped.get("no_completion_tokens", 0) + 1
+    if not features:
+        raise PreftuneError(f"{cfg.data}: no pairs left to score after tokenization ({dropped})")
+    probs = np.empty((len(features), 3))
+    for start in _progress(range(0, len(features), cfg.batch_size), "scoring"):
+        batch = pad_sequences(features[start:start + cfg.batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        probs[start:start + len(logits)] = torch.softmax(logits.float(), -1).cpu().numpy()
+    ab, ba = probs[0::2], probs[1::2]
+    return (ab + ba[:, ::-1]) / 2, index, dropped  # B-first's "second wins" is A winning
+
+
+def score_ensemble(cfg: EvalRMConfig, pairs: list, log) -> Scored:
+    """Every member scored as a classifier; rewards aggregated per reply (`aggregate_ensemble`)."""
+    from preftune.rewards.sources import aggregate_ensemble, ensemble_members
+
+    members = []
+    for path in ensemble_members(cfg.model):
+        log(f"ensemble member {path}")
+        members.append(score_model_dir(dataclasses.replace(cfg, model=path, ensemble_agg="mean",
+                                                           ensemble_coef=1.0), pairs, log))
+    if any(m.index != members[0].index for m in members) or any(m.r_c is None for m in members):
+        raise PreftuneError(f"the members of {cfg.model!r} kept different pairs after "
+                            "tokenization (different truncation settings?) or are not scalar "
+                            "reward models; an ensemble needs members trained alike")
+    k = len(members)
+    both = torch.tensor(np.stack([np.concatenate([m.r_c, m.r_r]) for m in members]))
+    total, std = aggregate_ensemble(both, cfg.ensemble_agg, cfg.ensemble_coef)
+    n = len(members[0].index)
+    first = members[0]
+    scored = Scored(first.index, total[:n].numpy(), total[n:].numpy(), first.len_c, first.len_r,
+                    "tokens", first.trunc, first.dropped)
+    tie_models = {getattr(m, "tie_method", "").split(" ")[0] for m in members}
+    if all(m.probs is not None for m in members) and len(tie_models) == 1:
+        scored.probs = np.mean([m.probs for m in members], axis=0)
+        scored.tie_method = f"mean of the {k} members' {tie_models.pop()} probabilities"
+    scored.ensemble = {"members": k, "agg": cfg.ensemble_agg, "coef": cfg.ensemble_coef,
+                       "mean_member_std": float(std.mean()),
+                       "member_accuracy": [float(np.mean(m.r_c > m.r_r)) for m in members],
+                       "_member_rewards": (np.stack([m.r_c for m in members], 1),
+                                           np.stack([m.r_r for m in members], 1)),
+                       "_untied_member_outcomes": [m.r_c > m.r_r for m in members]}
+    return scored
+
+
+def score_pairs(cfg: EvalRMConfig, kind: str, pairs: list, log) -> Scored:
+    if kind == "function":
+        r_c, r_r = score_function(cfg.model, pairs, cfg.batch_size)
+        len_c = np.array([_text_length(p.chosen) for p in pairs], dtype=np.float64)
+        len_r = np.array([_text_length(p.rejected) for p in pairs], dtype=np.float64)
+        return Scored(list(range(len(pairs))), r_c, r_r, len_c, len_r, "characters")
+    if kind == "classifier":
+        return score_model_dir(cfg, pairs, log)
+    if kind == "ensemble":
+        return score_ensemble(cfg, pairs, log)
+    device = _device(cfg)
+    policy, ref, tokenizer = load_policies(cfg)
+    trunc = resolve_truncation(cfg, cfg.model, log)
+    features, index, dropped = tokenize_each(tokenizer, pairs, trunc, log)
+    if not features:
+        raise PreftuneError(f"{cfg.data}: no pairs left to score after tokenization ({dropped})")
+    r_c, r_r = score_policy(policy.to(device), ref.to(device) if ref is not None else None,
+                            features, tokenizer.pad_token_id, cfg.batch_size, device,
+                            agg=cfg.logprob_agg, beta=cfg.beta)
+    len_c, len_r = completion_lengths(features)
+    return Scored(index, r_c, r_r, len_c, len_r, "tokens", trunc, dropped)
+
+
+def evaluate_ties(cfg: EvalRMConfig, sc: Scored, tied: np.ndarray, out: Path, log) -> dict:
+    """Three-way metrics on the pairs outside the fit split (see the module docstring)."""
+    from preftune.evaluation import ties as tie_stats
+
+    n = len(tied)
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_fit = max(2, round(cfg.tie_fit_fraction * n)) if tied.any() else 0
+    if tied.any() and n - n_fit < 1:
+        raise PreftuneError(f"tie_fit_fraction={cfg.tie_fit_fraction} leaves no pair to evaluate "
+                            f"ties on (of {n})")
+    fit_idx, test_idx = np.sort(order[:n_fit]), np.sort(order[n_fit:])
+    labels = tied.astype(int)
+    if sc.probs is not None:
+        probs, method, fit = sc.probs, sc.tie_method, None
+    else:
+        diff = sc.r_c - sc.r_r
+        if n_fit < 2 or not tied[fit_idx].any():
+            raise PreftuneError("the tie baseline needs tied pairs in the fit split; the data "
+                                f"has {int(tied.sum())} ties in {n} pairs (raise --tie-fit-fraction)")
+        fit = tie_stats.fit_margin_threshold(diff[fit_idx], tied[fit_idx])
+        probs = tie_stats.threshold_probabilities(diff, fit)
+        method = (f"margin threshold: P(tie) = {fit.p_inside:.3f} when |r_a - r_b| < "
+                  f"{fit.tau:.4g}, else {fit.p_outside:.3f} (fitted on {fit.n_fit} pairs)")
+    metrics = tie_stats.three_way_metrics(probs[test_idx], labels[test_idx], n_bins=cfg.n_bins,
+                                          confidence=cfg.confidence)
+    metrics.update({"method": method, "n_fit": int(n_fit),
+                    "fit": dataclasses.asdict(fit) if fit is not None else None})
+    tie_stats.reliability_plot(metrics, out / "ties_reliability.png")
+    metrics["_probs"], metrics["_test"] = probs, test_idx
+    return metrics
+
+
 def run_eval_rm(cfg: EvalRMConfig) -> dict:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if cfg.best_of_k:
+        from preftune.evaluation.best_of_k import run_best_of_k
+
+        return run_best_of_k(cfg, log)
     out = Path(cfg.output_dir or "runs/eval-rm")
     if not cfg.overwrite and any((out / f).exists() for f in RESULT_FILES):
         raise PreftuneError(f"output directory {out} already holds eval-rm results: pass "
@@ -418,61 +645,55 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     weights = parse_section_weights(cfg.section_weights)
     pairs = read_pairs(cfg, log)
 
-    # Scoring: every kind ends in r_c, r_r (one per kept pair), lengths and the kept indices.
-    dropped: dict[str, int] = {}
-    trunc = None
-    if kind == "function":
-        r_c, r_r = score_function(cfg.model, pairs, cfg.batch_size)
-        index = list(range(len(pairs)))
-        len_c = np.array([_text_length(p.chosen) for p in pairs], dtype=np.float64)
-        len_r = np.array([_text_length(p.rejected) for p in pairs], dtype=np.float64)
-        length_unit = "characters"
-    else:
-        device = _device(cfg)
-        if kind == "classifier":
-            model, tokenizer, name = load_classifier(cfg)
-            trunc = resolve_truncation(cfg, name, log)
-            check_max_length(trunc.max_length, model, tokenizer, repr(cfg.model))
-        else:
-            policy, ref, tokenizer = load_policies(cfg)
-            trunc = resolve_truncation(cfg, cfg.model, log)
-        features, index, dropped = tokenize_each(tokenizer, pairs, trunc, log)
-        if not features:
-            raise PreftuneError(f"{cfg.data}: no pairs left to score after tokenization ({dropped})")
-        pad_id = tokenizer.pad_token_id
-        if kind == "classifier":
-            r_c, r_r = score_classifier(model.to(device), features, pad_id, cfg.batch_size, device)
-        else:
-            r_c, r_r = score_policy(policy.to(device), ref.to(device) if ref is not None else None,
-                                    features, pad_id, cfg.batch_size, device,
-                                    agg=cfg.logprob_agg, beta=cfg.beta)
-        len_c, len_r = completion_lengths(features)
-        length_unit = "tokens"
-    _check_finite_rewards(r_c, r_r, pairs, index, f"{kind} reward {cfg.model!r}")
+    # Scoring: every kind ends in r_c, r_r (or a three-way head's probabilities) per kept pair.
+    sc = score_pairs(cfg, kind, pairs, log)
+    if sc.probs is not None and sc.r_c is None:
+        kind = "three_way"
+    index = sc.index
+    tied = np.array([pairs[i].tie for i in index], dtype=bool)
+    untied = ~tied
+    if sc.r_c is not None:
+        _check_finite_rewards(sc.r_c, sc.r_r, pairs, index, f"{kind} reward {cfg.model!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    tie_results = None
+    if tied.any() or sc.probs is not None:
+        tie_results = evaluate_ties(cfg, sc, tied, out, log)
+    if not untied.any():
+        raise PreftuneError(f"{cfg.data}: every pair is a tie; the pairwise accuracy needs "
+                            "untied pairs")
 
-    # Statistics (pure functions of the scores).
-    subsets = [pairs[i].subset for i in index]
+    # Pairwise statistics on the untied pairs (pure functions of the scores).
+    subsets = [pairs[i].subset for i, t in zip(index, tied) if not t]
     has_subsets = any(s is not None for s in subsets)
     if weights is not None and not has_subsets:
         raise PreftuneError("section_weights were given but the data has no `subset` column")
     if has_subsets:
         subsets = [s if s is not None else "(none)" for s in subsets]
+    if sc.r_c is not None:
+        r_c, r_r = sc.r_c[untied], sc.r_r[untied]
+    else:  # the three-way head: P(win) against P(lose) as the two "rewards"
+        r_c, r_r = np.log(sc.probs[untied, 0]), np.log(sc.probs[untied, 2])
     outcomes = stats.pair_outcomes(r_c, r_r, ties=cfg.ties)
     rows = stats.accuracy_table(outcomes, subsets if has_subsets else None,
                                 section_weights=weights, confidence=cfg.confidence)
     cal = stats.calibration(r_c, r_r, n_bins=cfg.n_bins)
-    bias = stats.length_bias(r_c, r_r, len_c, len_r, outcomes, confidence=cfg.confidence)
     summary = stats.reward_summary(r_c, r_r)
+    bias = None
+    if sc.len_c is not None:
+        bias = stats.length_bias(r_c, r_r, sc.len_c[untied], sc.len_r[untied], outcomes,
+                                 confidence=cfg.confidence)
+        bias["unit"] = sc.length_unit
     overall = rows[0]
     results = {
         "model": cfg.model,
         "ref_model": cfg.ref_model or None,
         "reward_kind": kind,
         "data": cfg.data,
-        "n_pairs": len(r_c),
+        "n_pairs": int(untied.sum()),
+        "n_tied_pairs": int(tied.sum()),
         "n_pairs_in_data": len(pairs),
-        "dropped_after_tokenization": dropped,
-        "truncation": dataclasses.asdict(trunc) if trunc is not None else None,
+        "dropped_after_tokenization": sc.dropped,
+        "truncation": dataclasses.asdict(sc.trunc) if sc.trunc is not None else None,
         "ties": cfg.ties,
         "n_ties": int(np.sum(r_c == r_r)),
         "confidence": cfg.confidence,
@@ -488,27 +709,49 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
                       "count": int(cal.counts[b]), "confidence": cal.confidence[b],
                       "accuracy": cal.accuracy[b]} for b in range(cfg.n_bins)],
         },
-        "length_bias": {**bias, "unit": length_unit},
+        "length_bias": bias,
         "rewards": summary,
         "files": {name: str(out / name) for name in RESULT_FILES},
     }
+    if sc.ensemble is not None:
+        member_outcomes = sc.ensemble.pop("_untied_member_outcomes")
+        sc.ensemble["member_accuracy"] = [float(np.mean(o[untied])) for o in member_outcomes]
+        results["ensemble"] = {k: v for k, v in sc.ensemble.items() if not k.startswith("_")}
+    if tie_results is not None:
+        probs, test_idx = tie_results.pop("_probs"), tie_results.pop("_test")
+        results["ties_three_way"] = tie_results
+        results["files"]["ties_reliability.png"] = str(out / "ties_reliability.png")
 
-    # Outputs: JSON, one line per pair, the two figures, the resolved settings.
+    # Outputs: JSON, one line per pair, the figures, the resolved settings.
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results, out / "results.json")
-    _write_scores(out / "scores.jsonl", index, subsets if has_subsets else None, r_c, r_r, outcomes)
+    atomic_write_json(out / "results.json", results, strict=True)
+    _write_scores(out / "scores.jsonl", index, pairs, sc, tied, outcomes,
+                  probs if tie_results is not None else None,
+                  set(test_idx.tolist()) if tie_results is not None else None)
     reliability_diagram(cal, out / "reliability.png")
     reward_distributions(r_c, r_r, out / "rewards.png")
     save_config(cfg, out / "config.yaml", extra={"command": "eval-rm"})
 
     print(format_table(rows, confidence=cfg.confidence), end="")
-    lb = bias
-    print(f"ties: {results['n_ties']} (counted as {cfg.ties}); ECE {cal.ece:.3f}; "
+    print(f"equal rewards: {results['n_ties']} (counted as {cfg.ties}); ECE {cal.ece:.3f}; "
           f"reward mean chosen {summary['mean_chosen']:.3g}, rejected {summary['mean_rejected']:.3g}")
-    print(f"length bias: accuracy {_fmt(lb['chosen_longer']['accuracy'])} when chosen is longer "
-          f"(n={lb['chosen_longer']['n']}), {_fmt(lb['chosen_shorter']['accuracy'])} when shorter "
-          f"(n={lb['chosen_shorter']['n']}); Spearman(reward, length) "
-          f"{_fmt(lb['spearman_reward_length'], pct=False)}")
+    if bias is not None:
+        lb = bias
+        print(f"length bias: accuracy {_fmt(lb['chosen_longer']['accuracy'])} when chosen is longer "
+              f"(n={lb['chosen_longer']['n']}), {_fmt(lb['chosen_shorter']['accuracy'])} when shorter "
+              f"(n={lb['chosen_shorter']['n']}); Spearman(reward, length) "
+              f"{_fmt(lb['spearman_reward_length'], pct=False)}")
+    if sc.ensemble is not None:
+        e = sc.ensemble
+        print(f"ensemble of {e['members']} ({e['agg']}): member accuracies "
+              f"{', '.join(_fmt(a) for a in e['member_accuracy'])}; mean std between members "
+              f"{e['mean_member_std']:.4g}")
+    if tie_results is not None:
+        t = tie_results
+        print(f"win/tie/lose on {t['n']} pairs ({t['n_tied']} tied; {t['method']}): log loss "
+              f"{t['log_loss']:.4f} (constant rates: {t['log_loss_constant']:.4f}), accuracy "
+              f"{_fmt(t['accuracy'])} [{_fmt(t['ci_low'])}, {_fmt(t['ci_high'])}], tie recall "
+              f"{_fmt(t['tie_recall'])}, ECE win {t['ece']['win']:.3f} tie {t['ece']['tie']:.3f}")
     for warning in results["warnings"]:
         log(f"warning: {warning}")
     log(f"wrote {out / 'results.json'}, reliability.png, rewards.png")
@@ -521,12 +764,25 @@ def _fmt(x, pct: bool = True) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
-def _write_scores(path: Path, index, subsets, r_c, r_r, outcomes) -> None:
+def _write_scores(path: Path, index, pairs, sc: Scored, tied, outcomes, probs, tie_test) -> None:
+    """One line per scored pair; `outcome` (1 right, 0 wrong, 0.5 for equal rewards with
+    --ties half) on untied pairs, P(win/tie/lose) where the three-way evaluation ran."""
     lines = []
+    untied_outcomes = iter(outcomes)
     for j, i in enumerate(index):
-        record = {"pair": i, "reward_chosen": float(r_c[j]), "reward_rejected": float(r_r[j]),
-                  "outcome": float(outcomes[j])}
-        if subsets is not None:
-            record["subset"] = subsets[j]
+        record = {"pair": i, "tie": bool(tied[j])}
+        if sc.r_c is not None:
+            record.update(reward_chosen=float(sc.r_c[j]), reward_rejected=float(sc.r_r[j]))
+        if not tied[j]:
+            record["outcome"] = float(next(untied_outcomes))
+        if sc.ensemble is not None:
+            member_c, member_r = sc.ensemble["_member_rewards"]
+            record.update(member_rewards_chosen=member_c[j].tolist(),
+                          member_rewards_rejected=member_r[j].tolist())
+        if pairs[i].subset is not None:
+            record["subset"] = pairs[i].subset
+        if probs is not None:
+            record.update(p_win=float(probs[j, 0]), p_tie=float(probs[j, 1]),
+                          p_lose=float(probs[j, 2]), tie_split="eval" if j in tie_test else "fit")
         lines.append(json.dumps(record))
     atomic_write_text(path, "\n".join(lines) + "\n")

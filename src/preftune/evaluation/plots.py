@@ -13,8 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from preftune.errors import PreftuneError
-from preftune.evaluation.report import atomic_output
 from preftune.evaluation.stats import Calibration, check_finite
+from preftune.utils import atomic_output
 
 
 def _save_png(fig: Figure, path: str | os.PathLike) -> None:

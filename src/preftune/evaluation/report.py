@@ -1,71 +1,10 @@
-"""Writers for the eval-rm report: an aligned text table and strict JSON, written atomically."""
+"""The eval-rm report's aligned text table (JSON goes through `preftune.utils.atomic_write_json`)."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import math
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-
-import numpy as np
+from collections.abc import Sequence
 
 from preftune.evaluation.stats import Row
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path in the folder of `path`; on success move it onto `path`.
-
-    Same folder so that os.replace is a rename on one filesystem: a reader never sees a
-    half-written file, and a crash leaves the old file (or none) rather than a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def to_jsonable(obj):
-    """Plain-python copy of `obj` for strict JSON: numpy scalars/arrays, dataclasses, tuples and
-    paths converted; NaN/inf become None (JSON has no NaN, and other tools reject it)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [to_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    """json.dump `obj` (numpy types converted, see `to_jsonable`) to `path` atomically."""
-    data = to_jsonable(obj)
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
 
 
 def _pct(x: float) -> str:

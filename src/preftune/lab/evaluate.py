@@ -1,71 +1,41 @@
-"""Evaluating a policy of the lab on held-out prompts: gold reward, KL to the base, win rate.
+"""Evaluating a policy of the lab on a set of prompts: gold reward, proxy reward, KL to the base.
 
-Every number is a mean over held-out prompts with its standard error (s.e. = sample standard
-deviation / sqrt(n)). One completion per prompt is sampled from the policy at temperature 1
-(the distribution the KL is about), with the same sampling seed for every policy.
+One completion per prompt is sampled from the policy at temperature 1 (the distribution the KL
+is about), with the same sampling seed for every policy of a seed: the base policy's samples
+on the same prompts are the pairing partner of every comparison (common random numbers).
 
-- gold: the world's programmatic reward of the sampled completion.
-- KL to the base policy, per sequence: the Monte-Carlo "k1" estimator (Schulman 2020),
-      KL(π ‖ π_base) ≈ mean_i  Σ_t [log π(y_it | x_i, y_i<t) − log π_base(y_it | x_i, y_i<t)],
-      y_i ~ π(· | x_i),
-  unbiased; a single term can be negative, the mean cannot be far below 0 except by noise.
-- win rate against the base policy under the gold reward: each prompt also has one completion
-  sampled from the base policy (the *reference sample*, drawn once per world and seed with its
-  own seed); a win counts 1, a tie 1/2, a loss 0. The base policy evaluated with the usual
-  sampling seed is an independent sample of itself, so its win rate is a measured 50%.
-- length: completion tokens (the tiny model's tokens are bytes), EOS excluded.
+- gold: the world's programmatic reward of the sampled completion; means over the whole set
+  and over its named parts (test: `seen`, `unseen`).
+- KL(pi || pi_base) per sequence: k1 and k3 with standard errors (`stats.kl_estimates`).
 - proxy: the learned reward model's score of the completion (what the RL methods maximise).
+- length: completion tokens (the tiny model's tokens are bytes), EOS excluded.
 
-Best-of-N needs no training: N completions are sampled from the base policy per prompt and the
-one the proxy scores highest is kept. Its KL is reported as the analytic bound
-log N − (N − 1)/N (Stiennon et al. 2020; Beirami et al. 2024 prove it is an upper bound).
+Best-of-N needs no training: M = max(N) completions are sampled from the base policy per prompt
+once; best-of-N keeps, of the first N, the one the scorer (the reward model, or the gold reward
+for the oracle control) ranks highest. KL: the analytic bound log N - (N-1)/N and a plug-in
+estimate from the M samples (`stats.bon_kl_plugin`), both reported.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from preftune.generation import SamplingConfig, generate
+from preftune.lab import stats
 from preftune.models.logprobs import completion_logprobs
-
-KL_ESTIMATOR = ("Monte-Carlo k1: mean over held-out prompts of sum_t [log pi(y_t|x,y<t) - "
-                "log pi_base(y_t|x,y<t)], y ~ pi(.|x), one sample per prompt")
-BON_KL_BOUND = "analytic bound log N - (N-1)/N (an upper bound on KL(best-of-N || base))"
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, standard error of the mean); s.e. is 0 for fewer than two values."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def win_scores(gold: Sequence[float], gold_reference: Sequence[float]) -> list[float]:
-    """Per prompt: 1 if the policy's completion beats the reference sample, 1/2 on a tie, else 0."""
-    return [1.0 if g > r else 0.5 if g == r else 0.0 for g, r in zip(gold, gold_reference)]
-
-
-def bon_kl_bound(n: int) -> float:
-    return math.log(n) - (n - 1) / n
 
 
 @dataclass
-class EvalPrompts:
-    """The held-out prompts of one world and seed, and the base policy's reference sample."""
+class PromptSet:
+    """Prompts to evaluate on, tokenized, with named parts (e.g. seen/unseen) as index ranges."""
 
     prompts: list[str]
     prompt_ids: list[list[int]]
-    reference_gold: list[float]  # gold reward of the base policy's reference sample per prompt
+    parts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -84,7 +54,7 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens: int, seed: int, num_sam
 
 @torch.no_grad()
 def sequence_logps(model, rollout, pad_id: int, batch_size: int = 64) -> list[float]:
-    """log π(y | x) summed over the completion tokens of every row of a rollout."""
+    """log pi(y | x) summed over the completion tokens of every row of a rollout."""
     out: list[float] = []
     for start in range(0, len(rollout), batch_size):
         rows = range(start, min(start + batch_size, len(rollout)))
@@ -102,78 +72,81 @@ def _completion_length(ids: list[int], eos_id: int) -> int:
     return len(ids) - (1 if ids and ids[-1] == eos_id else 0)
 
 
-def evaluate_policy(policy, base, tokenizer, world, held_out: EvalPrompts, proxy, *,
-                    seed: int) -> dict:
-    """Sample one completion per held-out prompt from `policy` and measure it (module docstring).
+def _part_means(values: Sequence[float], parts: dict[str, tuple[int, int]], name: str) -> dict:
+    out = {name: stats.mean_se(values)[0]}
+    for part, (lo, hi) in parts.items():
+        out[f"{name}_{part}"] = stats.mean_se(values[lo:hi])[0]
+    return out
 
-    `base` is the base policy (the KL's reference); `proxy` a reward source or None.
-    """
+
+def evaluate_policy(policy, base, tokenizer, world, ps: PromptSet, proxy, *, seed: int,
+                    keep_texts: bool = False) -> dict:
+    """Sample one completion per prompt from `policy` and measure it (module docstring).
+    `base` is the base policy (the KL's reference); `proxy` a reward source or None."""
     t0 = time.perf_counter()
-    rollout, texts = sample(policy, tokenizer, held_out.prompt_ids, world.max_new_tokens, seed)
-    gold = world.gold_reward(held_out.prompts, texts)
+    rollout, texts = sample(policy, tokenizer, ps.prompt_ids, world.max_new_tokens, seed)
+    gold = world.gold_reward(ps.prompts, texts)
     pad_id = tokenizer.pad_token_id
-    if policy is base:  # the same model: the log-ratio is exactly 0 for every token
-        kl = [0.0] * len(rollout)
+    if policy is base:  # the same model: the log-ratio is exactly 0 for every sequence
+        log_ratios = [0.0] * len(rollout)
     else:
         lp = sequence_logps(policy, rollout, pad_id)
         lp_base = sequence_logps(base, rollout, pad_id)
-        kl = [a - b for a, b in zip(lp, lp_base)]
-    lengths = [_completion_length(c, tokenizer.eos_token_id) for c in rollout.completion_ids]
-    result = _summary(gold, held_out.reference_gold, lengths, rollout.finished,
-                      proxy(held_out.prompts, texts).tolist() if proxy is not None else None)
-    result["kl"], result["kl_se"] = mean_se(kl)
-    result["kl_kind"] = "estimate"
+        log_ratios = [a - b for a, b in zip(lp, lp_base)]
+    result = {"n_prompts": len(ps.prompts), **_part_means(gold, ps.parts, "gold"),
+              **stats.kl_estimates(log_ratios)}
+    result["gold_se"] = stats.mean_se(gold)[1]
+    if proxy is not None:
+        result["proxy"] = stats.mean_se(proxy(ps.prompts, texts).tolist())[0]
+    result["length"] = stats.mean_se([float(_completion_length(c, tokenizer.eos_token_id))
+                                      for c in rollout.completion_ids])[0]
     result["eval_time_s"] = time.perf_counter() - t0
-    result["eval_tokens_generated"] = sum(len(c) for c in rollout.completion_ids)
+    result["tokens_generated"] = sum(len(c) for c in rollout.completion_ids)
     result["samples"] = [{"prompt": p, "completion": c, "gold": g}
-                         for p, c, g in list(zip(held_out.prompts, texts, gold))[:5]]
+                         for p, c, g in list(zip(ps.prompts, texts, gold))[:3]]
+    if keep_texts:
+        result["texts"] = texts
     return result
 
 
-def evaluate_best_of_n(base, tokenizer, world, held_out: EvalPrompts, proxy, ns: Sequence[int],
-                       *, seed: int) -> dict[int, dict]:
-    """Best-of-N from the base policy for every N in `ns`, ranked by the proxy reward.
+@dataclass
+class BestOfNSamples:
+    """M base-policy samples per prompt (prompt-major), their gold rewards and lengths."""
 
-    The max(ns) samples per prompt are drawn once; best-of-N uses the first N of them, so the
-    curves over N share their randomness (common random numbers: less noise between N's).
-    """
+    ps: PromptSet
+    m: int
+    texts: list[str]
+    gold: list[float]
+    tokens: list[int]
+    time_s: float
+
+
+def sample_best_of_n(base, tokenizer, world, ps: PromptSet, m: int, *, seed: int
+                     ) -> BestOfNSamples:
     t0 = time.perf_counter()
-    n_max = max(ns)
-    rollout, texts = sample(base, tokenizer, held_out.prompt_ids, world.max_new_tokens, seed,
-                            num_samples=n_max)
-    prompts_rep = [p for p in held_out.prompts for _ in range(n_max)]
-    gold_all = world.gold_reward(prompts_rep, texts)
-    proxy_all = proxy(prompts_rep, texts).tolist()
-    lengths_all = [_completion_length(c, tokenizer.eos_token_id) for c in rollout.completion_ids]
-    sample_time = time.perf_counter() - t0
-    results = {}
+    rollout, texts = sample(base, tokenizer, ps.prompt_ids, world.max_new_tokens, seed,
+                            num_samples=m)
+    prompts = [p for p in ps.prompts for _ in range(m)]
+    return BestOfNSamples(ps, m, texts, world.gold_reward(prompts, texts),
+                          [len(c) for c in rollout.completion_ids], time.perf_counter() - t0)
+
+
+def best_of_n(samples: BestOfNSamples, scores: list[float], ns: Sequence[int],
+              proxy_scores: list[float] | None) -> list[dict]:
+    """One point per N: the pick of the first N samples that `scores` ranks highest (the first
+    one wins a tie), its gold (and proxy) reward, and its KL bound and plug-in estimate."""
+    m, ps = samples.m, samples.ps
+    per_prompt = [scores[i * m:(i + 1) * m] for i in range(len(ps.prompts))]
+    out = []
     for n in sorted(set(ns)):
-        picks = []
-        for i in range(len(held_out.prompts)):
-            rows = range(i * n_max, i * n_max + n)
-            picks.append(max(rows, key=lambda r: proxy_all[r]))  # first one wins a tie
-        result = _summary([gold_all[r] for r in picks], held_out.reference_gold,
-                          [lengths_all[r] for r in picks], [rollout.finished[r] for r in picks],
-                          [proxy_all[r] for r in picks])
-        result["kl"], result["kl_se"] = bon_kl_bound(n), 0.0
-        result["kl_kind"] = "bound"
-        # Cost of best-of-N at inference: N completions per prompt.
-        result["eval_tokens_generated"] = sum(
-            len(rollout.completion_ids[i * n_max + j])
-            for i in range(len(held_out.prompts)) for j in range(n))
-        result["eval_time_s"] = sample_time * n / n_max
-        result["samples"] = [{"prompt": held_out.prompts[i], "completion": texts[r],
-                              "gold": gold_all[r]} for i, r in enumerate(picks[:5])]
-        results[n] = result
-    return results
-
-
-def _summary(gold, reference_gold, lengths, finished, proxy_scores) -> dict:
-    result: dict = {"n_prompts": len(gold)}
-    result["gold"], result["gold_se"] = mean_se(gold)
-    result["win_rate"], result["win_rate_se"] = mean_se(win_scores(gold, reference_gold))
-    result["length"], result["length_se"] = mean_se([float(n) for n in lengths])
-    result["eos_fraction"] = sum(finished) / max(1, len(finished))
-    if proxy_scores is not None:
-        result["proxy"], result["proxy_se"] = mean_se(proxy_scores)
-    return result
+        picks = [i * m + max(range(n), key=lambda j: row[j]) for i, row in enumerate(per_prompt)]
+        point = {"value": n, **_part_means([samples.gold[r] for r in picks], ps.parts, "gold"),
+                 "kl_bound": stats.bon_kl_bound(n),
+                 "kl_plugin": stats.bon_kl_plugin(per_prompt, n),
+                 "tokens_generated": sum(samples.tokens[i * m + j]
+                                         for i in range(len(ps.prompts)) for j in range(n)),
+                 "eval_time_s": samples.time_s * n / m}
+        if proxy_scores is not None:
+            point["proxy"] = stats.mean_se([proxy_scores[r] for r in picks])[0]
+        out.append(point)
+    return out

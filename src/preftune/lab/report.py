@@ -1,137 +1,55 @@
-"""The lab's report folder: report.md, frontier.png, overoptimization.png and results.json.
+"""The lab's report: report.md, frontier.png, overoptimization.png and compute.png, written from
+results.json alone (`write_report(results_json_path, out_dir)`).
 
-Aggregation over seeds, for every (world, method, knob value) and every metric: the mean of
-the per-seed means, with a standard error that is the larger of
-  - the s.e. over seeds, std(per-seed means) / sqrt(k) (needs k >= 2 seeds), and
-  - the s.e. from the held-out prompts, sqrt(sum_s se_s^2) / k;
-so one seed still gets an error bar, and two seeds that agree by chance do not shrink it below
-the sampling noise of the evaluation. Two settings "cannot be told apart" when their difference
-is within 1.96 standard errors of the difference (a two-sided z-test at 5%).
+Every comparative sentence is generated from an interval in results.json (or from a paired
+interval computed here from the per-seed values it stores) and cites it; `stats.verdict`
+decides what may be said: "above"/"below" only where the 95% t-interval excludes 0, "no
+difference can be claimed" where it contains 0, "not enough evidence" with one seed.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import time
-from collections import defaultdict
 from pathlib import Path
 
-from preftune.evaluation.report import atomic_output, write_json_atomic
+from preftune.lab import stats
+from preftune.utils import atomic_output
 
-METRICS = ("gold", "kl", "win_rate", "length", "proxy")
-Z95 = 1.96
-RM_METHODS = ("ppo", "grpo", "rloo", "online_dpo", "best_of_n")
-NAMES = {"base_policy": "base policy", "dpo": "DPO", "ipo": "IPO", "cdpo": "cDPO",
-         "robust": "robust DPO", "hinge": "SLiC (hinge)", "simpo": "SimPO", "orpo": "ORPO",
-         "cpo": "CPO", "kto": "KTO", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO",
-         "online_dpo": "online DPO", "best_of_n": "best-of-N"}
 KNOB_SYMBOL = {"beta": "β", "kl_coef": "KL coef", "n": "N"}
 
 
-# --- aggregation ---------------------------------------------------------------------------------
+# --- formatting --------------------------------------------------------------------------------
 
-def points(results: dict) -> list[dict]:
-    """Every evaluated policy of every seed: {world, seed, method, value, eval, train}."""
-    out = []
-    for cell in results["cells"]:
-        if "points" in cell:
-            for p in cell["points"]:
-                out.append({"world": cell["world"], "seed": cell["seed"],
-                            "method": cell["method"], **p})
-        elif "eval" in cell:
-            out.append({k: cell.get(k) for k in ("world", "seed", "method", "value", "eval",
-                                                 "train")})
-    return out
-
-
-def aggregate(results: dict) -> list[dict]:
-    """One row per (world, method, value): metrics over seeds (module docstring)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    pts = points(results)
-    # Each seed has its own reward model, whose offset is arbitrary: the proxy column is the
-    # gain over the base policy's mean proxy reward of the same seed.
-    base_proxy = {(p["world"], p["seed"]): p["eval"]["proxy"] for p in pts
-                  if p["method"] == "base_policy" and p["eval"].get("proxy") is not None}
-    for p in pts:
-        if p["eval"].get("proxy") is not None and (p["world"], p["seed"]) in base_proxy:
-            p["eval"] = {**p["eval"], "proxy_raw": p["eval"]["proxy"],
-                         "proxy": p["eval"]["proxy"] - base_proxy[(p["world"], p["seed"])]}
-        groups[(p["world"], p["method"], p["value"])].append(p)
-    rows = []
-    for (world, method, value), ps in groups.items():
-        row = {"world": world, "method": method, "value": value, "seeds": len(ps),
-               "kl_kind": ps[0]["eval"].get("kl_kind", "estimate")}
-        for m in METRICS:
-            if any(m not in p["eval"] or p["eval"][m] is None for p in ps):
-                continue
-            means = [p["eval"][m] for p in ps]
-            ses = [p["eval"].get(f"{m}_se") or 0.0 for p in ps]
-            row[m], row[f"{m}_se"], row[f"{m}_se_from"] = _combine(means, ses)
-            row[f"{m}_per_seed"] = means
-        for cost in ("wall_time_s", "tokens_trained", "tokens_generated"):
-            row[cost] = _mean([p["train"].get(cost, 0) or 0 for p in ps])
-        row["eval_tokens_generated"] = _mean([p["eval"].get("eval_tokens_generated", 0)
-                                              for p in ps])
-        rows.append(row)
-    order = {m: i for i, m in enumerate(results["plan"]["methods"])}
-    rows.sort(key=lambda r: (results["plan"]["worlds"].index(r["world"]),
-                             -1 if r["method"] == "base_policy" else order.get(r["method"], 99),
-                             r["value"] if r["value"] is not None else -1))
-    return rows
-
-
-def _mean(values) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def _combine(means: list[float], ses: list[float]) -> tuple[float, float, str]:
-    k = len(means)
-    mean = _mean(means)
-    prompt_se = math.sqrt(sum(s * s for s in ses)) / k
-    if k < 2:
-        return mean, prompt_se, "prompts"
-    seed_se = math.sqrt(sum((x - mean) ** 2 for x in means) / (k - 1) / k)
-    return (mean, seed_se, "seeds") if seed_se >= prompt_se else (mean, prompt_se, "prompts")
-
-
-def distinguishable(a: dict, b: dict, metric: str = "gold") -> bool:
-    diff = a[metric] - b[metric]
-    se = math.sqrt(a[f"{metric}_se"] ** 2 + b[f"{metric}_se"] ** 2)
-    return abs(diff) > Z95 * se if se > 0 else diff != 0
-
-
-def best_per_method(rows: list[dict], world: str) -> dict[str, dict]:
-    """Each method's setting with the highest mean gold reward in `world`."""
-    best: dict[str, dict] = {}
-    for r in rows:
-        if r["world"] == world and "gold" in r:
-            if r["method"] not in best or r["gold"] > best[r["method"]]["gold"]:
-                best[r["method"]] = r
-    return best
-
-
-# --- formatting ------------------------------------------------------------------------------------
-
-def method_label(method: str, value) -> str:
-    return NAMES.get(method, method)
-
-
-def setting_label(row: dict, knobs: dict[str, str]) -> str:
-    if row["value"] is None:
+def ci(iv: dict | None, digits: int = 3) -> str:
+    """'+0.120 [+0.050, +0.180]' or '+0.120 [one seed: no interval]'."""
+    if not iv or iv.get("mean") is None:
         return "-"
-    knob = knobs.get(row["method"], "")
-    return f"{KNOB_SYMBOL.get(knob, knob)}={row['value']:g}"
+    m = f"{iv['mean']:+.{digits}f}"
+    if iv.get("ci_low") is None:
+        return m + " [one seed: no interval]"
+    return f"{m} [{iv['ci_low']:+.{digits}f}, {iv['ci_high']:+.{digits}f}]"
 
 
-def _pm(row: dict, m: str, digits: int = 3, pct: bool = False) -> str:
-    if m not in row:
+def pct_ci(iv: dict | None) -> str:
+    """A proportion with its interval: '69.7 percent [65.7, 73.7]'."""
+    if not iv or iv.get("mean") is None:
         return "-"
-    scale = 100.0 if pct else 1.0
-    text = f"{row[m] * scale:.{digits}f} ± {row[f'{m}_se'] * scale:.{digits}f}"
-    return text + ("%" if pct else "")
+    m = f"{100 * iv['mean']:.1f} percent"
+    if iv.get("ci_low") is None:
+        return m + " [one seed: no interval]"
+    return f"{m} [{100 * iv['ci_low']:.1f}, {100 * iv['ci_high']:.1f}]"
 
 
-def _count(n: float) -> str:
+def setting(method: dict, value, lr) -> str:
+    knob = KNOB_SYMBOL.get(method.get("knob", ""), method.get("knob", ""))
+    text = f"{knob}={value:g}"
+    return text + (f", lr={lr:g}" if lr is not None else "")
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "-"
     if n >= 1e6:
         return f"{n / 1e6:.1f}M"
     if n >= 1e3:
@@ -139,130 +57,136 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _method_knobs(results: dict) -> dict[str, str]:
-    from preftune.lab.run import METHODS
-
-    return {m: spec[4] for m, spec in METHODS.items()}
-
-
-def table(rows: list[dict], world: str, knobs: dict[str, str]) -> str:
-    lines = ["| method | setting | gold reward | KL to base (nats) | win rate vs base | "
-             "length (tokens) | proxy reward (vs base) | train time | tokens generated | tokens trained |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["world"] != world:
-            continue
-        kl = _pm(r, "kl", 2) if r["kl_kind"] == "estimate" else f"≤ {r['kl']:.2f} (bound)"
-        gen = r["tokens_generated"] + (r["eval_tokens_generated"]
-                                       if r["method"] == "best_of_n" else 0)
-        lines.append(
-            f"| {method_label(r['method'], r['value'])} | {setting_label(r, knobs)} | "
-            f"{_pm(r, 'gold')} | {kl} | {_pm(r, 'win_rate', 1, pct=True)} | "
-            f"{r.get('length', math.nan):.1f} | {_pm(r, 'proxy', 2)} | "
-            f"{r['wall_time_s']:.1f}s | {_count(gen)} | {_count(r['tokens_trained'])} |")
-    return "\n".join(lines)
+def _kl(iv: dict | None) -> str:
+    if not iv or iv.get("mean") is None:
+        return "-"
+    se = iv.get("se_within_seed")
+    return f"{iv['mean']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
 
-# --- the plain-language reading --------------------------------------------------------------------
+# --- claims ------------------------------------------------------------------------------------
 
-def reading(rows: list[dict], world: str, knobs: dict[str, str],
-            rm_gold_accuracy: list[float] = ()) -> list[str]:
-    """Sentences that say what the numbers of one world show, and what they cannot show.
+def gain_sentence(name: str, iv: dict, what: str = "the base policy") -> str:
+    """One sentence about a paired gain, saying only what its interval supports."""
+    v = stats.verdict(iv)
+    n = iv.get("n_seeds", 0)
+    if v == stats.ABOVE:
+        return f"{name} beats {what}: {ci(iv)} ({n} seeds, 95% t-interval)."
+    if v == stats.BELOW:
+        return f"{name} is worse than {what}: {ci(iv)} ({n} seeds, 95% t-interval)."
+    if v == stats.NO_DIFFERENCE:
+        return (f"{name} vs {what}: {ci(iv)} ({n} seeds); the interval contains 0, so no "
+                "difference can be claimed.")
+    return f"{name} vs {what}: {ci(iv)}; not enough evidence (fewer than two seeds)."
 
-    `rm_gold_accuracy`: per seed, how often the reward model orders fresh pairs like the gold
-    reward does.
-    """
-    lines: list[str] = []
-    if rm_gold_accuracy:
-        accs = ", ".join(f"{a:.0%}" for a in rm_gold_accuracy)
-        lines.append(f"The reward model orders fresh pairs like the gold reward {accs} of the "
-                     "time (per seed; 50% is chance)"
-                     + (": close to chance, so the methods that maximise it have little to go "
-                        "on." if max(rm_gold_accuracy) < 0.6 else "."))
-    world_rows = [r for r in rows if r["world"] == world]
-    base = next((r for r in world_rows if r["method"] == "base_policy"), None)
-    best = best_per_method(rows, world)
-    best.pop("base_policy", None)
-    if base is not None:
-        lines.append(f"The base policy scores {_pm(base, 'gold')} gold reward; against an "
-                     f"independent sample of itself it wins {_pm(base, 'win_rate', 1, True)} "
-                     "(50% expected).")
-    if not best:
-        return lines
-    ranked = sorted(best.values(), key=lambda r: -r["gold"])
-    top = ranked[0]
-    lines.append(f"Highest gold reward: {NAMES.get(top['method'], top['method'])} "
-                 f"({setting_label(top, knobs)}), {_pm(top, 'gold')} at KL "
-                 f"{top['kl']:.2f} nats"
-                 + (" (bound)" if top["kl_kind"] == "bound" else "") + ".")
-    if base is not None:
-        above = [r for r in ranked if r["gold"] > base["gold"] and distinguishable(r, base)]
-        below = [r for r in ranked if r["gold"] < base["gold"] and distinguishable(r, base)]
-        same = [r for r in ranked if not distinguishable(r, base)]
-        if above:
-            lines.append("Better than the base policy beyond noise (best setting of each): "
-                         + _names(above) + ".")
-        if same:
-            lines.append("Not distinguishable from the base policy: " + _names(same) + ".")
-        if below:
-            lines.append("Worse than the base policy beyond noise: " + _names(below) + ".")
-    tied = [r for r in ranked[1:] if not distinguishable(r, top)]
-    if tied:
-        lines.append(f"Cannot be told apart from {NAMES.get(top['method'], top['method'])} "
-                     f"statistically (|Δ gold| < 1.96 s.e.): {_names(tied)}. The ranking "
-                     "among these is noise at this number of seeds and prompts.")
-    elif len(ranked) > 1:
-        lines.append(f"{NAMES.get(top['method'], top['method'])} is ahead of every other "
-                     "method beyond noise.")
-    lines.append("Choosing each method's best setting on the same evaluation favours methods "
-                 "with more settings in the sweep; treat small leads with suspicion.")
 
-    # Over-optimisation: proxy up, gold down as the KL grows.
-    calm = []
-    for method in RM_METHODS:
-        ms = sorted((r for r in world_rows if r["method"] == method and "proxy" in r),
-                    key=lambda r: r["kl"])
-        if len(ms) < 2:
-            continue
-        peak_gold = max(ms, key=lambda r: r["gold"])
-        peak_proxy = max(ms, key=lambda r: r["proxy"])
-        name = NAMES.get(method, method)
-        if (peak_proxy["kl"] > peak_gold["kl"] and peak_proxy["gold"] < peak_gold["gold"]
-                and distinguishable(peak_proxy, peak_gold)):
-            lines.append(f"{name} over-optimises the proxy: from KL {peak_gold['kl']:.2f} to "
-                         f"{peak_proxy['kl']:.2f} the proxy reward rises to "
-                         f"{peak_proxy['proxy']:.2f} while the gold reward falls from "
-                         f"{peak_gold['gold']:.3f} to {peak_proxy['gold']:.3f}.")
-        else:
-            calm.append(name)
-    if calm:
-        lines.append("No significant over-optimisation within the sweep (the gold reward at "
-                     "the largest proxy reward is within noise of the best gold reward) for: "
-                     + ", ".join(calm) + ".")
-    bon = sorted((r for r in world_rows if r["method"] == "best_of_n"), key=lambda r: r["value"])
-    if len(bon) >= 2:
-        lo, hi = bon[0], bon[-1]
-        trend = ("grows" if hi["gold"] > lo["gold"] and distinguishable(hi, lo)
-                 else "falls" if hi["gold"] < lo["gold"] and distinguishable(hi, lo)
-                 else "does not change beyond noise")
-        lines.append(f"Best-of-N: gold reward {trend} from N={lo['value']:g} "
-                     f"({lo['gold']:.3f}) to N={hi['value']:g} ({hi['gold']:.3f}); the proxy "
-                     f"goes from {lo['proxy']:.2f} to {hi['proxy']:.2f}.")
+def paired(a: dict, b: dict) -> dict | None:
+    """Paired t-interval of gain(a) - gain(b) over the seeds both have."""
+    sa = dict(zip(a.get("seeds", []), a.get("per_seed", [])))
+    sb = dict(zip(b.get("seeds", []), b.get("per_seed", [])))
+    common = [s for s in sa if s in sb]
+    if not common:
+        return None
+    return stats.paired_interval([sa[s] for s in common], [sb[s] for s in common]).to_json()
+
+
+def ranking_sentences(methods: dict[str, dict]) -> list[str]:
+    """Which ordered pairs of methods the paired intervals support; otherwise say so."""
+    names = [m for m in methods if methods[m].get("gain_vs_base", {}).get("mean") is not None]
+    names.sort(key=lambda m: -methods[m]["gain_vs_base"]["mean"])
+    supported, unsupported = [], 0
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            iv = paired(methods[a]["gain_vs_base"], methods[b]["gain_vs_base"])
+            if iv is None:
+                continue
+            if stats.verdict(iv) == stats.ABOVE:
+                supported.append(f"{methods[a]['label']} above {methods[b]['label']} "
+                                 f"(difference {ci(iv)})")
+            else:
+                unsupported += 1
+    lines = []
+    if names:
+        lines.append("Order of the mean test gains (not itself a claim): "
+                     + " > ".join(methods[m]["label"] for m in names) + ".")
+    if supported:
+        lines.append("Orderings the paired intervals support: " + "; ".join(supported) + ".")
+    if unsupported:
+        lines.append(f"For the other {unsupported} pair(s) of methods the paired interval "
+                     "contains 0 (or there is one seed): not enough evidence to rank them.")
     return lines
 
 
-def _names(rows: list[dict]) -> str:
-    return ", ".join(f"{NAMES.get(r['method'], r['method'])} ({r['gold']:.3f})" for r in rows)
+def overoptimization_sentences(label: str, method: dict) -> list[str]:
+    """Gold falling after its peak along training while the proxy still rises, per seed."""
+    out = []
+    fit = method.get("fit")
+    rows = method.get("settings", [])
+    for row in rows:
+        per_seed = row.get("trajectories_per_seed") or {}
+        traj = row.get("trajectory") or []
+        if not per_seed or len(traj) < 3:
+            continue
+        golds = [p["gold"] for p in traj[1:]]  # trained points (step 0 is the base)
+        peak = max(range(len(golds)), key=lambda i: golds[i])
+        if peak == len(golds) - 1:
+            continue
+        drops = [t[-1]["gold"] - t[peak]["gold"] for t in per_seed.values() if len(t) > peak]
+        iv = stats.t_interval(drops).to_json()
+        where = setting(method, row["value"], row["lr"])
+        if stats.verdict(iv) == stats.BELOW:
+            proxy_note = ""
+            if traj[-1].get("proxy") is not None and traj[peak + 1].get("proxy") is not None:
+                proxy_note = (f"; the proxy gain meanwhile goes {traj[peak + 1]['proxy']:+.3f} → "
+                              f"{traj[-1]['proxy']:+.3f}")
+            out.append(f"{label} ({where}) over-optimises: validation gold falls after step "
+                       f"{traj[peak + 1]['step']} (end minus peak {ci(iv)}, KL k3 "
+                       f"{traj[peak + 1]['kl_k3']:.2f} → {traj[-1]['kl_k3']:.2f}){proxy_note}.")
+    if fit is not None:
+        peak = fit.get("kl_at_gold_peak")
+        out.append(f"{label}: Gao et al. fit {fit['form']} on {fit['n_points']} points: "
+                   f"α={fit['alpha']:.3f}, β={fit['beta']:.3f}, R²={fit['r2']:.2f}, "
+                   + (f"fitted gold peak at KL {peak:.2f}." if peak is not None
+                      else "no interior gold peak in the fitted form."))
+    return out
 
 
-# --- figures ---------------------------------------------------------------------------------------
+def noise_sentences(summary_world: dict, noises: list[str]) -> list[str]:
+    """How the gains, and the order of methods, change from the first noise setting to each
+    other one (paired per seed: same base policy and test prompts)."""
+    if len(noises) < 2:
+        return ["Only one label-noise setting was run: the effect of noise is not measured."]
+    first = noises[0]
+    out = []
+    for other in noises[1:]:
+        a = summary_world["noise"][first]["methods"]
+        b = summary_world["noise"][other]["methods"]
+        for m in a:
+            if m in b and not a[m].get("oracle"):
+                iv = paired(b[m]["gain_vs_base"], a[m]["gain_vs_base"])
+                if iv is not None:
+                    out.append(gain_sentence(f"{a[m]['label']} with noise `{other}`", iv,
+                                             f"itself with noise `{first}`"))
+        order_a = sorted((m for m in a if a[m]["gain_vs_base"]["mean"] is not None),
+                         key=lambda m: -a[m]["gain_vs_base"]["mean"])
+        order_b = sorted((m for m in b if b[m]["gain_vs_base"]["mean"] is not None),
+                         key=lambda m: -b[m]["gain_vs_base"]["mean"])
+        same = order_a == order_b
+        out.append(f"Order of mean gains with `{first}`: "
+                   + " > ".join(a[m]["label"] for m in order_a)
+                   + f"; with `{other}`: " + " > ".join(b[m]["label"] for m in order_b)
+                   + (" (unchanged)." if same else " (changed; see the supported orderings "
+                      "above for which of these differences the intervals back)."))
+    return out
+
+
+# --- figures -----------------------------------------------------------------------------------
 
 def _figure(n_cols: int, n_rows: int = 1):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2 * n_cols + 1.8, 3.8 * n_rows), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    return fig, axes
+    fig = Figure(figsize=(5.0 * n_cols + 1.8, 3.6 * n_rows), layout="constrained")
+    return fig, fig.subplots(n_rows, n_cols, squeeze=False)
 
 
 def _save(fig, path: Path) -> None:
@@ -270,179 +194,300 @@ def _save(fig, path: Path) -> None:
 
     FigureCanvasAgg(fig)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
-MARKERS = "osD^vP*Xhp<>"
-
-
-def _colors(methods: list[str]) -> dict[str, tuple]:
-    """A colour and a marker per method, distinct for up to 10 (then the markers differ)."""
+def _styles(names: list[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
-    return {m: (cmap(i % 10), MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+    markers = "osD^vP*Xhp<>"
+    return {m: (cmap(i % 10), markers[i % len(markers)]) for i, m in enumerate(names)}
 
 
-def _curve(ax, rows: list[dict], metric: str, style, label: str) -> None:
-    color, marker = style
-    rows = sorted(rows, key=lambda r: r["kl"])
-    bound = rows[0]["kl_kind"] == "bound"
-    ax.errorbar([r["kl"] for r in rows], [r[metric] for r in rows],
-                xerr=[r.get("kl_se", 0.0) for r in rows],
-                yerr=[r[f"{metric}_se"] for r in rows], color=color, marker=marker,
-                markersize=4, capsize=2, linewidth=1.2, linestyle="--" if bound else "-",
-                markerfacecolor="white" if bound else color,
-                label=label + (" (KL bound)" if bound else ""))
+def _panels(results: dict) -> list[tuple[str, str, dict]]:
+    return [(w, n, results["summary"][w]["noise"][n]) for w in results["summary"]
+            for n in results["summary"][w]["noise"]]
 
 
-def frontier_plot(rows: list[dict], worlds: list[str], methods: list[str], path: Path) -> None:
-    """Gold reward against KL to the base policy, one curve per method, one panel per world."""
-    fig, axes = _figure(len(worlds))
-    colors = _colors(methods)
-    for ax, world in zip(axes[0], worlds):
-        for method in methods:
-            ms = [r for r in rows if r["world"] == world and r["method"] == method
-                  and "gold" in r]
-            if ms:
-                _curve(ax, ms, "gold", colors[method], NAMES.get(method, method))
-        base = next((r for r in rows if r["world"] == world and r["method"] == "base_policy"),
-                    None)
-        if base is not None:
-            ax.errorbar([0.0], [base["gold"]], yerr=[base["gold_se"]], color="black",
-                        marker="*", markersize=11, capsize=2, linestyle="none",
-                        label="base policy")
-        ax.set_title(f"{world}: gold reward vs KL")
-        ax.set_xlabel("KL(π ‖ π_base) per sequence (nats)")
-        ax.set_ylabel("gold reward")
+def _half(iv: dict) -> float:
+    if iv.get("ci_low") is None:
+        return 0.0
+    return (iv["ci_high"] - iv["ci_low"]) / 2
+
+
+def frontier_plot(results: dict, path: Path) -> None:
+    """Test gold gain (95% CI) against KL for every setting of every method."""
+    panels = _panels(results)
+    fig, axes = _figure(len(panels))
+    names = list(results["plan"]["methods"])
+    styles = _styles(names)
+    for ax, (world, noise, s) in zip(axes[0], panels):
+        for m, res in s["methods"].items():
+            color, marker = styles[m]
+            rows = res["settings"]
+            bon = res["kind"] == "inference"
+            xs = [r["kl_bound"] if bon else (r["kl_k3"] or {}).get("mean") for r in rows]
+            ys = [r["gain_vs_base"]["mean"] for r in rows]
+            order = sorted(range(len(xs)), key=lambda i: xs[i])
+            ax.errorbar([xs[i] for i in order], [ys[i] for i in order],
+                        yerr=[_half(rows[i]["gain_vs_base"]) for i in order], color=color,
+                        marker=marker, markersize=4, capsize=2, linewidth=1,
+                        linestyle="--" if bon else ("-" if not res["oracle"] else ":"),
+                        label=res["label"] + (" (KL bound)" if bon else ""))
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{world}, noise {noise}: test gold gain vs KL")
+        ax.set_xlabel("KL(π ‖ π_base) per sequence, nats (k3; best-of-N: bound)")
+        ax.set_ylabel("gold − base gold (95% CI)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8)
-    fig.suptitle("Reward-KL frontier (error bars: ±1 s.e.)")
     _save(fig, path)
 
 
-def overoptimization_plot(rows: list[dict], worlds: list[str], methods: list[str],
-                          path: Path) -> None:
-    """Gold (top) and proxy (bottom) reward against KL for the reward-model-based methods."""
-    fig, axes = _figure(len(worlds), 2)
-    rm_methods = [m for m in methods if m in RM_METHODS]
-    colors = _colors(methods)
-    for col, world in enumerate(worlds):
-        for row_i, metric in enumerate(("gold", "proxy")):
-            ax = axes[row_i][col]
-            for method in rm_methods:
-                ms = [r for r in rows if r["world"] == world and r["method"] == method
-                      and metric in r]
-                if ms:
-                    _curve(ax, ms, metric, colors[method], NAMES.get(method, method))
-            base = next((r for r in rows if r["world"] == world
-                         and r["method"] == "base_policy" and metric in r), None)
-            if base is not None:
-                ax.errorbar([0.0], [base[metric]], yerr=[base[f"{metric}_se"]], color="black",
-                            marker="*", markersize=11, linestyle="none", label="base policy")
-            ax.set_title(f"{world}: {metric} reward vs KL")
-            ax.set_xlabel("KL(π ‖ π_base) per sequence (nats)")
-            ax.set_ylabel("gold reward" if metric == "gold"
-                          else "proxy reward, minus the base policy's")
+def overoptimization_plot(results: dict, path: Path) -> None:
+    """Gold (top) and proxy (bottom) gain against sqrt(KL) along training (validation
+    prompts), with Gao et al.'s fitted forms."""
+    import numpy as np
+
+    panels = _panels(results)
+    fig, axes = _figure(len(panels), 2)
+    styles = _styles(list(results["plan"]["methods"]))
+    for col, (world, noise, s) in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
+        for m, res in s["methods"].items():
+            color, marker = styles[m]
+            bon = res["kind"] == "inference"
+            for row in res["settings"]:
+                traj = row.get("trajectory") or ([] if not bon else None)
+                if bon:
+                    traj = res["trajectory"]
+                    xs = [math.sqrt(p["kl_bound"]) for p in traj]
+                else:
+                    xs = [math.sqrt(max(p["kl_k3"] or 0.0, 0.0)) for p in traj]
+                label = res["label"] + ("" if bon else f" {setting(res, row['value'], row['lr'])}")
+                top.plot(xs, [p["gold_gain"] for p in traj], color=color, marker=marker,
+                         markersize=3, linewidth=1, alpha=0.8, label=label,
+                         linestyle="--" if bon else "-")
+                if any(p.get("proxy") is not None for p in traj):
+                    bottom.plot(xs, [p.get("proxy") for p in traj], color=color, marker=marker,
+                                markersize=3, linewidth=1, alpha=0.8,
+                                linestyle="--" if bon else "-")
+                if bon:
+                    break
+            fit = res.get("fit")
+            if fit is not None:
+                xmax = max(0.5, max((math.sqrt(max(p.get("kl_bound") if bon else p["kl_k3"]
+                                                   or 0.0, 0.0))
+                                     for r in ([res] if bon else res["settings"])
+                                     for p in r["trajectory"]), default=1.0))
+                d = np.linspace(1e-3, xmax * 1.1, 100)
+                y = d * (fit["alpha"] - fit["beta"] * (d if fit["form"] == "bon" else np.log(d)))
+                top.plot(d, y, color=color, linewidth=2, alpha=0.35,
+                         label=f"{res['label']} fit (R²={fit['r2']:.2f})")
+        for ax, what in ((top, "gold − base gold"), (bottom, "proxy − base proxy")):
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xlabel("√KL (nats^½)")
+            ax.set_ylabel(what)
             ax.grid(alpha=0.3)
-            if not rm_methods:
-                ax.text(0.5, 0.5, "no reward-model-based method in this run",
-                        transform=ax.transAxes, ha="center")
+        top.set_title(f"{world}, noise {noise}: along training / over N")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right center", fontsize=8)
-    fig.suptitle("Over-optimisation: the proxy the methods maximise vs the gold reward")
+        fig.legend(handles, labels, loc="outside right center", fontsize=7)
     _save(fig, path)
 
 
-# --- the report ------------------------------------------------------------------------------------
+def compute_plot(results: dict, path: Path) -> None:
+    """Test gold gain of each method's selected setting against its whole compute."""
+    panels = _panels(results)
+    fig, axes = _figure(len(panels))
+    styles = _styles(list(results["plan"]["methods"]))
+    for ax, (world, noise, s) in zip(axes[0], panels):
+        for m, res in s["methods"].items():
+            whole = res["cost"]["with_data_and_reward_model"]
+            tokens = (whole["tokens_trained"] or 0) + (whole["tokens_generated"] or 0)
+            color, marker = styles[m]
+            ax.errorbar([max(tokens, 1.0)], [res["gain_vs_base"]["mean"]],
+                        yerr=[_half(res["gain_vs_base"])], color=color, marker=marker,
+                        capsize=2, linestyle="none", label=res["label"])
+        ax.set_xscale("log")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{world}, noise {noise}: gold gain vs compute")
+        ax.set_xlabel("tokens trained + generated (incl. data and reward model)")
+        ax.set_ylabel("gold − base gold (95% CI)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    _save(fig, path)
 
-def write_report(results: dict, out: Path) -> dict:
-    """Write results.json, the two figures and report.md into `out`; return the summary rows."""
+
+# --- report.md -----------------------------------------------------------------------------------
+
+def _table(s: dict) -> list[str]:
+    lines = ["| method | setting (chosen on validation) | gold gain vs base, test [95% CI] | "
+             "seen prompts | unseen prompts | KL k1 ± s.e. | KL k3 ± s.e. | proxy gain | "
+             "train time | tokens trained / generated (whole) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, res in s["methods"].items():
+        sel = res["selected"]
+        if res["kind"] == "inference":
+            kl1 = f"plug-in {res['kl_plugin']['mean']:.2f}"
+            kl3 = f"bound {res['kl_bound']:.2f}"
+        else:
+            kl1, kl3 = _kl(res["kl_k1"]), _kl(res["kl_k3"])
+        whole = res["cost"]["with_data_and_reward_model"]
+        lines.append(
+            f"| {res['label']} | {setting(res, sel['value'], sel['lr'])} | "
+            f"{ci(res['gain_vs_base'])} | {ci(res['gain_seen'])} | {ci(res['gain_unseen'])} | "
+            f"{kl1} | {kl3} | {ci(res['proxy_gain'], 2)} | "
+            f"{whole['wall_time_s']:.0f}s | {_count(whole['tokens_trained'])} / "
+            f"{_count(whole['tokens_generated'])} |")
+    return lines
+
+
+def _avg(trends: list[list[dict]], i: int, key: str) -> float:
+    """Mean over seeds of the i-th logged value of `key` (a log-prob trend)."""
+    return sum(t[i][key] for t in trends) / len(trends)
+
+
+def _settings_table(s: dict) -> list[str]:
+    lines = ["| method | setting | validation gain [95% CI] | test gain [95% CI] | KL | "
+             "log-probs chosen / rejected (first → last logged, seed mean) |",
+             "|---|---|---|---|---|---|"]
+    for m, res in s["methods"].items():
+        for row in res["settings"]:
+            kl = (f"bound {row['kl_bound']:.2f}, plug-in {row['kl_plugin']['mean']:.2f}"
+                  if res["kind"] == "inference" else f"k3 {_kl(row['kl_k3'])}")
+            lp = "-"
+            trends = [t for t in (row.get("logps") or {}).values() if t]
+            if trends:
+                lp = (f"{_avg(trends, 0, 'chosen'):.1f} → {_avg(trends, -1, 'chosen'):.1f} / "
+                      f"{_avg(trends, 0, 'rejected'):.1f} → {_avg(trends, -1, 'rejected'):.1f}")
+            lines.append(f"| {res['label']} | {setting(res, row['value'], row['lr'])} | "
+                         f"{ci(row['validation_gain'])} | {ci(row['gain_vs_base'])} | {kl} | "
+                         f"{lp} |")
+    return lines
+
+
+def reading(results: dict, world: str, noise: str) -> list[str]:
+    """The sentences of one (world, noise) panel, each generated from an interval."""
+    sw = results["summary"][world]
+    s = sw["noise"][noise]
+    lines = []
+    rm = s.get("reward_model")
+    data = s["data"]
+    agree = data["label_agreement"]
+    lines.append(f"Labels: {data['pairs']:.0f} pairs per seed (of {data['sampled']:.0f} "
+                 f"sampled; {data['gold_ties_dropped']:.0f} tied on gold and "
+                 f"{data['identical_dropped']:.0f} identical were dropped, not coin-flipped); "
+                 f"they agree with the gold order on {pct_ci(agree)} of pairs (flip rate "
+                 f"{data['flip_rate']}).")
+    if rm:
+        lines.append(f"The reward model (early stopping on held-out pairs; best step per seed "
+                     f"{rm['best_step']}) orders fresh gold-ranked test pairs correctly "
+                     f"{pct_ci(rm['gold_accuracy_interval'])} of the time (50 percent is "
+                     "chance).")
+    for m, res in s["methods"].items():
+        sel = res["selected"]
+        lines.append(gain_sentence(f"{res['label']} ({setting(res, sel['value'], sel['lr'])})",
+                                   res["gain_vs_base"]))
+    lines += ranking_sentences(s["methods"])
+    for m, res in s["methods"].items():
+        if res.get("oracle") and res.get("oracle_of") in s["methods"]:
+            proxy_m = s["methods"][res["oracle_of"]]
+            iv = paired(res["gain_vs_base"], proxy_m["gain_vs_base"])
+            if iv is not None:
+                lines.append(gain_sentence(res["label"], iv, proxy_m["label"]
+                                           + " on the reward model")
+                             + " (The gap is what the reward model's errors cost the "
+                               "algorithm.)")
+    for m, res in s["methods"].items():
+        seen, unseen = res.get("gain_seen"), res.get("gain_unseen")
+        if seen and unseen and seen.get("mean") is not None:
+            iv = paired(unseen, seen)
+            if iv is not None and stats.verdict(iv) in (stats.ABOVE, stats.BELOW):
+                lines.append(gain_sentence(f"{res['label']} on unseen prompts", iv,
+                                           "itself on seen prompts"))
+    for m, res in s["methods"].items():
+        lines += overoptimization_sentences(res["label"], res)
+    return lines
+
+
+def write_report(results_path: Path, out: Path) -> None:
+    """Write report.md and the figures from results.json."""
+    results = json.loads(Path(results_path).read_text())
     out = Path(out)
     plan = results["plan"]
-    rows = aggregate(results)
-    knobs = _method_knobs(results)
-    results = {**results, "summary": rows}
-    write_json_atomic(results, out / "results.json")
-    methods = [m for m in plan["methods"]]
-    frontier_plot(rows, plan["worlds"], methods, out / "frontier.png")
-    overoptimization_plot(rows, plan["worlds"], methods, out / "overoptimization.png")
+    frontier_plot(results, out / "frontier.png")
+    overoptimization_plot(results, out / "overoptimization.png")
+    compute_plot(results, out / "compute.png")
 
-    cells_by_kind: dict[tuple, dict] = {}
-    for cell in results["cells"]:
-        cells_by_kind[(cell["world"], cell["seed"], cell["kind"])] = cell
-    md = ["# preftune lab report", "",
-          f"Written {time.strftime('%Y-%m-%d %H:%M')}; this invocation ran for "
-          f"{results['wall_time_s'] / 60:.1f} min ({'quick grid' if plan['quick'] else 'default grid'}"
-          f"; {results['environment']['cpus']} CPUs, torch {results['environment']['torch']}).",
-          "",
-          f"Worlds: {', '.join(plan['worlds'])}. Seeds: {', '.join(map(str, plan['seeds']))}. "
-          f"Base policy: {plan['model']} trained by SFT for {plan['sft_steps']} steps on "
-          f"{plan['sft_examples']} demonstrations. Preference data: {plan['pairs']} prompts, two "
-          f"base-policy samples each, labelled by Bradley-Terry on the gold reward with noise "
-          f"`{plan['noise']}`. Offline methods: {plan['offline_steps']} steps of 16 pairs; "
-          f"online methods: {plan['online_steps']} rollouts of 32 completions against a reward "
-          f"model trained on the same pairs ({plan['reward_steps']} steps). Every policy is "
-          f"evaluated on {plan['eval_prompts']} held-out prompts, one sample each.", ""]
-    if plan.get("left_out"):
-        md += ["Left out: " + "; ".join(f"{m} ({why})" for m, why in plan["left_out"].items())
-               + ".", ""]
-    md += ["## How to read this", "",
-           "- **gold reward**: the world's programmatic reward (the truth the methods never see).",
-           f"- **KL to base**: {results['kl_estimator']}. For best-of-N the column is the "
-           f"{results['best_of_n_kl']}.",
-           "- **win rate vs base**: how often the policy's completion has a higher gold reward "
-           "than a sample of the base policy on the same prompt; ties count one half.",
-           "- **proxy reward (vs base)**: the score of the reward model trained on the "
-           "preference pairs (the reward PPO, GRPO, RLOO, online DPO and best-of-N maximise), "
-           "minus the base policy's mean score; each seed has its own reward model, whose "
-           "offset is arbitrary. Proxy up with gold down is over-optimisation.",
-           "- **cost**: training wall time on this machine; tokens generated while training "
-           "(for best-of-N, at evaluation: N samples per prompt); tokens (prompt + completion) "
-           "through forward and backward passes (for the online methods an estimate: rows x "
-           "mean length x passes).",
-           "- **± values**: one standard error: the larger of the s.e. over seeds and the s.e. "
-           "from the held-out prompts (with one seed, the latter only). Differences within "
-           "1.96 s.e. are called indistinguishable.", ""]
-    md += ["## Reading of the results", ""]
+    seeds = plan["seeds"]
+    k = len(seeds)
+    md = ["# preftune lab report", ""]
+    if plan["quick"]:
+        md += ["**Smoke run (`--quick`)**: short training, one setting per method and "
+               f"{k} seed(s). Its intervals are wide and its claims underpowered; use it to "
+               "check that the lab works, not to compare methods.", ""]
+    env = results["environment"]
+    md += [f"This run took {results['wall_time_s'] / 60:.1f} min of wall time and "
+           f"{results.get('cpu_time_s', 0) / 60:.1f} min of CPU time ({env['cpus']} CPUs, "
+           f"{env['threads']} torch thread(s), load average {env.get('load_average', 0):.1f} "
+           f"at the end; torch {env['torch']}).", ""]
+    p = results["prompts"]
+    t_mult = f"t({k - 1}) = {stats.t_quantile(k - 1):.2f}" if k >= 2 else "no t-interval"
+    md += [f"**Design.** Worlds: {', '.join(plan['worlds'])}. Seeds: {k} "
+           f"({', '.join(map(str, seeds))}); each seed trains its own base policy "
+           f"({plan['model']}, {plan['sft_steps']} SFT steps), data, reward models and methods, "
+           f"and is the unit of every interval (95% t-intervals over seeds, {t_mult}). Label "
+           f"noise settings: {', '.join(plan['noises'])}. Prompts per seed (distinct strings, "
+           f"disjoint): {p['train']} train, {p['validation']} validation, {p['test']} test "
+           f"({p['test_seen']} with a product/operand pair seen in training, {p['test_unseen']} "
+           f"unseen); overlap {p['overlap']}. Each evaluation samples {plan['eval_prompts']} "
+           f"validation prompts and {plan['eval_prompts']} seen + {plan['eval_prompts']} "
+           f"unseen test prompts. Offline methods: {plan['offline_steps']} steps of 16 pairs; "
+           f"online: {plan['online_steps']} rollouts; {plan['eval_points']} checkpoints per "
+           "run are evaluated on validation prompts (trajectories).", "",
+           "**How to read it.** Gain = policy gold minus base gold per seed, on the same test "
+           "prompts with the same sampling seed (paired), then a t-interval over seeds. Each "
+           "method's knob and learning rate are chosen on validation prompts and reported on "
+           "test prompts. A claim is made only where its interval excludes 0. KL: k1 and k3 "
+           "per sequence (Schulman 2020) with their within-seed standard errors; best-of-N: "
+           "the analytic bound log N − (N−1)/N and a plug-in estimate from the samples. "
+           "Proxy gain: the reward model's score minus the base policy's. Cost (whole): the "
+           "method's training plus the preference data it learns from, plus the reward model "
+           "for the methods that optimise it; the base policy is shared by all.", ""]
     for world in plan["worlds"]:
-        accs = [cells_by_kind[(world, seed, "reward_model")].get("gold_accuracy")
-                for seed in plan["seeds"] if (world, seed, "reward_model") in cells_by_kind]
-        accs = [a for a in accs if a is not None]
-        md += [f"**{world}.** " + " ".join(reading(rows, world, knobs, accs)), ""]
-    md += ["These are tiny models trained for seconds on synthetic tasks: the lab shows how "
-           "methods trade reward against KL under controlled conditions; it does not rank them "
-           "on real models.", ""]
-    md += ["![frontier](frontier.png)", "", "![over-optimisation](overoptimization.png)", ""]
-    for world in plan["worlds"]:
-        md += [f"## World: {world}", "", "```", results["worlds"][world], "```", ""]
-        for seed in plan["seeds"]:
-            data = cells_by_kind.get((world, seed, "data"))
-            rm = cells_by_kind.get((world, seed, "reward_model"))
-            parts = []
-            if data:
-                agree = data.get("label_agreement_with_gold")
-                parts.append(f"{data['pairs']} pairs ({data['identical_dropped']} identical "
-                             "samples dropped), labels agree with the gold argmax on "
-                             + (f"{agree:.0%}" if agree is not None else "-")
-                             + " of pairs with different gold")
-            if rm:
-                acc, gold_acc = rm.get("eval_accuracy"), rm.get("gold_accuracy")
-                parts.append("reward model accuracy "
-                             + (f"{acc:.0%}" if acc is not None else "-")
-                             + " on held-out noisy labels, "
-                             + (f"{gold_acc:.0%}" if gold_acc is not None else "-")
-                             + " on fresh pairs ranked by the gold reward (50% is chance)")
-            if parts:
-                md.append(f"- seed {seed}: " + "; ".join(parts) + ".")
-        md += ["", table(rows, world, knobs), ""]
+        sw = results["summary"][world]
+        md += [f"## {world}", "", "```", results["worlds"][world], "```", "",
+               f"Base policy gold (test): {ci(sw['base_policy']['test'])}; trained in "
+               f"{sw['base_cost']['wall_time_s'] or 0:.0f}s per seed.", ""]
+        for noise in sw["noise"]:
+            s = sw["noise"][noise]
+            md += [f"### {world}, label noise `{noise}`", ""]
+            md += ["- " + line for line in reading(results, world, noise)]
+            md += ["", *_table(s), "", "<details><summary>every setting</summary>", "",
+                   *_settings_table(s), "", "</details>", ""]
+        md += ["### Label noise as a factor", ""]
+        md += ["- " + line for line in noise_sentences(sw, list(sw["noise"]))]
+        md.append("")
+    md += ["![frontier](frontier.png)", "", "![over-optimisation](overoptimization.png)", "",
+           "![compute](compute.png)", ""]
+    md += ["## What this run cannot tell", "",
+           f"- With {k} seed(s) an interval is wide ({t_mult} times the standard error); a "
+           "difference smaller than about the half-widths above is invisible, and 'no "
+           "difference can be claimed' is not evidence of equality.",
+           "- Tiny byte-level models trained for seconds on synthetic worlds: the lab shows "
+           "how methods trade gold reward against KL under controlled conditions; it does not "
+           "rank them on real models or real data.",
+           "- One choice of training length, data size and learning-rate grid per method; "
+           "another budget can change the order.",
+           "- Trajectories are evaluated on validation prompts (which also chose the settings); "
+           "only the test columns are clean held-out estimates.", ""]
     if results.get("failures"):
         md += ["## Failed cells", ""]
         md += [f"- {f['cell']}: {f['error']} (log: `{f['log']}`)" for f in results["failures"]]
         md.append("")
-    md += ["Every number, the full configuration and the seeds are in `results.json`."]
+    md += ["Every number, the configuration and the per-seed values are in `results.json`."]
     with atomic_output(out / "report.md") as tmp:
         Path(tmp).write_text("\n".join(md) + "\n", encoding="utf-8")
-    return {"summary": rows}

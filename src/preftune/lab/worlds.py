@@ -15,6 +15,7 @@ A world offers:
     name, description, max_new_tokens
     make_prompts(n, rng) -> list[str]
     make_corpus(n, rng) -> list[(prompt, completion)]
+    split_prompts(rng) -> PromptSplit                     # train / validation / test strings
     gold_reward(prompts, completions) -> list[float]     # deterministic, pure Python
 
 `bt_label_pairs` turns gold rewards of two completions into noisy preference labels
@@ -26,8 +27,9 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from preftune.errors import PreftuneError
 
@@ -47,6 +49,8 @@ class World(Protocol):
     def make_corpus(self, n: int, rng: random.Random) -> list[tuple[str, str]]: ...
 
     def gold_reward(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]: ...
+
+    def split_prompts(self, rng: random.Random, unseen_fraction: float = 0.2) -> PromptSplit: ...
 
 
 def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:
@@ -152,11 +156,18 @@ _BIGRAMS = _grammar_bigrams()
 # How often a token may occur before it counts as a repetition ("i love it, it is ..." has two).
 _ALLOWED_COUNT = {"it": 2}
 _TOKEN = re.compile(r"[a-z]+|\S")  # words, then any other non-space character on its own
-_REVIEW_PROMPT = re.compile(r"^Review of the ([a-z]+):$")
+# Prompt templates: several strings per product, so that a product can be "seen" in training
+# while the test prompt string itself is new (the three-way split needs disjoint strings).
+REVIEW_TEMPLATES: tuple[str, ...] = (
+    "Review of the {}:", "A review of the {}:", "My review of the {}:", "Rate the {}:",
+    "Thoughts on the {}:", "About the {}:",
+)
+_REVIEW_PROMPT = re.compile(r"^(?:Review of|A review of|My review of|Rate|Thoughts on|About) "
+                            r"the ([a-z]+):$")
 
 
-def _review_prompt(product: str) -> str:
-    return f"Review of the {product}:"
+def _review_prompt(product: str, template: int = 0) -> str:
+    return REVIEW_TEMPLATES[template].format(product)
 
 
 def _render(words: Sequence[str]) -> str:
@@ -178,8 +189,9 @@ class ReviewParts:
 class ReviewWorld:
     """Short product reviews; the gold reward wants fluent, positive, on-topic text.
 
-    Prompt: "Review of the <product>:" for one of 39 products. Completion: one sentence from a
-    small grammar, e.g. " it is bright and great." or " i love it, it is comfy.".
+    Prompt: "Review of the <product>:" (or one of five other templates) for one of 39 products.
+    Completion: one sentence from a small grammar, e.g. " it is bright and great." or
+    " i love it, it is comfy.".
 
     Gold reward, in [-2, 2]:  f * (s + c) - 2 * (1 - f)
       f  fluency in [0, 1]: the fraction of word bigrams (with sentence start and end) that the
@@ -212,7 +224,21 @@ class ReviewWorld:
     )
 
     def make_prompts(self, n: int, rng: random.Random) -> list[str]:
-        return [_review_prompt(rng.choice(PRODUCTS)) for _ in range(n)]
+        return [_review_prompt(rng.choice(PRODUCTS), rng.randrange(len(REVIEW_TEMPLATES)))
+                for _ in range(n)]
+
+    def split_prompts(self, rng: random.Random, unseen_fraction: float = 0.2) -> PromptSplit:
+        """Disjoint prompt strings. Unseen: every template of a fifth of the products (never in
+        training). Seen products: each (product, template) string goes to train (at least one
+        per product), validation or the seen part of test."""
+        products = list(PRODUCTS)
+        rng.shuffle(products)
+        n_unseen = max(1, round(unseen_fraction * len(products)))
+        unseen = [_review_prompt(p, t) for p in products[:n_unseen]
+                  for t in range(len(REVIEW_TEMPLATES))]
+        strings = [[_review_prompt(p, t) for t in range(len(REVIEW_TEMPLATES))]
+                   for p in products[n_unseen:]]
+        return _split_groups(strings, unseen, rng)
 
     def make_corpus(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
         """Demonstrations from a noisy reviewer: 45% positive, 25% neutral, 30% negative; about
@@ -230,7 +256,8 @@ class ReviewWorld:
             else:
                 template = rng.choices(templates, weights=weights)[0]
             words = [self._fill(slot, product, polarity, rng) for slot in template]
-            rows.append((_review_prompt(product), _render(words)))
+            template = rng.randrange(len(REVIEW_TEMPLATES))
+            rows.append((_review_prompt(product, template), _render(words)))
         return rows
 
     @staticmethod
@@ -259,8 +286,8 @@ class ReviewWorld:
         match = _REVIEW_PROMPT.match(prompt)
         if match is None or match.group(1) not in PRODUCTS:
             raise PreftuneError(
-                f"review world: prompt {prompt!r} is not 'Review of the <product>:' for a "
-                f"known product ({', '.join(PRODUCTS)})"
+                f"review world: prompt {prompt!r} is not 'Review of the <product>:' (or another "
+                f"of {REVIEW_TEMPLATES}) for a known product ({', '.join(PRODUCTS)})"
             )
         product = match.group(1)
         tokens = _TOKEN.findall(completion)
@@ -351,6 +378,22 @@ class ArithmeticWorld:
     def make_prompts(self, n: int, rng: random.Random) -> list[str]:
         return [self._question(rng)[0] for _ in range(n)]
 
+    def split_prompts(self, rng: random.Random, unseen_fraction: float = 0.2) -> PromptSplit:
+        """Disjoint prompt strings. Unseen: a fifth of the operand pairs {a, b}, in both orders,
+        never in training. Seen pairs: one order goes to train, the other (a "seen" operand
+        pair as a new string) to train, validation or test; a + a goes to train."""
+        if self.ops != ("+",):
+            raise PreftuneError("arithmetic world: split_prompts supports ops ('+',) only")
+        values = range(self.min_operand, self.max_operand + 1)
+        pairs = [(a, b) for a in values for b in values if a < b]
+        rng.shuffle(pairs)
+        n_unseen = max(1, round(unseen_fraction * len(pairs)))
+        unseen = [s for a, b in pairs[:n_unseen] for s in (f"{a}+{b}=", f"{b}+{a}=")]
+        groups = [[f"{a}+{b}=", f"{b}+{a}="] if rng.random() < 0.5 else
+                  [f"{b}+{a}=", f"{a}+{b}="] for a, b in pairs[n_unseen:]]
+        groups += [[f"{a}+{a}="] for a in values]
+        return _split_groups(groups, unseen, rng)
+
     def make_corpus(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
         rows = []
         for _ in range(n):
@@ -379,6 +422,44 @@ class ArithmeticWorld:
             ok = _CANONICAL_INT.match(text) is not None and int(text) == self.answer(prompt)
             rewards.append(1.0 if ok else 0.0)
         return rewards
+
+
+# --------------------------------------------------------------------------------------------
+# prompt splits
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    """Distinct prompt strings, pairwise disjoint. `test_seen`: new strings whose product (or
+    operand pair) is in training; `test_unseen`: products (operand pairs) never in training."""
+
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    test_seen: tuple[str, ...]
+    test_unseen: tuple[str, ...]
+
+    @property
+    def test(self) -> tuple[str, ...]:
+        return self.test_seen + self.test_unseen
+
+    def overlap(self) -> int:
+        """Strings in more than one part (0 by construction; results.json reports it)."""
+        parts = (self.train, self.validation, self.test_seen, self.test_unseen)
+        return sum(len(p) for p in parts) - len(set().union(*parts))
+
+
+def _split_groups(groups: list[list[str]], unseen: list[str], rng: random.Random,
+                  validation: float = 0.2, test: float = 0.2) -> PromptSplit:
+    """The first string of every group goes to train; each other one to validation, test or
+    train with probabilities (validation, test, rest)."""
+    train, val, test_seen = [], [], []
+    for group in groups:
+        train.append(group[0])
+        for s in group[1:]:
+            r = rng.random()
+            (val if r < validation else test_seen if r < validation + test else train).append(s)
+    return PromptSplit(tuple(train), tuple(val), tuple(test_seen), tuple(unseen))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Reward-model losses: pairwise Bradley-Terry, listwise Plackett-Luce, and a centering term.
+"""Reward-model losses: pairwise Bradley-Terry, listwise Plackett-Luce, a centering term,
+and the tie-aware models: Rao-Kupper and Davidson (one tie parameter each) and a three-way
+(A wins / tie / B wins) classification loss.
 
 Inputs are scalar rewards r(x, y) from the reward model: [B] for pairs, [B, K] for K ranked
 completions per prompt (with an optional validity mask [B, K] for variable K).
@@ -117,3 +119,81 @@ def all_pairs_loss(
     n = metrics["pairs"].clamp(min=1).to(rewards.dtype)
     losses = pair_losses.sum((-1, -2)) / n
     return losses, {"accuracy": metrics["accuracy"], "pairs": metrics["pairs"]}
+
+
+# --- ties ------------------------------------------------------------------------------------
+
+TIE_MODELS = ("rao-kupper", "davidson")
+OUTCOMES = ("win", "tie", "lose")  # of the first reply against the second
+
+
+def tie_log_probs(diff: Tensor, model: str, log_param: Tensor | float) -> Tensor:
+    """log P(first wins), log P(tie), log P(second wins) [..., 3] for d = r_first − r_second.
+
+    With π = exp(r) (the Bradley-Terry strengths), `log_param` is log θ ≥ 0 for Rao-Kupper and
+    log ν for Davidson:
+    - Rao & Kupper 1967 (JASA 62:194): P(i≻j) = π_i / (π_i + θ π_j), P(tie) = (θ² − 1) π_i π_j
+      / ((π_i + θ π_j)(θ π_i + π_j)); in logits, P(i≻j) = σ(d − log θ) and
+      P(tie) = σ(log θ − d) σ(log θ + d) (1 − θ^−2).
+    - Davidson 1970 (JASA 65:317): P(i≻j) = π_i / (π_i + π_j + ν √(π_i π_j)), P(tie) =
+      ν √(π_i π_j) / (the same); dividing by √(π_i π_j), a softmax over (d/2, log ν, −d/2).
+    Both are Bradley-Terry when the tie parameter vanishes (θ → 1, ν → 0), with P(tie) → 0.
+    """
+    log_param = torch.as_tensor(log_param, dtype=diff.dtype, device=diff.device)
+    if model == "rao-kupper":
+        if bool((log_param < 0).any()):
+            raise PreftuneError(f"Rao-Kupper needs log theta >= 0, got {log_param.tolist()}")
+        log_win = F.logsigmoid(diff - log_param)  # Rao & Kupper 1967: π_i / (π_i + θ π_j)
+        log_lose = F.logsigmoid(-diff - log_param)
+        # P(tie) = σ(η − d) σ(η + d) (1 − e^−2η), η = log θ: stable for any d (log1p form).
+        log_tie = (F.logsigmoid(log_param - diff) + F.logsigmoid(log_param + diff)
+                   + torch.log(-torch.expm1(-2 * log_param)))
+        return torch.stack([log_win, log_tie, log_lose], dim=-1)
+    if model == "davidson":
+        # Davidson 1970: (π_i, ν √(π_i π_j), π_j) / sum, i.e. softmax(d/2, log ν, −d/2).
+        logits = torch.stack([diff / 2, log_param.expand_as(diff), -diff / 2], dim=-1)
+        return torch.log_softmax(logits, dim=-1)
+    raise PreftuneError(f"unknown tie model {model!r}; expected one of {', '.join(TIE_MODELS)}")
+
+
+def tie_model_loss(
+    r_first: Tensor, r_second: Tensor, tie: Tensor, model: str, log_param: Tensor | float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair negative log-likelihood [B] under Rao-Kupper or Davidson (see `tie_log_probs`).
+
+    For an untied pair `r_first` is the preferred reply's reward and the loss is −log P(win);
+    for a tied pair (`tie` true) it is −log P(tie). Metrics [B] (NaN where they do not apply,
+    which the metric window skips): accuracy (untied pairs: r_first > r_second),
+    three_way_accuracy (the most probable of win/tie/lose is the outcome), p_tie (model's P(tie)),
+    p_tie/tied and p_tie/untied (the same, split by the label), margin (r_first − r_second).
+    """
+    diff = r_first - r_second
+    logp = tie_log_probs(diff, model, log_param)
+    tie = tie.to(torch.bool)
+    losses = -torch.where(tie, logp[..., 1], logp[..., 0])
+    with torch.no_grad():
+        nan = torch.full_like(diff, float("nan"))
+        p_tie = logp[..., 1].exp()
+        predicted = logp.argmax(-1)
+        metrics = {
+            "accuracy": torch.where(tie, nan, (diff > 0).to(diff.dtype)),
+            "three_way_accuracy": (predicted == torch.where(tie, 1, 0)).to(diff.dtype),
+            "p_tie": p_tie,
+            "p_tie/tied": torch.where(tie, p_tie, nan),
+            "p_tie/untied": torch.where(tie, nan, p_tie),
+            "margin": diff.detach(),
+        }
+    return losses, metrics
+
+
+def three_way_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair cross-entropy of a three-way head [B], logits [B, 3] over (first wins, tie,
+    second wins), labels [B] in {0, 1, 2}: −log softmax(logits)[label], the multinomial
+    log-loss the Chatbot Arena human-preference competition scores. Metrics [B]: accuracy
+    (argmax == label), p_tie."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    losses = -logp.gather(-1, labels.long()[:, None]).squeeze(-1)
+    with torch.no_grad():
+        metrics = {"three_way_accuracy": (logp.argmax(-1) == labels).float(),
+                   "p_tie": logp[:, 1].exp()}
+    return losses, metrics

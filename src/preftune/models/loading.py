@@ -60,6 +60,19 @@ def _resolve(name_or_path) -> str:
     return expanded if os.path.exists(expanded) else name
 
 
+def _require_model_folder(name_or_path) -> None:
+    """A local folder must hold a saved model (config.json), not just a tokenizer or weights."""
+    path = os.path.expanduser(os.fspath(name_or_path)) if isinstance(name_or_path, (str, os.PathLike)) else ""
+    if path and os.path.isdir(path) and not any(
+        os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")
+    ):
+        present = sorted(os.listdir(path))[:8]
+        raise PreftuneError(
+            f"model folder {name_or_path} has no config.json, so it is not a saved model; expected a "
+            f"folder written by save_pretrained (config.json and the weights), found: {present or 'nothing'}"
+        )
+
+
 def _torch_dtype(dtype):
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -129,6 +142,8 @@ def load_causal_lm(
     """
     torch_dtype = _torch_dtype(dtype)
     tiny = parse_tiny_spec(str(name_or_path))
+    if tiny is None:
+        _require_model_folder(name_or_path)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if tiny is not None:
         model = build_tiny_model(tokenizer, seed=seed, **tiny)
@@ -181,6 +196,8 @@ def load_sequence_classifier(
         raise PreftuneError(f"num_labels must be a positive integer, got {num_labels!r}")
     torch_dtype = _torch_dtype(dtype)
     tiny = parse_tiny_spec(str(name_or_path))
+    if tiny is None:
+        _require_model_folder(name_or_path)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if tiny is not None:
         model = build_tiny_sequence_classifier(tokenizer, num_labels=num_labels, seed=seed, **tiny)

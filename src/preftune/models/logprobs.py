@@ -78,6 +78,130 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# Rows of hidden states per chunk of the chunked head: a [chunk, vocabulary] float32 block is
+# the largest temporary (64 MB at a 128k vocabulary).
+HEAD_CHUNK_ROWS = 128
+# The chunked head recomputes the logits in the backward pass (one more [N, H] x [H, V] product):
+# below this many logit elements (N x V) storing them is cheaper than recomputing them, so the
+# straightforward path runs when gradients are needed. Under no_grad the chunked head always runs.
+CHUNKED_HEAD_MIN_ELEMENTS = 32 * 2**20
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on `t` in (t's own dtype outside autocast)."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+class _ChunkedTokenLogProb(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] / temperature, row by row, never holding [N, V] logits.
+
+    Forward: per chunk of rows, the logits (float32), their log-sum-exp, the target's log-prob
+    (and the entropy, without gradient). Backward: recompute the chunk's logits, then
+    d logp_t / d z = onehot(t) - softmax(z) (scaled by 1 / temperature), and accumulate the
+    gradients of the hidden states, the weight and the bias (the fused linear cross-entropy
+    scheme of Liger-Kernel, Hsu et al. 2024, for a per-token output)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, want_entropy):
+        dtype = _compute_dtype(hidden)
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        n = hidden.shape[0]
+        picked = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_empty(n, dtype=torch.float32) if want_entropy else None
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            z = torch.nn.functional.linear(hidden[rows].to(dtype), w, b).float()
+            if temperature != 1.0:
+                z = z / temperature
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            picked[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            if want_entropy:
+                # H = lse - sum_v p_v z_v, with p = softmax(z)
+                entropy[rows] = lse[rows] - (torch.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        if want_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, temperature = ctx.dtype, ctx.temperature
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                  if need_b and bias is not None else None)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h = hidden[rows].to(dtype)
+            z = torch.nn.functional.linear(h, w, b).float()
+            if temperature != 1.0:
+                z = z / temperature
+            # d logp_t / d z = onehot(t) - softmax(z); chain through z = logits / temperature
+            dz = torch.exp(z - lse[rows, None]).neg_()
+            dz.scatter_add_(-1, targets[rows, None], torch.ones_like(lse[rows, None]))
+            dz *= grad_picked[rows, None].float()
+            if temperature != 1.0:
+                dz /= temperature
+            dz = dz.to(dtype)
+            if grad_h is not None:
+                grad_h[rows] = (dz @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (dz.t() @ h).float()
+            if grad_b is not None:
+                grad_b += dz.float().sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+
+
+def _plain_linear_head(head) -> bool:
+    """A bare nn.Linear with ordinary tensors (not a LoRA-wrapped or sharded DTensor head)."""
+    if type(head) is not nn.Linear:
+        return False
+    return all(type(p) in (torch.Tensor, nn.Parameter) for p in head.parameters())
+
+
+def token_logps_from_hidden(head, hidden: torch.Tensor, targets: torch.Tensor, *,
+                            temperature: float = 1.0, return_entropy: bool = False,
+                            chunked: bool | None = None):
+    """(log p(target | hidden) [N] float32, entropy [N] or None) through the LM head.
+
+    `chunked=None` decides: the chunked head (no [N, V] logits kept) under no_grad, or when
+    the logits would exceed CHUNKED_HEAD_MIN_ELEMENTS; the straightforward path otherwise."""
+    vocab = head.out_features if isinstance(head, nn.Linear) else None
+    if chunked is None:
+        chunked = vocab is not None and (not torch.is_grad_enabled()
+                                         or hidden.shape[0] * vocab >= CHUNKED_HEAD_MIN_ELEMENTS)
+    if chunked and _plain_linear_head(head):
+        picked, entropy = _ChunkedTokenLogProb.apply(hidden, head.weight, head.bias, targets,
+                                                     float(temperature), HEAD_CHUNK_ROWS,
+                                                     return_entropy)
+        return picked, entropy
+    return _logps_from_logits(head(hidden), targets, temperature, return_entropy)
+
+
+def _logps_from_logits(logits, targets, temperature, return_entropy):
+    logits = logits.float()  # log-softmax in float32: bf16 log-probs lose the small differences DPO needs
+    if temperature != 1.0:
+        logits = logits / temperature  # sample from softmax(logits / T); score under the same distribution
+    logps = torch.log_softmax(logits, dim=-1)
+    picked = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if return_entropy:
+        # H = -sum_v p_v log p_v of the distribution that predicts each completion token.
+        entropy = -(logps.exp() * logps).sum(-1)
+    return picked, entropy
+
+
 def completion_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -86,12 +210,14 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    chunked_head: bool | None = None,
 ) -> LogProbOutput:
     """Completion-only log-probs of a bare causal LM (e.g. a reference model under no_grad).
 
     Trainers call the policy through `CompletionLogProbs` instead, so that DDP/FSDP see the
     forward. Inputs are [B, T] tensors; completion_mask marks the tokens to score (position 0
-    has no context and is never scored).
+    has no context and is never scored). `chunked_head`: see `token_logps_from_hidden` (None
+    decides by size; the entropy of the chunked head carries no gradient: a metric only).
     """
     if isinstance(model, CompletionLogProbs):
         model = model.policy
@@ -118,24 +244,20 @@ def completion_logprobs(
             forward_kwargs["position_ids"] = _position_ids(attention_mask)
         outputs = backbone(**forward_kwargs)
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        logits = head(hidden[predict_mask])  # [N, V]: the head runs on completion positions only
+        # The head runs on completion positions only.
+        picked, token_entropy = token_logps_from_hidden(
+            head, hidden[predict_mask], targets, temperature=temperature,
+            return_entropy=return_entropy, chunked=chunked_head)
     else:
         if _accepts(model, "position_ids"):
             forward_kwargs["position_ids"] = _position_ids(attention_mask)
         logits = model(**forward_kwargs).logits[predict_mask]
-
-    logits = logits.float()  # log-softmax in float32: bf16 log-probs lose the small differences DPO needs
-    if temperature != 1.0:
-        logits = logits / temperature  # sample from softmax(logits / T); score under the same distribution
-    logps = torch.log_softmax(logits, dim=-1)
-    picked = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        picked, token_entropy = _logps_from_logits(logits, targets, temperature, return_entropy)
 
     token_logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     token_logps = token_logps.masked_scatter(target_mask, picked)
     entropy = None
     if return_entropy:
-        # H = -sum_v p_v log p_v of the distribution that predicts each completion token.
-        token_entropy = -(logps.exp() * logps).sum(-1)
         entropy = torch.zeros_like(token_logps).masked_scatter(target_mask, token_entropy)
     return LogProbOutput(
         token_logps=token_logps,

@@ -102,6 +102,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     vllm_backend = make_generator_backend(cfg, tokenizer)
 
     best_rows, pair_rows = [], []
+    ensemble_std: list[float] = []
     all_rewards, best_rewards, worst_rewards = [], [], []
     times = {"time/generation_s": 0.0, "time/scoring_s": 0.0}
     for start in range(0, len(prompts), cfg.prompts_per_batch):
@@ -109,6 +110,8 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
         scored = sample_and_score(cfg, model, tokenizer, reward, features, cfg.n,
                                   sampling_seed(cfg.seed, start, 0), device, times, vllm_backend)
         rewards, texts = scored.rewards, scored.completions
+        if "ensemble_std" in scored.components:  # the members' disagreement (an ensemble)
+            ensemble_std += scored.components["ensemble_std"].tolist()
         grouped = rewards.view(len(features), cfg.n)
         for i, f in enumerate(features):
             group = grouped[i]
@@ -137,6 +140,8 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
         "kl_bound": kl_bound(cfg.n),
         **times,
     }
+    if ensemble_std:
+        summary["reward/ensemble_std"] = sum(ensemble_std) / len(ensemble_std)
     atomic_write_json(out_dir / "summary.json", summary)
     log(f"best-of-{cfg.n} over {len(best_rows)} prompts: mean reward of the best "
         f"{summary['reward/best_mean']:.4f}, of all {summary['reward/all_mean']:.4f}; "

@@ -41,6 +41,12 @@ def read_examples(source: str, kind: str, cfg: TrainConfig, log=print, **convert
     log(report.summary())
     if not examples:
         raise PreftuneError(f"{source}: no usable examples left after validation")
+    if cfg.chat_template and not any(isinstance(getattr(ex, "prompt", None), list)
+                                     for ex in examples):
+        raise PreftuneError(
+            f"chat_template is set but {source} holds plain text, which is tokenized as it is: "
+            "a chat template applies only to conversations (lists of role/content messages); "
+            "drop --chat-template or give conversational data")
     return examples
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from preftune.config import TrainConfig, arg, fixed
+from preftune.engine.checkpoint import data_fingerprint
 from preftune.errors import PreftuneError
 from preftune.trainers.common import load_policy
 from preftune.trainers.rollout import RolloutBatch, RolloutSettings, load_prompts, load_reward
@@ -83,6 +84,7 @@ def load_online(cfg: OnlineConfig, engine) -> OnlineSetup:
     """Policy, tokenizer, prompts and reward source, before the engine prepares anything."""
     policy, tokenizer = load_policy(cfg)
     prompts = load_prompts(cfg, tokenizer, log=engine.print)
+    engine.data_fingerprint = data_fingerprint(prompts)  # checked by --resume
     reward = load_reward(cfg, engine.accelerator.device)
     if cfg.prompts_per_step % engine.world_size:
         raise PreftuneError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
@@ -128,8 +130,8 @@ def end_iteration(engine, cfg, window, ro: RolloutBatch, step: int, bar, *, vllm
         logged["lr"] = engine.lr
         engine.log(step, logged)
         bar.set_postfix(reward=f"{logged.get('reward/mean', float('nan')):.3f}")
-    if engine.should_save(step):
-        engine.save_checkpoint(step, {"prompt_position": step * cfg.prompts_per_step})
+    # checkpoint every save_steps; stop here with a checkpoint on SIGTERM/SIGINT
+    engine.step_done(step, {"prompt_position": step * cfg.prompts_per_step})
     return logged
 
 

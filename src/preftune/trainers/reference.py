@@ -34,6 +34,7 @@ from preftune.data.collate import pad_sequences
 from preftune.models.loading import check_same_tokenizer, disabled_adapters, load_causal_lm
 from preftune.models.logprobs import CompletionLogProbs, LogProbOutput
 from preftune.trainers.common import prepare_tokenizer
+from preftune.utils import file_mode
 
 CACHE_FILE = "ref_logps.safetensors"
 
@@ -153,10 +154,12 @@ def cached_logps(engine, path: Path, key: str, compute: Callable[[], dict[str, t
         except Exception:  # a corrupt or foreign file: recompute rather than trust it
             engine.print(f"reference log-probs: {path} is unreadable; computing them again")
     tensors = compute()
+    engine.claim(path.name)  # the run's own file, removed by --overwrite
     if engine.is_main:
         tmp = path.with_name(f".tmp-{path.name}")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"fingerprint": key})
+        os.chmod(tmp, file_mode())  # safetensors writes 0600; respect the umask instead
         os.replace(tmp, path)
     engine.accelerator.wait_for_everyone()
     return tensors

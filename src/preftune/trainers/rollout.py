@@ -25,7 +25,7 @@ from preftune.config import _require, arg
 from preftune.data.tokenize import tokenize_prompts
 from preftune.errors import PreftuneError
 from preftune.generation import SamplingConfig, VLLMGenerator, generate, vllm_available
-from preftune.rewards import apply_penalties, parse_reward_spec
+from preftune.rewards import apply_penalties, is_ensemble, parse_reward_spec
 from preftune.trainers.common import read_examples
 from preftune.trainers.reference import Reference
 
@@ -38,10 +38,20 @@ class RewardSettings:
                             "e.g. the output of `preftune reward`).")
     reward_fn: list[str] = arg([], "Reward function(s) `module:function` or "
                                "`path/to/file.py:function`, called as fn(prompts, completions, "
-                               "**extra_columns) and returning one number per completion.")
+                               "**extra_columns) and returning one number per completion. "
+                               "The file is imported and run with your user's rights.")
     reward_weights: list[float] = arg([], "One weight per reward source (the reward model "
                                       "first, then the functions in order); default all 1.")
     reward_batch_size: int = arg(32, "Completions per reward-model forward pass.")
+    ensemble_agg: str = arg("mean", "How the members of a reward-model ensemble (a folder from "
+                            "`preftune reward --ensemble K`) are combined (Coste et al. 2023): "
+                            "mean; min (worst case); mean-minus-std or mean-minus-var (mean "
+                            "minus ensemble_coef times the members' std or variance).",
+                            choices=("mean", "min", "mean-minus-std", "mean-minus-var"))
+    ensemble_coef: float = arg(1.0, "The multiple of the members' std (or variance) that "
+                               "mean-minus-std (mean-minus-var) subtracts.")
+    reward_timeout: float = arg(600.0, "Seconds a reward function may take for one call "
+                                "before the run stops with an error (0: no limit).")
     missing_eos_penalty: float = arg(0.0, "Subtracted from the reward of a completion cut at "
                                      "max_new_tokens without EOS (Huang et al. 2024).")
     length_penalty: float = arg(0.0, "Subtracted from the reward once per completion token.")
@@ -49,6 +59,8 @@ class RewardSettings:
     def validate_reward(self) -> None:
         _require(self.reward_batch_size >= 1, "reward_batch_size", self.reward_batch_size,
                  "an integer >= 1")
+        _require(self.reward_timeout >= 0, "reward_timeout", self.reward_timeout,
+                 "a number of seconds >= 0 (0: no limit)")
         for name in ("missing_eos_penalty", "length_penalty"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, value,
@@ -61,6 +73,18 @@ class RewardSettings:
             raise PreftuneError(
                 f"reward_weights: got {len(self.reward_weights)} weights for {n_sources} reward "
                 "sources; give one per source, the reward model first, then the functions")
+        self.validate_ensemble()
+
+    def validate_ensemble(self) -> None:
+        _require(math.isfinite(self.ensemble_coef) and self.ensemble_coef >= 0, "ensemble_coef",
+                 self.ensemble_coef, "a finite number >= 0")
+        if self.ensemble_agg not in ("mean-minus-std", "mean-minus-var") and self.ensemble_coef != 1.0:
+            raise PreftuneError(f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
+                                f"mean-minus-var, not {self.ensemble_agg}")
+        if (self.ensemble_agg != "mean" or self.ensemble_coef != 1.0) and not is_ensemble(self.reward_model):
+            raise PreftuneError(f"ensemble_agg/ensemble_coef need an ensemble: reward_model "
+                                f"{self.reward_model or '(none)'!r} has no ensemble.json (train "
+                                "one with `preftune reward --ensemble K`)")
 
 
 @dataclass
@@ -131,7 +155,8 @@ def load_reward(cfg: RewardSettings, device) -> Any:
     """The reward source (a preftune.rewards.RewardSource) of the settings."""
     return parse_reward_spec(cfg.reward_model or None, cfg.reward_fn, cfg.reward_weights or None,
                              batch_size=cfg.reward_batch_size, max_length=cfg.max_length,
-                             device=device)
+                             device=device, ensemble_agg=cfg.ensemble_agg,
+                             ensemble_coef=cfg.ensemble_coef, timeout=cfg.reward_timeout)
 
 
 def make_generator_backend(cfg: RolloutSettings, tokenizer):

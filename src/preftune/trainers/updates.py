@@ -9,7 +9,9 @@ loss of the minibatch is normalised over its loss units on all processes (`engin
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,6 +22,16 @@ from preftune.errors import PreftuneError
 from preftune.losses.rl import AGGREGATION_MODES, KL_ESTIMATORS, aggregate_sum_and_units
 from preftune.losses.rl import kl_penalty
 from preftune.trainers.rollout import sampling_seed
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print a warning on stderr the first time this process meets it."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"preftune: warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -44,6 +56,12 @@ class ClippedUpdateSettings:
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise PreftuneError(f"ppo_epochs and num_minibatches must be >= 1, got "
                                 f"{self.ppo_epochs} and {self.num_minibatches}")
+        default = {f.name: f.default for f in dataclasses.fields(self)}["clip_eps"]
+        if self.steps_per_rollout == 1 and self.clip_eps != default:
+            # Warned, not refused: one settings file may serve runs with and without reuse.
+            warn_once(f"clip_eps={self.clip_eps} has no effect with ppo_epochs=1 and "
+                      "num_minibatches=1: each rollout is used once, the ratio is 1 and never "
+                      "clipped")
 
     @property
     def steps_per_rollout(self) -> int:
@@ -62,6 +80,11 @@ class KLSettings:
     def validate_kl(self) -> None:
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise PreftuneError(f"kl_coef: got {self.kl_coef!r}, expected a finite number >= 0")
+        default = {f.name: f.default for f in dataclasses.fields(self)}["kl_estimator"]
+        if self.kl_coef == 0 and self.kl_estimator != default:
+            raise PreftuneError(f"kl_estimator={self.kl_estimator!r} has no effect: kl_coef is 0, "
+                                "so there is no KL term (the KL is still logged with k1 and k3); "
+                                "set --kl-coef or drop --kl-estimator")
 
 
 @dataclass
