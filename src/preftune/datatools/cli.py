@@ -462,7 +462,10 @@ def build_parser(argv: list[str]):
     """(parser, config class, run function) of `preftune data SUB`; for anything but a known
     SUB, the group's own parser answers (help, or an error naming the subcommands)."""
     if not argv or argv[0] not in SUBCOMMANDS:
-        group = argparse.ArgumentParser(prog="preftune data", description=DESCRIPTION)
+        group = argparse.ArgumentParser(
+            prog="preftune data", description=DESCRIPTION,
+            epilog="`preftune data COMMAND --help` lists a command's options; every command "
+                   "accepts --config FILE.yaml, and flags given on the command line win.")
         subs = group.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
         for name, (_, _, desc) in SUBCOMMANDS.items():
             subs.add_parser(name, help=desc, add_help=False)
