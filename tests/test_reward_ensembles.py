@@ -198,3 +198,24 @@ def test_best_of_n_with_an_ensemble_reports_disagreement(tmp_path, ensemble_dir)
                  "--max-new-tokens", "6", "--max-length", "64", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reward/ensemble_std"] > 0
+
+
+def test_data_relabel_with_an_ensemble_uses_the_aggregation(tmp_path, ensemble_dir):
+    # `preftune data relabel` is a reward-model consumer too: with `min` every written pair is
+    # ordered by the smaller of the two members' scores, recomputed here member by member.
+    from preftune.rewards.sources import ModelReward
+
+    data = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "relabelled"
+    assert main(["data", "relabel", str(data), "--reward-model", str(ensemble_dir),
+                 "--ensemble-agg", "min", "--output-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    members = [ModelReward.from_pretrained(str(ensemble_dir / f"member-{k}")) for k in (0, 1)]
+    for row in rows:
+        texts = [row["chosen"], row["rejected"]]
+        scores = [m([row["prompt"]] * 2, texts).tolist() for m in members]
+        low = [min(scores[0][i], scores[1][i]) for i in (0, 1)]
+        assert row["reward_chosen"] == pytest.approx(low[0], abs=1e-5)
+        assert row["reward_rejected"] == pytest.approx(low[1], abs=1e-5)
+    assert main(["data", "relabel", str(data), "--reward-model", str(ensemble_dir / "member-0"),
+                 "--ensemble-agg", "min", "--output-dir", str(tmp_path / "x")]) == 2

@@ -121,7 +121,9 @@ def _reward(cfg) -> object | None:
 
     device = "cuda" if torch.cuda.is_available() else None
     return parse_reward_spec(cfg.reward_model or None, [cfg.reward_fn] if cfg.reward_fn else None,
-                             None, batch_size=cfg.batch_size, device=device)
+                             None, batch_size=cfg.batch_size, device=device,
+                             ensemble_agg=getattr(cfg, "ensemble_agg", "mean"),
+                             ensemble_coef=getattr(cfg, "ensemble_coef", 1.0))
 
 
 def _print(lines: list[str]) -> None:
@@ -358,15 +360,24 @@ class RelabelConfig(WritingConfig):
     keep_agreement: bool = arg(False, "Drop the pairs the reward source disagrees with instead "
                                "of flipping them.")
     batch_size: int = arg(32, "Texts scored per forward pass of the reward model.")
+    ensemble_agg: str = arg("mean", "How the members of a reward-model ensemble (a folder from "
+                            "`preftune reward --ensemble K`) are combined (Coste et al. 2023): "
+                            "mean; min (worst case); mean-minus-std or mean-minus-var.",
+                            choices=("mean", "min", "mean-minus-std", "mean-minus-var"))
+    ensemble_coef: float = arg(1.0, "The multiple of the members' std (or variance) that "
+                               "mean-minus-std (mean-minus-var) subtracts.")
 
     command = "relabel"
 
     def validate(self) -> None:
+        from preftune.trainers.rollout import RewardSettings  # the one ensemble-settings check
+
         super().validate()
         if bool(self.reward_model) == bool(self.reward_fn):
             raise PreftuneError("relabel needs exactly one reward source: --reward-model PATH or "
                                 "--reward-fn module:function")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        RewardSettings.validate_ensemble(self)
 
 
 def run_relabel(cfg: RelabelConfig) -> dict:
