@@ -2,6 +2,7 @@
 gains that match the cells, trajectories, disjoint prompts, and resuming."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,36 @@ def test_trajectories_have_at_least_five_points(mini_lab):
         assert len(steps) >= 5 and steps == sorted(set(steps)) and steps[-1] == 5
         assert all(p["kl_k3"] >= 0 for p in c["trajectory"])
     assert trained[0]["train"]["logps"]  # DPO's chosen/rejected log-prob trend
+
+
+@pytest.mark.slow
+def test_implicit_reward_accuracy_is_recomputable(mini_lab):
+    # Issue 9 req. 4: DPO's implicit reward beta*(log pi - log pi_base) on the reward model's
+    # fresh gold-ranked test pairs, recomputed here from the saved policy of one cell.
+    from preftune.lab import evaluate as ev
+    from preftune.lab.run import Runner
+    from preftune.models import load_causal_lm
+
+    out, _, results = mini_lab
+    s = results["summary"]["review"]["noise"]["none"]["methods"]
+    acc = s["dpo"]["implicit_reward_gold_accuracy"]
+    assert 0.0 <= acc["mean"] <= 1.0 and acc["n_seeds"] == 2
+    assert s["ppo"].get("implicit_reward_gold_accuracy") is None
+    assert "implicit-reward gold accuracy" in (out / "report.md").read_text()
+    cell = next(c for c in results["cells"] if c["method"] == "dpo" and c["seed"] == 0)
+    runner = Runner(resolve(LabConfig(**results["config"])), out,
+                    Path(results["config"]["cache_dir"]))
+    rollout, _, _, gold = runner.gold_pairs("review", 0)
+    base, tokenizer = runner.base("review", 0)
+    policy, _ = load_causal_lm(str(out / "runs/review/seed0/noise-none"
+                                   / f"dpo-{cell['value']:g}-lr{cell['lr']:g}"))
+    lp = ev.sequence_logps(policy, rollout, tokenizer.pad_token_id)
+    ref = ev.sequence_logps(base, rollout, tokenizer.pad_token_id)
+    r = [cell["value"] * (a - b) for a, b in zip(lp, ref)]
+    decided = [i for i in range(0, len(gold), 2) if gold[i] != gold[i + 1]]
+    right = [(gold[i] > gold[i + 1]) == (r[i] > r[i + 1]) for i in decided]
+    assert cell["implicit_reward_gold_pairs"] == len(decided) > 0
+    assert cell["implicit_reward_gold_accuracy"] == pytest.approx(sum(right) / len(decided))
 
 
 @pytest.mark.slow

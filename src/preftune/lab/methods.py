@@ -35,6 +35,16 @@ class Method:
     def uses_reward_model(self) -> bool:
         return self.kind in (ONLINE, INFERENCE) and self.reward == "proxy"
 
+    @property
+    def implicit_reward(self) -> str:
+        """How `evaluate.implicit_rewards` scores this offline method's policy: `ratio`
+        (reference-based losses and KTO), `sum` (CPO) or `mean` (SimPO, ORPO); "" for methods
+        that are not trained on the pairs."""
+        if self.kind != OFFLINE:
+            return ""
+        return {"simpo": "mean", "orpo": "mean", "cpo": "sum"}.get(self.fixed.get("loss", ""),
+                                                                   "ratio")
+
     def available(self) -> bool:
         if not self.module:
             return True

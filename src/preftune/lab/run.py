@@ -36,6 +36,9 @@ __all__ = ["LabConfig", "run_lab"]
 LAB_FORMAT = 3  # bump when a change makes old cell results incomparable
 # How the proxy scores a completion; part of every reward-model key (its results change with it).
 PROXY_SCORING = "completion + EOS, as trained"
+# Part of every offline cell's key: offline results from before the implicit-reward accuracy
+# lack it and rerun (only those cells; the base policies stay cached).
+IMPLICIT_REWARD_VERSION = 1
 EVAL_SEED = 12345  # the sampling seed of every evaluation: common random numbers across cells
 
 # Rough cost of each kind of cell in seconds on 2 CPU cores, for the ETA before anything ran.
@@ -169,6 +172,7 @@ class Runner:
         self._models: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._proxies: dict[tuple[str, int, str], Any] = {}
         self._prompts: dict[tuple[str, int], dict[str, ev.PromptSet]] = {}
+        self._gold_pairs: dict[tuple[str, int], tuple] = {}
 
     # --- where things are ---------------------------------------------------------------------
 
@@ -229,6 +233,8 @@ class Runner:
                                                        cell.lr, s, n, get_world(w))
             parts["steps"] = (self.plan.offline_steps if m.kind == OFFLINE
                               else self.plan.online_steps, self.plan.eval_points)
+            if m.implicit_reward:  # results with the implicit-reward accuracy (issue 9)
+                parts["implicit_reward"] = IMPLICIT_REWARD_VERSION
             if n is not None:
                 parts["data"] = self.data_key(w, s, n)
                 parts["rm"] = self.reward_key(w, s, n)  # the proxy column, or the reward
@@ -286,6 +292,21 @@ class Runner:
                 max_length=stages.MAX_LENGTH)
         return self._proxies[(world, seed, noise)]
 
+    def gold_pairs(self, world: str, seed: int):
+        """Fresh gold-ranked test pairs: two base-policy samples per test prompt (rows 2i and
+        2i+1), sampled with a fixed seed: (rollout, prompts, texts, gold). The reward models'
+        and the offline policies' gold accuracies are measured on these same pairs."""
+        if (world, seed) not in self._gold_pairs:
+            base, tokenizer = self.base(world, seed)
+            test = self.prompt_sets(world, seed)["test"]
+            rollout, texts = ev.sample(base, tokenizer, test.prompt_ids,
+                                       get_world(world).max_new_tokens, EVAL_SEED + 2,
+                                       num_samples=2)
+            prompts = [p for p in test.prompts for _ in range(2)]
+            self._gold_pairs[(world, seed)] = (rollout, prompts, texts,
+                                               get_world(world).gold_reward(prompts, texts))
+        return self._gold_pairs[(world, seed)]
+
     def _load_result(self, cell: Cell) -> dict:
         return json.loads(self.result_path(cell).read_text())
 
@@ -339,15 +360,8 @@ class Runner:
         proxy = self.proxy(cell.world, cell.seed, cell.noise)
         # How often the reward model orders two fresh base samples of a test prompt the way the
         # gold reward does (pairs with equal gold left out, and counted).
-        base, tokenizer = self.base(cell.world, cell.seed)
-        test = self.prompt_sets(cell.world, cell.seed)["test"]
-        _, texts = ev.sample(base, tokenizer, test.prompt_ids, world.max_new_tokens,
-                             EVAL_SEED + 2, num_samples=2)
-        prompts = [p for p in test.prompts for _ in range(2)]
-        gold = world.gold_reward(prompts, texts)
-        scores = proxy(prompts, texts).tolist()
-        decided = [i for i in range(0, len(gold), 2) if gold[i] != gold[i + 1]]
-        right = sum((gold[i] > gold[i + 1]) == (scores[i] > scores[i + 1]) for i in decided)
+        _, prompts, texts, gold = self.gold_pairs(cell.world, cell.seed)
+        accuracy, decided = ev.gold_order_accuracy(gold, proxy(prompts, texts).tolist())
         # The base policy's proxy reward on its own evaluation samples: the zero of the proxy.
         base_eval = self._load_result(Cell("eval", cell.world, cell.seed, "base_policy"))
         base_proxy = {part: float(proxy(self.prompt_sets(cell.world, cell.seed)[part].prompts,
@@ -358,8 +372,8 @@ class Runner:
                 "heldout_loss": metrics.get("eval/loss"),
                 "best_step": metrics.get("early_stopping/best_step"),
                 "stopped_step": metrics.get("early_stopping/stopped_step"),
-                "gold_accuracy": right / len(decided) if decided else None,
-                "gold_accuracy_pairs": len(decided), "gold_ties": len(gold) // 2 - len(decided),
+                "gold_accuracy": accuracy,
+                "gold_accuracy_pairs": decided, "gold_ties": len(gold) // 2 - decided,
                 "base_proxy": base_proxy, "wall_time_s": wall,
                 "tokens_trained": stages.tokens_trained(run_dir)}
 
@@ -444,9 +458,19 @@ class Runner:
         test = ev.evaluate_policy(final, base, tokenizer, world, sets["test"], proxy,
                                   seed=EVAL_SEED)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        return {"knob": m.knob, "settings": settings, "train": train,
-                "validation": trajectory[-1], "test": test, "trajectory": trajectory,
-                "eval_time_s": time.perf_counter() - t_eval}
+        out = {"knob": m.knob, "settings": settings, "train": train,
+               "validation": trajectory[-1], "test": test, "trajectory": trajectory}
+        if m.implicit_reward:
+            # Issue 9 req. 4: does the policy's own implicit reward order the fresh gold-ranked
+            # test pairs (those the reward model is measured on) the way the gold reward does?
+            rollout, _, _, gold = self.gold_pairs(cell.world, cell.seed)
+            scores = ev.implicit_rewards(final, base, rollout, tokenizer.pad_token_id,
+                                         float(cell.value), m.implicit_reward)
+            accuracy, decided = ev.gold_order_accuracy(gold, scores)
+            out.update(implicit_reward_gold_accuracy=accuracy,
+                       implicit_reward_gold_pairs=decided, implicit_reward=m.implicit_reward)
+        out["eval_time_s"] = time.perf_counter() - t_eval
+        return out
 
     # --- collecting the results ---------------------------------------------------------------
 

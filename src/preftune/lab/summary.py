@@ -137,6 +137,12 @@ def _trained(cells, method, noise, seeds, base, rms) -> dict | None:
         row["validation_gain"] = _gain({s: r["validation"]["gold"] for s, r in rs.items()},
                                        {s: base[s]["validation"]["gold"] for s in seeds}, seeds)
         row.update(_test_numbers(rs, base, seeds, rms, noise))
+        accs = [r.get("implicit_reward_gold_accuracy") for r in rs.values()]
+        # Issue 9 req. 4, reported like the reward model's gold accuracy: per-seed fractions,
+        # t-interval over seeds (None for methods without an implicit reward).
+        row["implicit_reward_gold_accuracy"] = (
+            stats.t_interval([a for a in accs if a is not None]).to_json()
+            if any(a is not None for a in accs) else None)
         row["trajectory"] = _mean_trajectory(rs, base, rms, noise)
         row["trajectories_per_seed"] = {s: r["trajectory"] for s, r in rs.items()}
         row["logps"] = {s: r["train"].get("logps") for s, r in rs.items()
@@ -151,7 +157,8 @@ def _trained(cells, method, noise, seeds, base, rms) -> dict | None:
            "selection": "highest mean validation gold gain over seeds",
            **{k: chosen[k] for k in ("validation_gain", "gain_vs_base", "gain_seen",
                                      "gain_unseen", "gold", "kl_k1", "kl_k3", "proxy_gain",
-                                     "trajectory", "logps", "train", "n_seeds")},
+                                     "trajectory", "logps", "train", "n_seeds",
+                                     "implicit_reward_gold_accuracy")},
            "settings": rows}
     res["fit"] = _rl_fit(rows, base, seeds)
     return res
