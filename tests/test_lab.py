@@ -153,3 +153,50 @@ def test_bad_settings_are_refused():
 def test_cli_reports_a_bad_setting(capsys):
     assert main(["lab", "--noise", "lots"]) == 2
     assert "noise" in capsys.readouterr().err
+
+
+def test_ensemble_variant_resolves_to_an_ensemble_reward(tmp_path):
+    # Issue 13: ppo_ensemble trains K reward models into one folder (not the single one) and
+    # PPO optimises their mean minus one std; it is not a default method.
+    from preftune.lab import stages
+    from preftune.lab.methods import DEFAULT_METHODS, METHODS
+    from preftune.lab.run import Runner
+
+    assert "ppo_ensemble" not in DEFAULT_METHODS
+    plan = resolve(LabConfig(quick=True, methods=["ppo_ensemble"], seeds=[0],
+                             noise=["none"], ensemble_size=4))
+    kinds = [c.kind for c in cells(plan)]
+    assert "reward_ensemble" in kinds and "reward_model" not in kinds
+    assert stages.ensemble_settings(plan, 0)["ensemble"] == 4
+    cell = next(c for c in cells(plan) if c.method == "ppo_ensemble")
+    runner = Runner(plan, tmp_path, tmp_path / "cache")
+    folder = runner.ensemble_dir("review", 0, "none")
+    cfg = runner.trainer_config(cell)
+    assert (cfg.reward_model, cfg.ensemble_agg, cfg.ensemble_coef) == (str(folder),
+                                                                       "mean-minus-std", 1.0)
+    assert type(cfg).__name__ == "PPOConfig" and cfg.kl_coef == cell.value
+    with pytest.raises(PreftuneError, match="ensemble"):  # no ensemble.json yet: refused
+        cfg.validate()
+    # A changed ensemble size reruns the ensemble and the method, not the single-RM cells.
+    other = Runner(resolve(LabConfig(quick=True, methods=["ppo_ensemble"], seeds=[0],
+                                     noise=["none"], ensemble_size=3)), tmp_path, tmp_path)
+    assert runner.key(cell) != other.key(cell)
+    assert runner.reward_key("review", 0, "none") == other.reward_key("review", 0, "none")
+    assert METHODS["ppo_ensemble"].uses_reward_model
+    with pytest.raises(PreftuneError, match="ensemble_size"):
+        LabConfig(ensemble_size=1).validate()
+
+
+def test_ensemble_cost_counts_every_member():
+    # The whole cost of an ensemble method adds the ensemble's training (all K members, as the
+    # ensemble cell sums them), not the single reward model's.
+    from preftune.lab.summary import _cost
+
+    res = {"train": {"wall_time_s": 2.0, "tokens_trained": 10, "tokens_generated": 5}}
+    info = {"reward": "proxy", "uses_reward_model": True}
+    data = {0: {"tokens_generated": 7}, 1: {"tokens_generated": 9}}
+    ensemble = {0: {"wall_time_s": 30.0, "tokens_trained": 300},
+                1: {"wall_time_s": 34.0, "tokens_trained": 340}}
+    whole = _cost(res, info, data, ensemble, [0, 1])["with_data_and_reward_model"]
+    assert whole == {"wall_time_s": 2.0 + 32.0, "tokens_trained": 10 + 320,
+                     "tokens_generated": 5 + 8}

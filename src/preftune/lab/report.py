@@ -389,6 +389,13 @@ def reading(results: dict, world: str, noise: str) -> list[str]:
                      f"{rm['best_step']}) orders fresh gold-ranked test pairs correctly "
                      f"{pct_ci(rm['gold_accuracy_interval'])} of the time (50 percent is "
                      "chance).")
+    ens = s.get("reward_ensemble")
+    if ens:
+        for agg, iv in ens["gold_accuracy_aggregated"].items():
+            lines.append(f"The ensemble of {ens['members']} reward models (seeds seed..seed+"
+                         f"{ens['members'] - 1}), aggregated as {agg.replace(':', ', coef ')}, "
+                         f"orders the same test pairs correctly {pct_ci(iv)} of the time (its "
+                         f"members on average {pct_ci(ens['gold_accuracy_members'])}).")
     for m, res in s["methods"].items():
         acc = res.get("implicit_reward_gold_accuracy")
         if acc and acc.get("mean") is not None:
@@ -408,6 +415,13 @@ def reading(results: dict, world: str, noise: str) -> list[str]:
                                            + " on the reward model")
                              + " (The gap is what the reward model's errors cost the "
                                "algorithm.)")
+    for m, res in s["methods"].items():
+        if res.get("variant_of") in s["methods"]:
+            single = s["methods"][res["variant_of"]]
+            iv = paired(res["gain_vs_base"], single["gain_vs_base"])
+            if iv is not None:
+                lines.append(gain_sentence(res["label"], iv, single["label"]
+                                           + " on one reward model"))
     for m, res in s["methods"].items():
         seen, unseen = res.get("gain_seen"), res.get("gain_unseen")
         if seen and unseen and seen.get("mean") is not None:
@@ -461,6 +475,8 @@ def write_report(results_path: Path, out: Path) -> None:
            "test prompts. A claim is made only where its interval excludes 0. KL: k1 and k3 "
            "per sequence (Schulman 2020) with their within-seed standard errors; best-of-N: "
            "the analytic bound log N − (N−1)/N and a plug-in estimate from the samples. "
+           "Ensemble variants optimise K reward models' mean minus their std (Coste et al. "
+           "2023); their proxy column is that aggregate and their cost includes all K. "
            "Proxy gain: the reward model's score minus the base policy's. Implicit-reward "
            "gold accuracy (offline methods): how often the trained policy's implicit reward "
            "(β·(log π − log π_base); SimPO/ORPO β·mean log π, CPO β·log π) orders the "

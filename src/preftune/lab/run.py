@@ -43,6 +43,7 @@ EVAL_SEED = 12345  # the sampling seed of every evaluation: common random number
 
 # Rough cost of each kind of cell in seconds on 2 CPU cores, for the ETA before anything ran.
 PRIOR_SECONDS = {"base": 50.0, "data": 4.0, "reward_model": 15.0, "eval": 3.0,
+                 "reward_ensemble": 45.0,
                  "inference": 20.0, "offline": 12.0, "online": 25.0}
 
 
@@ -170,7 +171,7 @@ class Runner:
     def __init__(self, plan: Plan, out: Path, cache_dir: Path):
         self.plan, self.out, self.cache_dir = plan, out, cache_dir
         self._models: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._proxies: dict[tuple[str, int, str], Any] = {}
+        self._proxies: dict[tuple, Any] = {}
         self._prompts: dict[tuple[str, int], dict[str, ev.PromptSet]] = {}
         self._gold_pairs: dict[tuple[str, int], tuple] = {}
 
@@ -188,6 +189,10 @@ class Runner:
     def rm_dir(self, world: str, seed: int, noise: str) -> Path:
         return self.out / "runs" / Cell("reward_model", world, seed, noise=noise).group / \
             "reward_model"
+
+    def ensemble_dir(self, world: str, seed: int, noise: str) -> Path:
+        return self.out / "runs" / Cell("reward_ensemble", world, seed, noise=noise).group / \
+            "reward_ensemble"
 
     def log_path(self, cell: Cell) -> Path:
         return self.out / "logs" / cell.group / f"{cell.name}.log"
@@ -213,6 +218,13 @@ class Runner:
                                "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
                                "settings": stages.reward_settings(self.plan, seed)})
 
+    def ensemble_key(self, world: str, seed: int, noise: str) -> str:
+        return stages.hash_of({"data": self.data_key(world, seed, noise),
+                               "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
+                               "settings": stages.ensemble_settings(self.plan, seed),
+                               "aggs": sorted({METHODS[m].ensemble_agg for m in self.plan.methods
+                                               if METHODS[m].ensemble})})
+
     def key(self, cell: Cell) -> str:
         w, s, n = cell.world, cell.seed, cell.noise
         if cell.kind == "base":
@@ -223,6 +235,8 @@ class Runner:
             return self.data_key(w, s, n)
         if cell.kind == "reward_model":
             return self.reward_key(w, s, n)
+        if cell.kind == "reward_ensemble":
+            return self.ensemble_key(w, s, n)
         parts: dict[str, Any] = {"eval": self.eval_key(w, s), "method": cell.method}
         if cell.kind == INFERENCE:
             parts.update(rms=[self.reward_key(w, s, x) for x in self.plan.noises],
@@ -237,7 +251,9 @@ class Runner:
                 parts["implicit_reward"] = IMPLICIT_REWARD_VERSION
             if n is not None:
                 parts["data"] = self.data_key(w, s, n)
-                parts["rm"] = self.reward_key(w, s, n)  # the proxy column, or the reward
+                # the proxy column, or the reward
+                parts["rm"] = (self.ensemble_key(w, s, n) if m.ensemble
+                               else self.reward_key(w, s, n))
         return stages.hash_of(parts)
 
     def _bon_ns(self) -> list[int]:
@@ -281,9 +297,21 @@ class Runner:
                 get_world(world), seed, self.plan.eval_prompts, tokenizer)
         return self._prompts[(world, seed)]
 
-    def proxy(self, world: str, seed: int, noise: str | None):
+    def proxy(self, world: str, seed: int, noise: str | None, ensemble: str = ""):
+        """The reward model of (world, seed, noise); with `ensemble` (an ensemble method's
+        name) the ensemble's reward aggregated as that method optimises it."""
         if noise is None:
             return None
+        if ensemble:
+            agg, coef = METHODS[ensemble].ensemble_agg
+            key = (world, seed, noise, agg, coef)
+            if key not in self._proxies:
+                from preftune.rewards.sources import EnsembleReward
+
+                self._proxies[key] = EnsembleReward.from_folder(
+                    str(self.ensemble_dir(world, seed, noise)), agg=agg, coef=coef,
+                    batch_size=64, max_length=stages.MAX_LENGTH)
+            return self._proxies[key]
         if (world, seed, noise) not in self._proxies:
             from preftune.rewards import ModelReward
 
@@ -337,6 +365,8 @@ class Runner:
                                            self.data_dir(cell.world, cell.seed, cell.noise)))
         elif cell.kind == "reward_model":
             result.update(self._train_reward_model(cell, world))
+        elif cell.kind == "reward_ensemble":
+            result.update(self._train_reward_ensemble(cell))
         elif cell.kind == INFERENCE:
             result.update(self._best_of_n(cell, world))
         else:
@@ -377,6 +407,54 @@ class Runner:
                 "base_proxy": base_proxy, "wall_time_s": wall,
                 "tokens_trained": stages.tokens_trained(run_dir)}
 
+    def _train_reward_ensemble(self, cell: Cell) -> dict:
+        """K reward models (seeds seed..seed+K-1) into one ensemble folder; its gold accuracy
+        on the same fresh pairs as the single reward model, per member and aggregated the way
+        each ensemble method optimises it; the cost of all K members."""
+        run_dir = self.ensemble_dir(cell.world, cell.seed, cell.noise)
+        config_cls, run = stages.trainer("reward")
+        settings = stages.ensemble_settings(self.plan, cell.seed)
+        cfg = config_cls(model=str(self.base_path(cell.world, cell.seed)),
+                         data=str(self.data_dir(cell.world, cell.seed, cell.noise)
+                                  / "pairs.jsonl"),
+                         output_dir=str(run_dir), **settings)
+        cfg.validate()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for key in [k for k in self._proxies if k[:3] == (cell.world, cell.seed, cell.noise)
+                    and len(k) > 3]:
+            del self._proxies[key]
+        t0 = time.perf_counter()
+        with stages.captured_output(self.log_path(cell)):
+            metrics = run(cfg)
+        wall = time.perf_counter() - t0
+        _, prompts, texts, gold = self.gold_pairs(cell.world, cell.seed)
+        base_eval = self._load_result(Cell("eval", cell.world, cell.seed, "base_policy"))
+        sets = self.prompt_sets(cell.world, cell.seed)
+        aggregated, base_proxy, members = {}, {}, []
+        for m in self.plan.methods:
+            if not METHODS[m].ensemble:
+                continue
+            proxy = self.proxy(cell.world, cell.seed, cell.noise, ensemble=m)
+            agg = "{}:{:g}".format(*METHODS[m].ensemble_agg)
+            aggregated[agg] = ev.gold_order_accuracy(gold, proxy(prompts, texts).tolist())[0]
+            base_proxy[m] = {part: float(proxy(sets[part].prompts,
+                                               base_eval[part]["texts"]).mean())
+                             for part in ("validation", "test")}
+            members = proxy.members
+        decided = sum(gold[i] != gold[i + 1] for i in range(0, len(gold), 2))
+        member_accuracy = [ev.gold_order_accuracy(gold, m(prompts, texts).tolist())[0]
+                           for m in members]
+        member_dirs = sorted(run_dir.glob("member-*"))
+        return {"settings": settings, "metrics": metrics, "members": len(member_dirs),
+                "gold_accuracy_members": member_accuracy,
+                "gold_accuracy_aggregated": aggregated,
+                "gold_accuracy_pairs": decided,
+                "heldout_accuracy": [r.get("eval/accuracy") for r in metrics["members"]],
+                "best_step": [r.get("early_stopping/best_step") for r in metrics["members"]],
+                "base_proxy_by_method": base_proxy, "wall_time_s": wall,
+                # the cost of every member: the ensemble method pays for all K
+                "tokens_trained": sum(stages.tokens_trained(d) for d in member_dirs)}
+
     def _best_of_n(self, cell: Cell, world) -> dict:
         base, tokenizer = self.base(cell.world, cell.seed)
         ns = self._bon_ns()
@@ -396,10 +474,11 @@ class Runner:
             out["points"][part] = by
         return out
 
-    def _train_and_evaluate(self, cell: Cell, world) -> dict:
-        from preftune.models import load_causal_lm
-
+    def trainer_config(self, cell: Cell):
+        """The trainer config of a method cell (not yet validated): the lab's settings plus the
+        paths of the base policy, the data and the reward (model, ensemble or gold)."""
         m = METHODS[cell.method]
+        world = get_world(cell.world)
         run_dir = self.run_dir(cell)
         settings = stages.method_settings(self.plan, cell.method, cell.value, cell.lr,
                                           cell.seed, cell.noise, world)
@@ -414,13 +493,26 @@ class Runner:
             paths["data"] = str(self.data_dir(cell.world, cell.seed, noise) / "prompts.jsonl")
             if m.reward == "gold":
                 paths["reward_fn"] = [gold_spec(cell.world)]
+            elif m.ensemble:
+                paths["reward_model"] = str(self.ensemble_dir(cell.world, cell.seed,
+                                                              cell.noise))
             else:
                 paths["reward_model"] = str(self.rm_dir(cell.world, cell.seed, cell.noise))
-        if not Path(paths["data"]).is_file():
+        config_cls, _ = stages.trainer(cell.method)
+        return config_cls(**paths, **settings)
+
+    def _train_and_evaluate(self, cell: Cell, world) -> dict:
+        from preftune.models import load_causal_lm
+
+        m = METHODS[cell.method]
+        run_dir = self.run_dir(cell)
+        cfg = self.trainer_config(cell)
+        settings = stages.method_settings(self.plan, cell.method, cell.value, cell.lr,
+                                          cell.seed, cell.noise, world)
+        if not Path(cfg.data).is_file():
             # The oracle controls need only the prompts file, which the data stage writes.
-            raise RuntimeError(f"{paths['data']} is missing: its data cell did not run")
-        config_cls, run = stages.trainer(cell.method)
-        cfg = config_cls(**paths, **settings)
+            raise RuntimeError(f"{cfg.data} is missing: its data cell did not run")
+        _, run = stages.trainer(cell.method)
         cfg.validate()
         t0 = time.perf_counter()
         with stages.captured_output(self.log_path(cell)):
@@ -443,7 +535,10 @@ class Runner:
         policy, _ = load_causal_lm(str(run_dir))
         base, tokenizer = self.base(cell.world, cell.seed)
         sets = self.prompt_sets(cell.world, cell.seed)
-        proxy = self.proxy(cell.world, cell.seed, cell.noise)
+        # The proxy column: the reward the method optimises (for an ensemble method, the
+        # ensemble aggregated as it optimises it).
+        proxy = self.proxy(cell.world, cell.seed, cell.noise,
+                           ensemble=cell.method if m.ensemble else "")
         trajectory = []
         t_eval = time.perf_counter()
         for step, folder in stages.checkpoints(run_dir):
@@ -498,7 +593,9 @@ class Runner:
             "methods": {m: {"label": METHODS[m].label, "kind": METHODS[m].kind,
                             "knob": METHODS[m].knob, "reward": METHODS[m].reward,
                             "uses_reward_model": METHODS[m].uses_reward_model,
-                            "oracle_of": METHODS[m].oracle_of}
+                            "oracle_of": METHODS[m].oracle_of,
+                            "ensemble": METHODS[m].ensemble,
+                            "variant_of": METHODS[m].variant_of}
                         for m in self.plan.methods},
             "eval_seed": EVAL_SEED,
             "environment": {"python": platform.python_version(), "torch": torch.__version__,

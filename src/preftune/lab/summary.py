@@ -99,20 +99,41 @@ def _noise(raw, cells, world, noise, seeds, base) -> dict:
             "tokens_trained": _mean([rms[s]["tokens_trained"] for s in ok]),
             "gold_accuracy_pairs": _mean([rms[s]["gold_accuracy_pairs"] for s in ok]),
         }
+    ens = {s: (_by(cells, kind="reward_ensemble", seed=s, noise=noise) or [None])[0]
+           for s in seeds}
+    if any(ens.values()):
+        ok = [s for s in seeds if ens[s]]
+        aggs = sorted({a for s in ok for a in ens[s]["gold_accuracy_aggregated"]})
+        out["reward_ensemble"] = {
+            "members": next(ens[s]["members"] for s in ok),
+            "gold_accuracy_aggregated": {
+                a: stats.t_interval([ens[s]["gold_accuracy_aggregated"][a] for s in ok
+                                     if ens[s]["gold_accuracy_aggregated"].get(a) is not None]
+                                    ).to_json() for a in aggs},
+            "gold_accuracy_members": stats.t_interval(
+                [_mean(ens[s]["gold_accuracy_members"]) for s in ok]).to_json(),
+            "wall_time_s": _mean([ens[s]["wall_time_s"] for s in ok]),
+            "tokens_trained": _mean([ens[s]["tokens_trained"] for s in ok]),
+            "gold_accuracy_pairs": _mean([ens[s]["gold_accuracy_pairs"] for s in ok]),
+        }
     methods = {}
     for m in plan["methods"]:
         info = raw["methods"][m]
+        # An ensemble method's reward (its proxy column and its cost) is the ensemble.
+        rewards = ({s: {**e, "base_proxy": e["base_proxy_by_method"][m]} if e else None
+                    for s, e in ens.items()} if info.get("ensemble") else rms)
         if info["kind"] == "inference":
-            res = _best_of_n(cells, m, noise, seeds, base, rms)
+            res = _best_of_n(cells, m, noise, seeds, base, rewards)
         else:
             res = _trained(cells, m, None if info["reward"] == "gold" else noise, seeds, base,
-                           rms)
+                           rewards)
         if res is None:
             continue
         res.update(label=info["label"], kind=info["kind"], knob=info["knob"],
                    oracle=info["reward"] == "gold", oracle_of=info["oracle_of"],
-                   uses_reward_model=info["uses_reward_model"])
-        res["cost"] = _cost(res, info, data, rms, seeds)
+                   uses_reward_model=info["uses_reward_model"],
+                   ensemble=info.get("ensemble", False), variant_of=info.get("variant_of", ""))
+        res["cost"] = _cost(res, info, data, rewards, seeds)
         methods[m] = res
     out["methods"] = methods
     return out
@@ -289,7 +310,7 @@ def _best_of_n(cells, method, noise, seeds, base, rms) -> dict | None:
 def _cost(res: dict, info: dict, data: dict, rms: dict, seeds) -> dict:
     """Training cost of the selected setting, and the whole cost: plus the preference data
     (sampled pairs) for every method that learns from labels, plus the reward model for the
-    methods that optimise it. The base policy (shared by all) is reported separately."""
+    methods that optimise it (all K members of the ensemble for an ensemble method). The base policy (shared by all) is reported separately."""
     train = res["train"]
     whole = {k: train.get(k) or 0.0 for k in ("wall_time_s", "tokens_trained",
                                                "tokens_generated")}
