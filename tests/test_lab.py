@@ -162,11 +162,16 @@ def test_ensemble_variant_resolves_to_an_ensemble_reward(tmp_path):
     from preftune.lab.methods import DEFAULT_METHODS, METHODS
     from preftune.lab.run import Runner
 
-    assert "ppo_ensemble" not in DEFAULT_METHODS
+    assert not {"ppo_ensemble", "best_of_n_ensemble"} & set(DEFAULT_METHODS)
     plan = resolve(LabConfig(quick=True, methods=["ppo_ensemble"], seeds=[0],
                              noise=["none"], ensemble_size=4))
     kinds = [c.kind for c in cells(plan)]
     assert "reward_ensemble" in kinds and "reward_model" not in kinds
+    both = resolve(LabConfig(quick=True, methods=["best_of_n", "best_of_n_ensemble"], seeds=[0],
+                             noise=["none"]))
+    assert [c.kind for c in cells(both)] == ["base", "eval", "data", "reward_model",
+                                             "reward_ensemble", "inference"]
+    assert both.sweeps["best_of_n_ensemble"] == [1, 4, 16]
     assert stages.ensemble_settings(plan, 0)["ensemble"] == 4
     cell = next(c for c in cells(plan) if c.method == "ppo_ensemble")
     runner = Runner(plan, tmp_path, tmp_path / "cache")

@@ -105,6 +105,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "run_ppo", "kl_coef", {"prompts_per_step": 32, "num_generations": 1,
                                   "ensemble_agg": "mean-minus-std", "ensemble_coef": 1.0},
            (0.0, 0.05), (0.05,), _ONLINE_LRS, _ONLINE_LRS, ensemble=True, variant_of="ppo"),
+    Method("best_of_n_ensemble", "best-of-N on an RM ensemble", INFERENCE, knob="n",
+           fixed={"ensemble_agg": "mean-minus-std", "ensemble_coef": 1.0},
+           grid=(1, 2, 4, 8, 16, 32), quick_grid=(1, 4, 16), ensemble=True,
+           variant_of="best_of_n"),
     Method("best_of_n", "best-of-N", INFERENCE, knob="n", grid=(1, 2, 4, 8, 16, 32),
            quick_grid=(1, 4, 16)),
     # Oracle controls (the DPO paper's PPO-GT): the same algorithms optimising the gold reward

@@ -60,7 +60,8 @@ class LabConfig:
     online_steps: int = arg(0, "Rollouts of each online method, 32 completions per rollout "
                             "(default: 30; quick: 10).")
     ensemble_size: int = arg(3, "Reward models in the ensemble that the ensemble variants "
-                             "(ppo_ensemble) optimise, trained with seeds seed, seed+1, ... "
+                             "(ppo_ensemble, best_of_n_ensemble) optimise, trained with seeds "
+                             "seed, seed+1, ... "
                              "(Coste et al. 2023); unused by the other methods.")
     eval_points: int = arg(5, "Evaluations along each training run (checkpoints), at least 5: "
                            "the trajectories of the report.")

@@ -39,6 +39,7 @@ PROXY_SCORING = "completion + EOS, as trained"
 # Part of every offline cell's key: offline results from before the implicit-reward accuracy
 # lack it and rerun (only those cells; the base policies stay cached).
 IMPLICIT_REWARD_VERSION = 1
+ENSEMBLE_RESULT_VERSION = 2  # bump when the ensemble cell's result fields change
 EVAL_SEED = 12345  # the sampling seed of every evaluation: common random numbers across cells
 
 # Rough cost of each kind of cell in seconds on 2 CPU cores, for the ETA before anything ran.
@@ -222,6 +223,7 @@ class Runner:
         return stages.hash_of({"data": self.data_key(world, seed, noise),
                                "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
                                "settings": stages.ensemble_settings(self.plan, seed),
+                               "result": ENSEMBLE_RESULT_VERSION,
                                "aggs": sorted({METHODS[m].ensemble_agg for m in self.plan.methods
                                                if METHODS[m].ensemble})})
 
@@ -241,6 +243,8 @@ class Runner:
         if cell.kind == INFERENCE:
             parts.update(rms=[self.reward_key(w, s, x) for x in self.plan.noises],
                          ns=self._bon_ns())
+            if "best_of_n_ensemble" in self.plan.methods:
+                parts["ensembles"] = [self.ensemble_key(w, s, x) for x in self.plan.noises]
         else:
             m = METHODS[cell.method]
             parts["settings"] = stages.method_settings(self.plan, cell.method, cell.value,
@@ -258,7 +262,7 @@ class Runner:
 
     def _bon_ns(self) -> list[int]:
         ns = set()
-        for m in ("best_of_n", "best_of_n_gold"):
+        for m in ("best_of_n", "best_of_n_gold", "best_of_n_ensemble"):
             ns.update(int(v) for v in self.plan.sweeps.get(m, []))
         return sorted(ns)
 
@@ -435,9 +439,9 @@ class Runner:
             if not METHODS[m].ensemble:
                 continue
             proxy = self.proxy(cell.world, cell.seed, cell.noise, ensemble=m)
-            agg = "{}:{:g}".format(*METHODS[m].ensemble_agg)
+            agg = ensemble_agg_name(m)
             aggregated[agg] = ev.gold_order_accuracy(gold, proxy(prompts, texts).tolist())[0]
-            base_proxy[m] = {part: float(proxy(sets[part].prompts,
+            base_proxy[agg] = {part: float(proxy(sets[part].prompts,
                                                base_eval[part]["texts"]).mean())
                              for part in ("validation", "test")}
             members = proxy.members
@@ -451,7 +455,7 @@ class Runner:
                 "gold_accuracy_pairs": decided,
                 "heldout_accuracy": [r.get("eval/accuracy") for r in metrics["members"]],
                 "best_step": [r.get("early_stopping/best_step") for r in metrics["members"]],
-                "base_proxy_by_method": base_proxy, "wall_time_s": wall,
+                "base_proxy_by_agg": base_proxy, "wall_time_s": wall,
                 # the cost of every member: the ensemble method pays for all K
                 "tokens_trained": sum(stages.tokens_trained(d) for d in member_dirs)}
 
@@ -471,6 +475,12 @@ class Runner:
                     scores = self.proxy(cell.world, cell.seed, noise)(prompts,
                                                                       samples.texts).tolist()
                     by[noise] = ev.best_of_n(samples, scores, ns, scores)
+            if "best_of_n_ensemble" in self.plan.methods:
+                for noise in self.plan.noises:
+                    scores = self.proxy(cell.world, cell.seed, noise,
+                                        ensemble="best_of_n_ensemble")(prompts,
+                                                                       samples.texts).tolist()
+                    by[f"ensemble:{noise}"] = ev.best_of_n(samples, scores, ns, scores)
             out["points"][part] = by
         return out
 
@@ -595,7 +605,9 @@ class Runner:
                             "uses_reward_model": METHODS[m].uses_reward_model,
                             "oracle_of": METHODS[m].oracle_of,
                             "ensemble": METHODS[m].ensemble,
-                            "variant_of": METHODS[m].variant_of}
+                            "variant_of": METHODS[m].variant_of,
+                            "ensemble_agg": ensemble_agg_name(m) if METHODS[m].ensemble
+                            else ""}
                         for m in self.plan.methods},
             "eval_seed": EVAL_SEED,
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -608,6 +620,12 @@ class Runner:
             "cells": finished,
             "failures": failures,
         }
+
+
+def ensemble_agg_name(method: str) -> str:
+    """`mean-minus-std:1`: an ensemble method's aggregation and coefficient, the key of the
+    ensemble cell's per-aggregation results."""
+    return "{}:{:g}".format(*METHODS[method].ensemble_agg)
 
 
 def _point(e: dict) -> dict:

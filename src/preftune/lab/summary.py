@@ -120,10 +120,11 @@ def _noise(raw, cells, world, noise, seeds, base) -> dict:
     for m in plan["methods"]:
         info = raw["methods"][m]
         # An ensemble method's reward (its proxy column and its cost) is the ensemble.
-        rewards = ({s: {**e, "base_proxy": e["base_proxy_by_method"][m]} if e else None
+        rewards = ({s: {**e, "base_proxy": e["base_proxy_by_agg"][info["ensemble_agg"]]}
+                    if e else None
                     for s, e in ens.items()} if info.get("ensemble") else rms)
         if info["kind"] == "inference":
-            res = _best_of_n(cells, m, noise, seeds, base, rewards)
+            res = _best_of_n(cells, bon_key(info, noise), seeds, base, rewards)
         else:
             res = _trained(cells, m, None if info["reward"] == "gold" else noise, seeds, base,
                            rewards)
@@ -137,6 +138,14 @@ def _noise(raw, cells, world, noise, seeds, base) -> dict:
         methods[m] = res
     out["methods"] = methods
     return out
+
+
+def bon_key(info: dict, noise: str) -> str:
+    """Where the inference cell stores a best-of-N method's points: per reward (the gold
+    reward, the noise setting's reward model, or its ensemble)."""
+    if info["reward"] == "gold":
+        return "gold"
+    return f"ensemble:{noise}" if info.get("ensemble") else noise
 
 
 def _gain(values: dict[int, float], base_values: dict[int, float], seeds) -> dict:
@@ -246,8 +255,8 @@ def _rl_fit(rows, base, seeds) -> dict | None:
     return fit
 
 
-def _best_of_n(cells, method, noise, seeds, base, rms) -> dict | None:
-    key = "gold" if method == "best_of_n_gold" else noise
+def _best_of_n(cells, key, seeds, base, rms) -> dict | None:
+    """`key`: the reward whose points the inference cell stores (`bon_key`)."""
     runs = {c["seed"]: c for c in cells if c["kind"] == "inference" and c["seed"] in seeds
             and key in c["points"]["test"]}
     if not runs:
