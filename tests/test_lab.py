@@ -102,6 +102,24 @@ def test_implicit_reward_accuracy_is_recomputable(mini_lab):
 
 
 @pytest.mark.slow
+def test_offline_only_lab_runs_without_a_reward_model(mini_lab, tmp_path):
+    # No method needs a reward model: none is trained, and the offline cells (a reference-free
+    # loss among them) have no proxy column but their implicit-reward accuracy.
+    out, argv, _ = mini_lab
+    cache = argv[argv.index("--cache-dir") + 1]  # the base policy is cached there
+    assert main(["lab", "--quick", "--noise", "none", "--seeds", "0", "--methods", "simpo",
+                 "--sft-steps", "60", "--pairs", "96", "--eval-prompts", "8",
+                 "--offline-steps", "5", "--output-dir", str(tmp_path), "--cache-dir",
+                 cache]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    s = results["summary"]["review"]["noise"]["none"]
+    assert "reward_model" not in s and s["methods"]["simpo"]["proxy_gain"] is None
+    cell = next(c for c in results["cells"] if c["method"] == "simpo")
+    assert cell["implicit_reward"] == "mean"
+    assert 0.0 <= cell["implicit_reward_gold_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
 def test_best_of_n_proxy_never_falls_with_n(mini_lab):
     # With the same samples, the best proxy score among the first N cannot fall as N grows.
     _, _, results = mini_lab

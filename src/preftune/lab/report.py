@@ -399,8 +399,9 @@ def reading(results: dict, world: str, noise: str) -> list[str]:
     for m, res in s["methods"].items():
         acc = res.get("implicit_reward_gold_accuracy")
         if acc and acc.get("mean") is not None:
-            lines.append(f"{res['label']}'s own implicit reward orders the same test pairs "
-                         f"correctly {pct_ci(acc)} of the time.")
+            lines.append(f"{res['label']}'s own implicit reward orders fresh gold-ranked test "
+                         f"pairs (those of the reward model's accuracy) correctly {pct_ci(acc)} "
+                         "of the time.")
     for m, res in s["methods"].items():
         sel = res["selected"]
         lines.append(gain_sentence(f"{res['label']} ({setting(res, sel['value'], sel['lr'])})",

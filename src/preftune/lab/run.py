@@ -316,6 +316,9 @@ class Runner:
                     str(self.ensemble_dir(world, seed, noise)), agg=agg, coef=coef,
                     batch_size=64, max_length=stages.MAX_LENGTH)
             return self._proxies[key]
+        if not any(METHODS[m].uses_reward_model and not METHODS[m].ensemble
+                   for m in self.plan.methods):
+            return None  # no single reward model is trained (e.g. offline methods only)
         if (world, seed, noise) not in self._proxies:
             from preftune.rewards import ModelReward
 
