@@ -150,3 +150,33 @@ def best_of_n(samples: BestOfNSamples, scores: list[float], ns: Sequence[int],
             point["proxy"] = stats.mean_se([proxy_scores[r] for r in picks])[0]
         out.append(point)
     return out
+
+
+# --- implicit reward of an offline policy -----------------------------------------------------
+
+def implicit_rewards(policy, reference, rollout, pad_id: int, beta: float, kind: str
+                     ) -> list[float]:
+    """The reward an offline method's loss pushes apart, per row of `rollout`, as `eval-rm`
+    scores a policy: `ratio`: β·(log π(y|x) − log π_ref(y|x)) (Rafailov et al. 2023, Eq. 5);
+    `sum`: β·log π(y|x) (CPO, reference-free); `mean`: β·log π(y|x)/|y| (SimPO, Meng et al.
+    2024, Eq. 4; ORPO's λ-scaled mean log-prob). Log-probs are summed over the completion
+    tokens, EOS included, exactly as the trainers score them."""
+    lp = sequence_logps(policy, rollout, pad_id)
+    if kind == "ratio":
+        ref = sequence_logps(reference, rollout, pad_id)
+        return [beta * (a - b) for a, b in zip(lp, ref)]
+    if kind == "sum":
+        return [beta * a for a in lp]
+    if kind == "mean":
+        return [beta * a / max(1, len(c)) for a, c in zip(lp, rollout.completion_ids)]
+    raise ValueError(f"implicit reward kind {kind!r}: expected ratio, sum or mean")
+
+
+def gold_order_accuracy(gold: Sequence[float], scores: Sequence[float]) -> tuple[float | None,
+                                                                                  int]:
+    """Pairs are rows (2i, 2i+1). Of the pairs whose gold rewards differ, the fraction that
+    `scores` orders the same way (a score tie counts as preferring the second), and how many
+    pairs that is."""
+    decided = [i for i in range(0, len(gold), 2) if gold[i] != gold[i + 1]]
+    right = sum((gold[i] > gold[i + 1]) == (scores[i] > scores[i + 1]) for i in decided)
+    return (right / len(decided) if decided else None), len(decided)

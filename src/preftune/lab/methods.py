@@ -30,10 +30,29 @@ class Method:
     quick_lrs: tuple[float, ...] = ()
     reward: str = "proxy"  # what an online/inference method maximises: the reward model, or gold
     oracle_of: str = ""  # the method whose gold-reward control this is
+    # Optimises an ensemble of K reward models (Coste et al. 2023) instead of one; `variant_of`
+    # is the single-reward-model method it is compared with.
+    ensemble: bool = False
+    variant_of: str = ""
 
     @property
     def uses_reward_model(self) -> bool:
         return self.kind in (ONLINE, INFERENCE) and self.reward == "proxy"
+
+    @property
+    def ensemble_agg(self) -> tuple[str, float]:
+        """(aggregation, coefficient) of an ensemble method's reward (`EnsembleReward`)."""
+        return self.fixed.get("ensemble_agg", "mean"), float(self.fixed.get("ensemble_coef", 1.0))
+
+    @property
+    def implicit_reward(self) -> str:
+        """How `evaluate.implicit_rewards` scores this offline method's policy: `ratio`
+        (reference-based losses and KTO), `sum` (CPO) or `mean` (SimPO, ORPO); "" for methods
+        that are not trained on the pairs."""
+        if self.kind != OFFLINE:
+            return ""
+        return {"simpo": "mean", "orpo": "mean", "cpo": "sum"}.get(self.fixed.get("loss", ""),
+                                                                   "ratio")
 
     def available(self) -> bool:
         if not self.module:
@@ -80,6 +99,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "OnlineDPOConfig", "run_online_dpo", "beta",
            {"prompts_per_step": 16, "num_generations": 2}, (0.1, 0.3), (0.1,), _ONLINE_LRS,
            _ONLINE_LRS),
+    # Ensemble variant (issue 13; Coste et al. 2023): PPO on K reward models trained with
+    # different seeds, optimising their mean minus one standard deviation. Not a default method.
+    Method("ppo_ensemble", "PPO on an RM ensemble", ONLINE, "preftune.trainers.ppo", "PPOConfig",
+           "run_ppo", "kl_coef", {"prompts_per_step": 32, "num_generations": 1,
+                                  "ensemble_agg": "mean-minus-std", "ensemble_coef": 1.0},
+           (0.0, 0.05), (0.05,), _ONLINE_LRS, _ONLINE_LRS, ensemble=True, variant_of="ppo"),
+    Method("best_of_n_ensemble", "best-of-N on an RM ensemble", INFERENCE, knob="n",
+           fixed={"ensemble_agg": "mean-minus-std", "ensemble_coef": 1.0},
+           grid=(1, 2, 4, 8, 16, 32), quick_grid=(1, 4, 16), ensemble=True,
+           variant_of="best_of_n"),
     Method("best_of_n", "best-of-N", INFERENCE, knob="n", grid=(1, 2, 4, 8, 16, 32),
            quick_grid=(1, 4, 16)),
     # Oracle controls (the DPO paper's PPO-GT): the same algorithms optimising the gold reward

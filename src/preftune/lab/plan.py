@@ -59,6 +59,10 @@ class LabConfig:
                              "(default: 100; quick: 30).")
     online_steps: int = arg(0, "Rollouts of each online method, 32 completions per rollout "
                             "(default: 30; quick: 10).")
+    ensemble_size: int = arg(3, "Reward models in the ensemble that the ensemble variants "
+                             "(ppo_ensemble, best_of_n_ensemble) optimise, trained with seeds "
+                             "seed, seed+1, ... "
+                             "(Coste et al. 2023); unused by the other methods.")
     eval_points: int = arg(5, "Evaluations along each training run (checkpoints), at least 5: "
                            "the trajectories of the report.")
     output_dir: str = arg("runs/lab", "Report folder; finished cells are kept in it and skipped "
@@ -98,6 +102,9 @@ class LabConfig:
                                 "train on batches of 16-32 pairs)")
         if 0 < self.eval_prompts < 8:
             raise PreftuneError(f"eval_prompts: got {self.eval_prompts}, expected at least 8")
+        if self.ensemble_size < 2:
+            raise PreftuneError(f"ensemble_size: got {self.ensemble_size}, expected an integer "
+                                ">= 2 (an ensemble has at least two members)")
         if self.eval_points < 5:
             raise PreftuneError(f"eval_points: got {self.eval_points}, expected at least 5 "
                                 "(a trajectory needs points to be a curve)")
@@ -190,6 +197,7 @@ class Plan:
     online_steps: int
     reward_max_steps: int
     eval_points: int
+    ensemble_size: int = 3
     left_out: dict[str, str] = field(default_factory=dict)  # method -> why
 
 
@@ -226,6 +234,7 @@ def resolve(cfg: LabConfig) -> Plan:
         online_steps=cfg.online_steps or (10 if q else 30),
         reward_max_steps=200 if q else 600,
         eval_points=cfg.eval_points,
+        ensemble_size=cfg.ensemble_size,
         left_out=left_out,
     )
 
@@ -235,7 +244,7 @@ class Cell:
     """One unit of work. `noise` is None for cells that do not depend on the labels (the base
     policy, the oracle controls); `value`/`lr` are set for trained settings."""
 
-    kind: str  # base, data, reward_model, eval, offline, online, inference
+    kind: str  # base, data, reward_model, reward_ensemble, eval, offline, online, inference
     world: str
     seed: int
     method: str = ""
@@ -260,7 +269,8 @@ class Cell:
     def describe(self) -> str:
         where = f"{self.world} seed {self.seed}" + (f" noise {self.noise}" if self.noise else "")
         what = {"base": "base policy (SFT)", "data": "preference data",
-                "reward_model": "reward model", "eval": "evaluate base policy"}.get(self.kind)
+                "reward_model": "reward model", "eval": "evaluate base policy",
+                "reward_ensemble": "reward-model ensemble"}.get(self.kind)
         if what is None:
             m = METHODS[self.method]
             what = "best-of-N sweep (every reward)" if self.kind == INFERENCE else (
@@ -272,7 +282,9 @@ def cells(plan: Plan) -> list[Cell]:
     """Every cell, in run order: per world and seed the base policy, the oracle controls, then
     per noise setting the data, reward model, base evaluation and the methods."""
     out: list[Cell] = []
-    needs_rm = any(METHODS[m].uses_reward_model for m in plan.methods)
+    needs_rm = any(METHODS[m].uses_reward_model and not METHODS[m].ensemble
+                   for m in plan.methods)
+    needs_ensemble = any(METHODS[m].ensemble for m in plan.methods)
     for world in plan.worlds:
         for seed in plan.seeds:
             out.append(Cell("base", world, seed))
@@ -281,6 +293,8 @@ def cells(plan: Plan) -> list[Cell]:
                 out.append(Cell("data", world, seed, noise=noise))
                 if needs_rm:
                     out.append(Cell("reward_model", world, seed, noise=noise))
+                if needs_ensemble:
+                    out.append(Cell("reward_ensemble", world, seed, noise=noise))
                 out += _method_cells(plan, world, seed, noise, oracle=False)
             out += _method_cells(plan, world, seed, None, oracle=True)
             if any(METHODS[m].kind == INFERENCE for m in plan.methods):

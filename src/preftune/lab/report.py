@@ -326,8 +326,9 @@ def compute_plot(results: dict, path: Path) -> None:
 def _table(s: dict) -> list[str]:
     lines = ["| method | setting (chosen on validation) | gold gain vs base, test [95% CI] | "
              "seen prompts | unseen prompts | KL k1 ± s.e. | KL k3 ± s.e. | proxy gain | "
-             "train time | tokens trained / generated (whole) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "implicit-reward gold accuracy | train time | tokens trained / generated "
+             "(whole) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, res in s["methods"].items():
         sel = res["selected"]
         if res["kind"] == "inference":
@@ -340,7 +341,7 @@ def _table(s: dict) -> list[str]:
             f"| {res['label']} | {setting(res, sel['value'], sel['lr'])} | "
             f"{ci(res['gain_vs_base'])} | {ci(res['gain_seen'])} | {ci(res['gain_unseen'])} | "
             f"{kl1} | {kl3} | {ci(res['proxy_gain'], 2)} | "
-            f"{whole['wall_time_s']:.0f}s | {_count(whole['tokens_trained'])} / "
+            f"{pct_ci(res.get('implicit_reward_gold_accuracy'))} | {whole['wall_time_s']:.0f}s | {_count(whole['tokens_trained'])} / "
             f"{_count(whole['tokens_generated'])} |")
     return lines
 
@@ -352,8 +353,9 @@ def _avg(trends: list[list[dict]], i: int, key: str) -> float:
 
 def _settings_table(s: dict) -> list[str]:
     lines = ["| method | setting | validation gain [95% CI] | test gain [95% CI] | KL | "
-             "log-probs chosen / rejected (first → last logged, seed mean) |",
-             "|---|---|---|---|---|---|"]
+             "log-probs chosen / rejected (first → last logged, seed mean) | implicit-reward "
+             "gold accuracy |",
+             "|---|---|---|---|---|---|---|"]
     for m, res in s["methods"].items():
         for row in res["settings"]:
             kl = (f"bound {row['kl_bound']:.2f}, plug-in {row['kl_plugin']['mean']:.2f}"
@@ -365,7 +367,7 @@ def _settings_table(s: dict) -> list[str]:
                       f"{_avg(trends, 0, 'rejected'):.1f} → {_avg(trends, -1, 'rejected'):.1f}")
             lines.append(f"| {res['label']} | {setting(res, row['value'], row['lr'])} | "
                          f"{ci(row['validation_gain'])} | {ci(row['gain_vs_base'])} | {kl} | "
-                         f"{lp} |")
+                         f"{lp} | {pct_ci(row.get('implicit_reward_gold_accuracy'))} |")
     return lines
 
 
@@ -387,6 +389,19 @@ def reading(results: dict, world: str, noise: str) -> list[str]:
                      f"{rm['best_step']}) orders fresh gold-ranked test pairs correctly "
                      f"{pct_ci(rm['gold_accuracy_interval'])} of the time (50 percent is "
                      "chance).")
+    ens = s.get("reward_ensemble")
+    if ens:
+        for agg, iv in ens["gold_accuracy_aggregated"].items():
+            lines.append(f"The ensemble of {ens['members']} reward models (seeds seed..seed+"
+                         f"{ens['members'] - 1}), aggregated as {agg.replace(':', ', coef ')}, "
+                         f"orders the same test pairs correctly {pct_ci(iv)} of the time (its "
+                         f"members on average {pct_ci(ens['gold_accuracy_members'])}).")
+    for m, res in s["methods"].items():
+        acc = res.get("implicit_reward_gold_accuracy")
+        if acc and acc.get("mean") is not None:
+            lines.append(f"{res['label']}'s own implicit reward orders fresh gold-ranked test "
+                         f"pairs (those of the reward model's accuracy) correctly {pct_ci(acc)} "
+                         "of the time.")
     for m, res in s["methods"].items():
         sel = res["selected"]
         lines.append(gain_sentence(f"{res['label']} ({setting(res, sel['value'], sel['lr'])})",
@@ -401,6 +416,13 @@ def reading(results: dict, world: str, noise: str) -> list[str]:
                                            + " on the reward model")
                              + " (The gap is what the reward model's errors cost the "
                                "algorithm.)")
+    for m, res in s["methods"].items():
+        if res.get("variant_of") in s["methods"]:
+            single = s["methods"][res["variant_of"]]
+            iv = paired(res["gain_vs_base"], single["gain_vs_base"])
+            if iv is not None:
+                lines.append(gain_sentence(res["label"], iv, single["label"]
+                                           + " on one reward model"))
     for m, res in s["methods"].items():
         seen, unseen = res.get("gain_seen"), res.get("gain_unseen")
         if seen and unseen and seen.get("mean") is not None:
@@ -454,7 +476,12 @@ def write_report(results_path: Path, out: Path) -> None:
            "test prompts. A claim is made only where its interval excludes 0. KL: k1 and k3 "
            "per sequence (Schulman 2020) with their within-seed standard errors; best-of-N: "
            "the analytic bound log N − (N−1)/N and a plug-in estimate from the samples. "
-           "Proxy gain: the reward model's score minus the base policy's. Cost (whole): the "
+           "Ensemble variants optimise K reward models' mean minus their std (Coste et al. "
+           "2023); their proxy column is that aggregate and their cost includes all K. "
+           "Proxy gain: the reward model's score minus the base policy's. Implicit-reward "
+           "gold accuracy (offline methods): how often the trained policy's implicit reward "
+           "(β·(log π − log π_base); SimPO/ORPO β·mean log π, CPO β·log π) orders the "
+           "reward model's fresh gold-ranked test pairs as the gold reward does. Cost (whole): the "
            "method's training plus the preference data it learns from, plus the reward model "
            "for the methods that optimise it; the base policy is shared by all.", ""]
     for world in plan["worlds"]:

@@ -36,10 +36,15 @@ __all__ = ["LabConfig", "run_lab"]
 LAB_FORMAT = 3  # bump when a change makes old cell results incomparable
 # How the proxy scores a completion; part of every reward-model key (its results change with it).
 PROXY_SCORING = "completion + EOS, as trained"
+# Part of every offline cell's key: offline results from before the implicit-reward accuracy
+# lack it and rerun (only those cells; the base policies stay cached).
+IMPLICIT_REWARD_VERSION = 1
+ENSEMBLE_RESULT_VERSION = 2  # bump when the ensemble cell's result fields change
 EVAL_SEED = 12345  # the sampling seed of every evaluation: common random numbers across cells
 
 # Rough cost of each kind of cell in seconds on 2 CPU cores, for the ETA before anything ran.
 PRIOR_SECONDS = {"base": 50.0, "data": 4.0, "reward_model": 15.0, "eval": 3.0,
+                 "reward_ensemble": 45.0,
                  "inference": 20.0, "offline": 12.0, "online": 25.0}
 
 
@@ -167,8 +172,9 @@ class Runner:
     def __init__(self, plan: Plan, out: Path, cache_dir: Path):
         self.plan, self.out, self.cache_dir = plan, out, cache_dir
         self._models: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._proxies: dict[tuple[str, int, str], Any] = {}
+        self._proxies: dict[tuple, Any] = {}
         self._prompts: dict[tuple[str, int], dict[str, ev.PromptSet]] = {}
+        self._gold_pairs: dict[tuple[str, int], tuple] = {}
 
     # --- where things are ---------------------------------------------------------------------
 
@@ -184,6 +190,10 @@ class Runner:
     def rm_dir(self, world: str, seed: int, noise: str) -> Path:
         return self.out / "runs" / Cell("reward_model", world, seed, noise=noise).group / \
             "reward_model"
+
+    def ensemble_dir(self, world: str, seed: int, noise: str) -> Path:
+        return self.out / "runs" / Cell("reward_ensemble", world, seed, noise=noise).group / \
+            "reward_ensemble"
 
     def log_path(self, cell: Cell) -> Path:
         return self.out / "logs" / cell.group / f"{cell.name}.log"
@@ -209,6 +219,14 @@ class Runner:
                                "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
                                "settings": stages.reward_settings(self.plan, seed)})
 
+    def ensemble_key(self, world: str, seed: int, noise: str) -> str:
+        return stages.hash_of({"data": self.data_key(world, seed, noise),
+                               "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
+                               "settings": stages.ensemble_settings(self.plan, seed),
+                               "result": ENSEMBLE_RESULT_VERSION,
+                               "aggs": sorted({METHODS[m].ensemble_agg for m in self.plan.methods
+                                               if METHODS[m].ensemble})})
+
     def key(self, cell: Cell) -> str:
         w, s, n = cell.world, cell.seed, cell.noise
         if cell.kind == "base":
@@ -219,24 +237,32 @@ class Runner:
             return self.data_key(w, s, n)
         if cell.kind == "reward_model":
             return self.reward_key(w, s, n)
+        if cell.kind == "reward_ensemble":
+            return self.ensemble_key(w, s, n)
         parts: dict[str, Any] = {"eval": self.eval_key(w, s), "method": cell.method}
         if cell.kind == INFERENCE:
             parts.update(rms=[self.reward_key(w, s, x) for x in self.plan.noises],
                          ns=self._bon_ns())
+            if "best_of_n_ensemble" in self.plan.methods:
+                parts["ensembles"] = [self.ensemble_key(w, s, x) for x in self.plan.noises]
         else:
             m = METHODS[cell.method]
             parts["settings"] = stages.method_settings(self.plan, cell.method, cell.value,
                                                        cell.lr, s, n, get_world(w))
             parts["steps"] = (self.plan.offline_steps if m.kind == OFFLINE
                               else self.plan.online_steps, self.plan.eval_points)
+            if m.implicit_reward:  # results with the implicit-reward accuracy (issue 9)
+                parts["implicit_reward"] = IMPLICIT_REWARD_VERSION
             if n is not None:
                 parts["data"] = self.data_key(w, s, n)
-                parts["rm"] = self.reward_key(w, s, n)  # the proxy column, or the reward
+                # the proxy column, or the reward
+                parts["rm"] = (self.ensemble_key(w, s, n) if m.ensemble
+                               else self.reward_key(w, s, n))
         return stages.hash_of(parts)
 
     def _bon_ns(self) -> list[int]:
         ns = set()
-        for m in ("best_of_n", "best_of_n_gold"):
+        for m in ("best_of_n", "best_of_n_gold", "best_of_n_ensemble"):
             ns.update(int(v) for v in self.plan.sweeps.get(m, []))
         return sorted(ns)
 
@@ -275,9 +301,24 @@ class Runner:
                 get_world(world), seed, self.plan.eval_prompts, tokenizer)
         return self._prompts[(world, seed)]
 
-    def proxy(self, world: str, seed: int, noise: str | None):
+    def proxy(self, world: str, seed: int, noise: str | None, ensemble: str = ""):
+        """The reward model of (world, seed, noise); with `ensemble` (an ensemble method's
+        name) the ensemble's reward aggregated as that method optimises it."""
         if noise is None:
             return None
+        if ensemble:
+            agg, coef = METHODS[ensemble].ensemble_agg
+            key = (world, seed, noise, agg, coef)
+            if key not in self._proxies:
+                from preftune.rewards.sources import EnsembleReward
+
+                self._proxies[key] = EnsembleReward.from_folder(
+                    str(self.ensemble_dir(world, seed, noise)), agg=agg, coef=coef,
+                    batch_size=64, max_length=stages.MAX_LENGTH)
+            return self._proxies[key]
+        if not any(METHODS[m].uses_reward_model and not METHODS[m].ensemble
+                   for m in self.plan.methods):
+            return None  # no single reward model is trained (e.g. offline methods only)
         if (world, seed, noise) not in self._proxies:
             from preftune.rewards import ModelReward
 
@@ -285,6 +326,21 @@ class Runner:
                 str(self.rm_dir(world, seed, noise)), batch_size=64,
                 max_length=stages.MAX_LENGTH)
         return self._proxies[(world, seed, noise)]
+
+    def gold_pairs(self, world: str, seed: int):
+        """Fresh gold-ranked test pairs: two base-policy samples per test prompt (rows 2i and
+        2i+1), sampled with a fixed seed: (rollout, prompts, texts, gold). The reward models'
+        and the offline policies' gold accuracies are measured on these same pairs."""
+        if (world, seed) not in self._gold_pairs:
+            base, tokenizer = self.base(world, seed)
+            test = self.prompt_sets(world, seed)["test"]
+            rollout, texts = ev.sample(base, tokenizer, test.prompt_ids,
+                                       get_world(world).max_new_tokens, EVAL_SEED + 2,
+                                       num_samples=2)
+            prompts = [p for p in test.prompts for _ in range(2)]
+            self._gold_pairs[(world, seed)] = (rollout, prompts, texts,
+                                               get_world(world).gold_reward(prompts, texts))
+        return self._gold_pairs[(world, seed)]
 
     def _load_result(self, cell: Cell) -> dict:
         return json.loads(self.result_path(cell).read_text())
@@ -316,6 +372,8 @@ class Runner:
                                            self.data_dir(cell.world, cell.seed, cell.noise)))
         elif cell.kind == "reward_model":
             result.update(self._train_reward_model(cell, world))
+        elif cell.kind == "reward_ensemble":
+            result.update(self._train_reward_ensemble(cell))
         elif cell.kind == INFERENCE:
             result.update(self._best_of_n(cell, world))
         else:
@@ -339,15 +397,8 @@ class Runner:
         proxy = self.proxy(cell.world, cell.seed, cell.noise)
         # How often the reward model orders two fresh base samples of a test prompt the way the
         # gold reward does (pairs with equal gold left out, and counted).
-        base, tokenizer = self.base(cell.world, cell.seed)
-        test = self.prompt_sets(cell.world, cell.seed)["test"]
-        _, texts = ev.sample(base, tokenizer, test.prompt_ids, world.max_new_tokens,
-                             EVAL_SEED + 2, num_samples=2)
-        prompts = [p for p in test.prompts for _ in range(2)]
-        gold = world.gold_reward(prompts, texts)
-        scores = proxy(prompts, texts).tolist()
-        decided = [i for i in range(0, len(gold), 2) if gold[i] != gold[i + 1]]
-        right = sum((gold[i] > gold[i + 1]) == (scores[i] > scores[i + 1]) for i in decided)
+        _, prompts, texts, gold = self.gold_pairs(cell.world, cell.seed)
+        accuracy, decided = ev.gold_order_accuracy(gold, proxy(prompts, texts).tolist())
         # The base policy's proxy reward on its own evaluation samples: the zero of the proxy.
         base_eval = self._load_result(Cell("eval", cell.world, cell.seed, "base_policy"))
         base_proxy = {part: float(proxy(self.prompt_sets(cell.world, cell.seed)[part].prompts,
@@ -358,10 +409,58 @@ class Runner:
                 "heldout_loss": metrics.get("eval/loss"),
                 "best_step": metrics.get("early_stopping/best_step"),
                 "stopped_step": metrics.get("early_stopping/stopped_step"),
-                "gold_accuracy": right / len(decided) if decided else None,
-                "gold_accuracy_pairs": len(decided), "gold_ties": len(gold) // 2 - len(decided),
+                "gold_accuracy": accuracy,
+                "gold_accuracy_pairs": decided, "gold_ties": len(gold) // 2 - decided,
                 "base_proxy": base_proxy, "wall_time_s": wall,
                 "tokens_trained": stages.tokens_trained(run_dir)}
+
+    def _train_reward_ensemble(self, cell: Cell) -> dict:
+        """K reward models (seeds seed..seed+K-1) into one ensemble folder; its gold accuracy
+        on the same fresh pairs as the single reward model, per member and aggregated the way
+        each ensemble method optimises it; the cost of all K members."""
+        run_dir = self.ensemble_dir(cell.world, cell.seed, cell.noise)
+        config_cls, run = stages.trainer("reward")
+        settings = stages.ensemble_settings(self.plan, cell.seed)
+        cfg = config_cls(model=str(self.base_path(cell.world, cell.seed)),
+                         data=str(self.data_dir(cell.world, cell.seed, cell.noise)
+                                  / "pairs.jsonl"),
+                         output_dir=str(run_dir), **settings)
+        cfg.validate()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for key in [k for k in self._proxies if k[:3] == (cell.world, cell.seed, cell.noise)
+                    and len(k) > 3]:
+            del self._proxies[key]
+        t0 = time.perf_counter()
+        with stages.captured_output(self.log_path(cell)):
+            metrics = run(cfg)
+        wall = time.perf_counter() - t0
+        _, prompts, texts, gold = self.gold_pairs(cell.world, cell.seed)
+        base_eval = self._load_result(Cell("eval", cell.world, cell.seed, "base_policy"))
+        sets = self.prompt_sets(cell.world, cell.seed)
+        aggregated, base_proxy, members = {}, {}, []
+        for m in self.plan.methods:
+            if not METHODS[m].ensemble:
+                continue
+            proxy = self.proxy(cell.world, cell.seed, cell.noise, ensemble=m)
+            agg = ensemble_agg_name(m)
+            aggregated[agg] = ev.gold_order_accuracy(gold, proxy(prompts, texts).tolist())[0]
+            base_proxy[agg] = {part: float(proxy(sets[part].prompts,
+                                               base_eval[part]["texts"]).mean())
+                             for part in ("validation", "test")}
+            members = proxy.members
+        decided = sum(gold[i] != gold[i + 1] for i in range(0, len(gold), 2))
+        member_accuracy = [ev.gold_order_accuracy(gold, m(prompts, texts).tolist())[0]
+                           for m in members]
+        member_dirs = sorted(run_dir.glob("member-*"))
+        return {"settings": settings, "metrics": metrics, "members": len(member_dirs),
+                "gold_accuracy_members": member_accuracy,
+                "gold_accuracy_aggregated": aggregated,
+                "gold_accuracy_pairs": decided,
+                "heldout_accuracy": [r.get("eval/accuracy") for r in metrics["members"]],
+                "best_step": [r.get("early_stopping/best_step") for r in metrics["members"]],
+                "base_proxy_by_agg": base_proxy, "wall_time_s": wall,
+                # the cost of every member: the ensemble method pays for all K
+                "tokens_trained": sum(stages.tokens_trained(d) for d in member_dirs)}
 
     def _best_of_n(self, cell: Cell, world) -> dict:
         base, tokenizer = self.base(cell.world, cell.seed)
@@ -379,13 +478,20 @@ class Runner:
                     scores = self.proxy(cell.world, cell.seed, noise)(prompts,
                                                                       samples.texts).tolist()
                     by[noise] = ev.best_of_n(samples, scores, ns, scores)
+            if "best_of_n_ensemble" in self.plan.methods:
+                for noise in self.plan.noises:
+                    scores = self.proxy(cell.world, cell.seed, noise,
+                                        ensemble="best_of_n_ensemble")(prompts,
+                                                                       samples.texts).tolist()
+                    by[f"ensemble:{noise}"] = ev.best_of_n(samples, scores, ns, scores)
             out["points"][part] = by
         return out
 
-    def _train_and_evaluate(self, cell: Cell, world) -> dict:
-        from preftune.models import load_causal_lm
-
+    def trainer_config(self, cell: Cell):
+        """The trainer config of a method cell (not yet validated): the lab's settings plus the
+        paths of the base policy, the data and the reward (model, ensemble or gold)."""
         m = METHODS[cell.method]
+        world = get_world(cell.world)
         run_dir = self.run_dir(cell)
         settings = stages.method_settings(self.plan, cell.method, cell.value, cell.lr,
                                           cell.seed, cell.noise, world)
@@ -400,13 +506,26 @@ class Runner:
             paths["data"] = str(self.data_dir(cell.world, cell.seed, noise) / "prompts.jsonl")
             if m.reward == "gold":
                 paths["reward_fn"] = [gold_spec(cell.world)]
+            elif m.ensemble:
+                paths["reward_model"] = str(self.ensemble_dir(cell.world, cell.seed,
+                                                              cell.noise))
             else:
                 paths["reward_model"] = str(self.rm_dir(cell.world, cell.seed, cell.noise))
-        if not Path(paths["data"]).is_file():
+        config_cls, _ = stages.trainer(cell.method)
+        return config_cls(**paths, **settings)
+
+    def _train_and_evaluate(self, cell: Cell, world) -> dict:
+        from preftune.models import load_causal_lm
+
+        m = METHODS[cell.method]
+        run_dir = self.run_dir(cell)
+        cfg = self.trainer_config(cell)
+        settings = stages.method_settings(self.plan, cell.method, cell.value, cell.lr,
+                                          cell.seed, cell.noise, world)
+        if not Path(cfg.data).is_file():
             # The oracle controls need only the prompts file, which the data stage writes.
-            raise RuntimeError(f"{paths['data']} is missing: its data cell did not run")
-        config_cls, run = stages.trainer(cell.method)
-        cfg = config_cls(**paths, **settings)
+            raise RuntimeError(f"{cfg.data} is missing: its data cell did not run")
+        _, run = stages.trainer(cell.method)
         cfg.validate()
         t0 = time.perf_counter()
         with stages.captured_output(self.log_path(cell)):
@@ -429,7 +548,10 @@ class Runner:
         policy, _ = load_causal_lm(str(run_dir))
         base, tokenizer = self.base(cell.world, cell.seed)
         sets = self.prompt_sets(cell.world, cell.seed)
-        proxy = self.proxy(cell.world, cell.seed, cell.noise)
+        # The proxy column: the reward the method optimises (for an ensemble method, the
+        # ensemble aggregated as it optimises it).
+        proxy = self.proxy(cell.world, cell.seed, cell.noise,
+                           ensemble=cell.method if m.ensemble else "")
         trajectory = []
         t_eval = time.perf_counter()
         for step, folder in stages.checkpoints(run_dir):
@@ -444,9 +566,19 @@ class Runner:
         test = ev.evaluate_policy(final, base, tokenizer, world, sets["test"], proxy,
                                   seed=EVAL_SEED)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        return {"knob": m.knob, "settings": settings, "train": train,
-                "validation": trajectory[-1], "test": test, "trajectory": trajectory,
-                "eval_time_s": time.perf_counter() - t_eval}
+        out = {"knob": m.knob, "settings": settings, "train": train,
+               "validation": trajectory[-1], "test": test, "trajectory": trajectory}
+        if m.implicit_reward:
+            # Issue 9 req. 4: does the policy's own implicit reward order the fresh gold-ranked
+            # test pairs (those the reward model is measured on) the way the gold reward does?
+            rollout, _, _, gold = self.gold_pairs(cell.world, cell.seed)
+            scores = ev.implicit_rewards(final, base, rollout, tokenizer.pad_token_id,
+                                         float(cell.value), m.implicit_reward)
+            accuracy, decided = ev.gold_order_accuracy(gold, scores)
+            out.update(implicit_reward_gold_accuracy=accuracy,
+                       implicit_reward_gold_pairs=decided, implicit_reward=m.implicit_reward)
+        out["eval_time_s"] = time.perf_counter() - t_eval
+        return out
 
     # --- collecting the results ---------------------------------------------------------------
 
@@ -474,7 +606,11 @@ class Runner:
             "methods": {m: {"label": METHODS[m].label, "kind": METHODS[m].kind,
                             "knob": METHODS[m].knob, "reward": METHODS[m].reward,
                             "uses_reward_model": METHODS[m].uses_reward_model,
-                            "oracle_of": METHODS[m].oracle_of}
+                            "oracle_of": METHODS[m].oracle_of,
+                            "ensemble": METHODS[m].ensemble,
+                            "variant_of": METHODS[m].variant_of,
+                            "ensemble_agg": ensemble_agg_name(m) if METHODS[m].ensemble
+                            else ""}
                         for m in self.plan.methods},
             "eval_seed": EVAL_SEED,
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -487,6 +623,12 @@ class Runner:
             "cells": finished,
             "failures": failures,
         }
+
+
+def ensemble_agg_name(method: str) -> str:
+    """`mean-minus-std:1`: an ensemble method's aggregation and coefficient, the key of the
+    ensemble cell's per-aggregation results."""
+    return "{}:{:g}".format(*METHODS[method].ensemble_agg)
 
 
 def _point(e: dict) -> dict:

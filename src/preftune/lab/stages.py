@@ -8,7 +8,8 @@ trainer settings of each cell, checkpoint loading and cost accounting.
 3. preference data per noise setting: two base-policy samples per training prompt, pairs that
    tie on gold dropped (and counted), the rest labelled by Bradley-Terry on the gold reward
    with the noise setting's flip rate;
-4. a reward model per noise setting (`run_reward` with early stopping on held-out pairs);
+4. a reward model per noise setting (`run_reward` with early stopping on held-out pairs), and
+   for the ensemble variants an ensemble of K of them (`run_reward` with `ensemble=K`);
 5. methods, each trained by the same `run_*` function and config a user runs, with
    checkpoints along the way that the runner evaluates.
 """
@@ -189,9 +190,17 @@ def make_data(plan: Plan, world, seed: int, noise: str, base, tokenizer, data_di
 # --- stages 4 and 5: trainer settings --------------------------------------------------------------
 
 def reward_settings(plan: Plan, seed: int) -> dict[str, Any]:
-    return dict(**common_settings(seed), max_steps=plan.reward_max_steps, batch_size=16,
-                lr=REWARD_LR, warmup_steps=10, eval_fraction=0.15, eval_steps=REWARD_EVAL_STEPS,
+    # logging_steps: a run stopped early never reaches a QUIET log line, and `tokens_trained`
+    # reads the logged throughput: log at every evaluation so the cost is counted.
+    return dict(**{**common_settings(seed), "logging_steps": REWARD_EVAL_STEPS},
+                max_steps=plan.reward_max_steps, batch_size=16, lr=REWARD_LR, warmup_steps=10,
+                eval_fraction=0.15, eval_steps=REWARD_EVAL_STEPS,
                 early_stopping_patience=REWARD_PATIENCE)
+
+
+def ensemble_settings(plan: Plan, seed: int) -> dict[str, Any]:
+    """`reward_settings` for K members (seeds seed..seed+K-1, the same held-out pairs)."""
+    return {**reward_settings(plan, seed), "ensemble": plan.ensemble_size}
 
 
 def checkpoint_every(max_steps: int, points: int) -> int:

@@ -99,23 +99,53 @@ def _noise(raw, cells, world, noise, seeds, base) -> dict:
             "tokens_trained": _mean([rms[s]["tokens_trained"] for s in ok]),
             "gold_accuracy_pairs": _mean([rms[s]["gold_accuracy_pairs"] for s in ok]),
         }
+    ens = {s: (_by(cells, kind="reward_ensemble", seed=s, noise=noise) or [None])[0]
+           for s in seeds}
+    if any(ens.values()):
+        ok = [s for s in seeds if ens[s]]
+        aggs = sorted({a for s in ok for a in ens[s]["gold_accuracy_aggregated"]})
+        out["reward_ensemble"] = {
+            "members": next(ens[s]["members"] for s in ok),
+            "gold_accuracy_aggregated": {
+                a: stats.t_interval([ens[s]["gold_accuracy_aggregated"][a] for s in ok
+                                     if ens[s]["gold_accuracy_aggregated"].get(a) is not None]
+                                    ).to_json() for a in aggs},
+            "gold_accuracy_members": stats.t_interval(
+                [_mean(ens[s]["gold_accuracy_members"]) for s in ok]).to_json(),
+            "wall_time_s": _mean([ens[s]["wall_time_s"] for s in ok]),
+            "tokens_trained": _mean([ens[s]["tokens_trained"] for s in ok]),
+            "gold_accuracy_pairs": _mean([ens[s]["gold_accuracy_pairs"] for s in ok]),
+        }
     methods = {}
     for m in plan["methods"]:
         info = raw["methods"][m]
+        # An ensemble method's reward (its proxy column and its cost) is the ensemble.
+        rewards = ({s: {**e, "base_proxy": e["base_proxy_by_agg"][info["ensemble_agg"]]}
+                    if e else None
+                    for s, e in ens.items()} if info.get("ensemble") else rms)
         if info["kind"] == "inference":
-            res = _best_of_n(cells, m, noise, seeds, base, rms)
+            res = _best_of_n(cells, bon_key(info, noise), seeds, base, rewards)
         else:
             res = _trained(cells, m, None if info["reward"] == "gold" else noise, seeds, base,
-                           rms)
+                           rewards)
         if res is None:
             continue
         res.update(label=info["label"], kind=info["kind"], knob=info["knob"],
                    oracle=info["reward"] == "gold", oracle_of=info["oracle_of"],
-                   uses_reward_model=info["uses_reward_model"])
-        res["cost"] = _cost(res, info, data, rms, seeds)
+                   uses_reward_model=info["uses_reward_model"],
+                   ensemble=info.get("ensemble", False), variant_of=info.get("variant_of", ""))
+        res["cost"] = _cost(res, info, data, rewards, seeds)
         methods[m] = res
     out["methods"] = methods
     return out
+
+
+def bon_key(info: dict, noise: str) -> str:
+    """Where the inference cell stores a best-of-N method's points: per reward (the gold
+    reward, the noise setting's reward model, or its ensemble)."""
+    if info["reward"] == "gold":
+        return "gold"
+    return f"ensemble:{noise}" if info.get("ensemble") else noise
 
 
 def _gain(values: dict[int, float], base_values: dict[int, float], seeds) -> dict:
@@ -137,6 +167,12 @@ def _trained(cells, method, noise, seeds, base, rms) -> dict | None:
         row["validation_gain"] = _gain({s: r["validation"]["gold"] for s, r in rs.items()},
                                        {s: base[s]["validation"]["gold"] for s in seeds}, seeds)
         row.update(_test_numbers(rs, base, seeds, rms, noise))
+        accs = [r.get("implicit_reward_gold_accuracy") for r in rs.values()]
+        # Issue 9 req. 4, reported like the reward model's gold accuracy: per-seed fractions,
+        # t-interval over seeds (None for methods without an implicit reward).
+        row["implicit_reward_gold_accuracy"] = (
+            stats.t_interval([a for a in accs if a is not None]).to_json()
+            if any(a is not None for a in accs) else None)
         row["trajectory"] = _mean_trajectory(rs, base, rms, noise)
         row["trajectories_per_seed"] = {s: r["trajectory"] for s, r in rs.items()}
         row["logps"] = {s: r["train"].get("logps") for s, r in rs.items()
@@ -151,7 +187,8 @@ def _trained(cells, method, noise, seeds, base, rms) -> dict | None:
            "selection": "highest mean validation gold gain over seeds",
            **{k: chosen[k] for k in ("validation_gain", "gain_vs_base", "gain_seen",
                                      "gain_unseen", "gold", "kl_k1", "kl_k3", "proxy_gain",
-                                     "trajectory", "logps", "train", "n_seeds")},
+                                     "trajectory", "logps", "train", "n_seeds",
+                                     "implicit_reward_gold_accuracy")},
            "settings": rows}
     res["fit"] = _rl_fit(rows, base, seeds)
     return res
@@ -218,8 +255,8 @@ def _rl_fit(rows, base, seeds) -> dict | None:
     return fit
 
 
-def _best_of_n(cells, method, noise, seeds, base, rms) -> dict | None:
-    key = "gold" if method == "best_of_n_gold" else noise
+def _best_of_n(cells, key, seeds, base, rms) -> dict | None:
+    """`key`: the reward whose points the inference cell stores (`bon_key`)."""
     runs = {c["seed"]: c for c in cells if c["kind"] == "inference" and c["seed"] in seeds
             and key in c["points"]["test"]}
     if not runs:
@@ -282,7 +319,7 @@ def _best_of_n(cells, method, noise, seeds, base, rms) -> dict | None:
 def _cost(res: dict, info: dict, data: dict, rms: dict, seeds) -> dict:
     """Training cost of the selected setting, and the whole cost: plus the preference data
     (sampled pairs) for every method that learns from labels, plus the reward model for the
-    methods that optimise it. The base policy (shared by all) is reported separately."""
+    methods that optimise it (all K members of the ensemble for an ensemble method). The base policy (shared by all) is reported separately."""
     train = res["train"]
     whole = {k: train.get(k) or 0.0 for k in ("wall_time_s", "tokens_trained",
                                                "tokens_generated")}
