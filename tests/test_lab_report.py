@@ -122,3 +122,13 @@ def test_noise_factor_sentences(tmp_path):
             "[-0.948, -0.452]") in text
     assert "Order of mean gains with `none`: DPO > PPO > KTO; with `human`: PPO > DPO > KTO " \
            "(changed" in text
+
+
+def test_proportion_intervals_stay_within_0_and_100_percent():
+    from preftune.lab.report import pct_ci
+
+    # Two seeds at 25% and 100%: mean 0.625, t(1) interval 0.625 +- 12.706 * 0.375 runs past
+    # both ends; a proportion's interval is cut to [0, 100] percent.
+    iv = {"mean": 0.625, "ci_low": 0.625 - 12.706 * 0.375, "ci_high": 0.625 + 12.706 * 0.375}
+    assert pct_ci(iv) == "62.5 percent [0.0, 100.0]"
+    assert pct_ci({"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9}) == "80.0 percent [70.0, 90.0]"

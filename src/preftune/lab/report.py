@@ -38,7 +38,9 @@ def pct_ci(iv: dict | None) -> str:
     m = f"{100 * iv['mean']:.1f} percent"
     if iv.get("ci_low") is None:
         return m + " [one seed: no interval]"
-    return f"{m} [{100 * iv['ci_low']:.1f}, {100 * iv['ci_high']:.1f}]"
+    # A proportion lies in [0, 1]: intersecting the t-interval with it keeps its coverage.
+    low, high = max(0.0, iv["ci_low"]), min(1.0, iv["ci_high"])
+    return f"{m} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def setting(method: dict, value, lr) -> str:
