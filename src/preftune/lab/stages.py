@@ -241,11 +241,16 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint_weights(model, folder: Path) -> None:
-    """Load a policy's weights from an accelerate checkpoint: the first model file holds the
-    trained module's state, the policy under some prefix (`policy.` for PPO, none for DPO)."""
+    """Load a policy's weights from an accelerate checkpoint. Accelerate numbers the model files
+    in the order the models were prepared: a frozen reference (prepared first, by
+    `build_reference`) is `model.safetensors`, so the trained module, prepared last by
+    `Engine.setup`, is the highest-numbered file; the policy sits under some prefix
+    (`policy.` for PPO, none for DPO)."""
     from safetensors.torch import load_file
 
-    state = load_file(str(folder / "model.safetensors"))
+    files = sorted(folder.glob("model*.safetensors"),
+                   key=lambda p: int(p.stem.partition("_")[2] or 0))
+    state = load_file(str(files[-1]))
     wanted = model.state_dict()
     for prefix in ("", "policy.", "model.", "module.", "policy.model."):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
