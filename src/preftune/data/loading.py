@@ -150,21 +150,25 @@ def _read_text(path: Path, label: str) -> str:
         ) from None
 
 
+def parse_jsonl_line(line: str, label: str, line_no: int) -> dict:
+    """One JSON-lines row, or an error naming the file and line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PreftuneError(f"{label}, line {line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise PreftuneError(
+            f"{label}, line {line_no}: expected a JSON object, got {type(row).__name__}"
+        )
+    return row
+
+
 def _read_jsonl(path: Path, label: str, rows: Rows, text: str | None = None) -> None:
     text = _read_text(path, label) if text is None else text
     for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PreftuneError(f"{label}, line {line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise PreftuneError(
-                f"{label}, line {line_no}: expected a JSON object, got {type(row).__name__}"
-            )
-        rows.append(row)
-        rows.origins.append((label, "line", line_no))
+        if line.strip():
+            rows.append(parse_jsonl_line(line, label, line_no))
+            rows.origins.append((label, "line", line_no))
 
 
 def _read_json(path: Path, label: str, rows: Rows) -> None:

@@ -22,6 +22,7 @@ from preftune.data.loading import (
     FILE_SUFFIXES,
     _looks_like_local_path,
     load_rows,
+    parse_jsonl_line,
     parse_column_map,
 )
 from preftune.errors import PreftuneError
@@ -151,17 +152,8 @@ def _stream_jsonl(path: Path, label: str) -> Iterator[tuple[dict, Origin]]:
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PreftuneError(f"{label}, line {line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise PreftuneError(
-                        f"{label}, line {line_no}: expected a JSON object, got {type(row).__name__}"
-                    )
-                yield row, (label, "line", line_no)
+                if line.strip():
+                    yield parse_jsonl_line(line, label, line_no), (label, "line", line_no)
     except UnicodeDecodeError as e:
         raise PreftuneError(f"{label}: not UTF-8 text ({e})") from None
     except (OSError, EOFError) as e:
