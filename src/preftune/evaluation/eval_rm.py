@@ -58,7 +58,7 @@ from preftune.evaluation.report import format_table
 from preftune.models.loading import (_resolve, _torch_dtype, check_same_tokenizer, load_causal_lm,
                                      load_tokenizer)
 from preftune.models.logprobs import completion_logprobs
-from preftune.rewards.sources import FunctionReward
+from preftune.rewards.sources import FunctionReward, check_ensemble_settings
 from preftune.trainers.common import resolve_data_source
 from preftune.trainers.reward import check_max_length, ensure_eos
 from preftune.utils import atomic_write_json, atomic_write_text
@@ -187,14 +187,8 @@ class EvalRMConfig:
         parse_section_weights(self.section_weights)
         _require(0 < self.tie_fit_fraction < 1, "tie_fit_fraction", self.tie_fit_fraction,
                  "a number in (0, 1)")
-        _require(math.isfinite(self.ensemble_coef) and self.ensemble_coef >= 0, "ensemble_coef",
-                 self.ensemble_coef, "a finite number >= 0")
-        if kind != "ensemble" and (self.ensemble_agg != "mean" or self.ensemble_coef != 1.0):
-            raise PreftuneError(f"ensemble_agg/ensemble_coef only apply to an ensemble folder "
-                                f"(with ensemble.json); {self.model!r} is a {kind} reward")
-        if self.ensemble_agg not in ("mean-minus-std", "mean-minus-var") and self.ensemble_coef != 1.0:
-            raise PreftuneError(f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
-                                f"mean-minus-var, not {self.ensemble_agg}")
+        check_ensemble_settings(self.ensemble_agg, self.ensemble_coef, kind == "ensemble",
+                                self.model)
         if not self.best_of_k and (self.gold_fn or self.k_values):
             raise PreftuneError("gold_fn and k_values only apply to --best-of-k")
         if self.best_of_k:

@@ -327,6 +327,20 @@ class ModelReward(RewardSource):
 # --------------------------------------------------------------------------- ensembles
 
 ENSEMBLE_MANIFEST = "ensemble.json"  # written by `preftune reward --ensemble K`
+
+
+def check_ensemble_settings(agg: str, coef: float, ensemble: bool, source: str) -> None:
+    """Refuse ensemble settings that would be silently ignored: a coefficient the aggregation
+    does not use, or any setting for a reward `source` that is not an ensemble folder."""
+    if not (math.isfinite(coef) and coef >= 0):
+        raise PreftuneError(f"ensemble_coef: got {coef}, expected a finite number >= 0")
+    if agg not in ("mean-minus-std", "mean-minus-var") and coef != 1.0:
+        raise PreftuneError(f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
+                            f"mean-minus-var, not {agg}")
+    if (agg != "mean" or coef != 1.0) and not ensemble:
+        raise PreftuneError(f"ensemble_agg/ensemble_coef need an ensemble: {source or '(none)'!r} "
+                            f"has no {ENSEMBLE_MANIFEST} (train one with `preftune reward "
+                            "--ensemble K`)")
 ENSEMBLE_AGGS = ("mean", "min", "mean-minus-std", "mean-minus-var")
 
 

@@ -26,6 +26,7 @@ from preftune.data.tokenize import tokenize_prompts
 from preftune.errors import PreftuneError
 from preftune.generation import SamplingConfig, VLLMGenerator, generate, vllm_available
 from preftune.rewards import apply_penalties, is_ensemble, parse_reward_spec
+from preftune.rewards.sources import check_ensemble_settings
 from preftune.trainers.common import read_examples
 from preftune.trainers.reference import Reference
 
@@ -76,15 +77,8 @@ class RewardSettings:
         self.validate_ensemble()
 
     def validate_ensemble(self) -> None:
-        _require(math.isfinite(self.ensemble_coef) and self.ensemble_coef >= 0, "ensemble_coef",
-                 self.ensemble_coef, "a finite number >= 0")
-        if self.ensemble_agg not in ("mean-minus-std", "mean-minus-var") and self.ensemble_coef != 1.0:
-            raise PreftuneError(f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
-                                f"mean-minus-var, not {self.ensemble_agg}")
-        if (self.ensemble_agg != "mean" or self.ensemble_coef != 1.0) and not is_ensemble(self.reward_model):
-            raise PreftuneError(f"ensemble_agg/ensemble_coef need an ensemble: reward_model "
-                                f"{self.reward_model or '(none)'!r} has no ensemble.json (train "
-                                "one with `preftune reward --ensemble K`)")
+        check_ensemble_settings(self.ensemble_agg, self.ensemble_coef,
+                                is_ensemble(self.reward_model), self.reward_model)
 
 
 @dataclass
