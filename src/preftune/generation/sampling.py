@@ -233,19 +233,21 @@ def _sample_chunk_fast(model, prompts, sampling, eos_ids, pad_id, generator):
     """
     device = next(model.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
-    prompt_mask = torch.zeros((n, width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
+    # Group prefill: the samples of a prompt share it, so each distinct prompt runs once (same
+    # padded width) and its row of the KV cache and logits is repeated for its samples.
+    distinct, row_of = _distinct(prompts)
+    input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros((len(distinct), width), dtype=torch.long, device=device)
+    for i, p in enumerate(distinct):
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
         prompt_mask[i, width - len(p) :] = 1
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)
 
-    prefill = _CachedForward(model)
-    logits = prefill(input_ids, prompt_mask, position_ids)
-    decoder = _FastDecoder(model, prefill.cache, prompt_mask, sampling.max_new_tokens)
-    del prefill
-    positions = position_ids[:, -1] + 1  # [n], of the rows still sampling
+    row_of = torch.tensor(row_of, dtype=torch.long, device=device)
+    decoder = _FastDecoder(model)
+    logits = decoder.prefill(input_ids, prompt_mask, position_ids, row_of, sampling.max_new_tokens)
+    positions = position_ids[row_of, -1] + 1  # [n], of the rows still sampling
 
     tokens = torch.full((n, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
@@ -278,6 +280,13 @@ def _sample_chunk_fast(model, prompts, sampling, eos_ids, pad_id, generator):
     return completions, finished
 
 
+def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts in order of first appearance, and each row's index among them."""
+    index: dict[tuple[int, ...], int] = {}
+    row_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], row_of
+
+
 class _FastDecoder:
     """Decode steps of a Llama-style causal LM over a preallocated KV buffer."""
 
@@ -304,27 +313,44 @@ class _FastDecoder:
         return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling",
                                               "head_dim")) and not hasattr(attn, "q_norm")
 
-    def __init__(self, model, cache, prompt_mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model):
         import sys
 
         hf = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
         self.inner, self.head = hf.model, hf.get_output_embeddings()
         self.layers = list(self.inner.layers)
         self.rope = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        n, width = prompt_mask.shape
+        self.cache_kwarg = "cache" if "cache" in _forward_parameters(self.inner) else "past_key_values"
+
+    def prefill(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
+                row_of: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Run the distinct prompts [d, width] through the model's own backbone, fill the
+        buffer of the batch rows (row i is prompt `row_of[i]`), and return the next-token
+        logits [rows, vocab]. The head runs on the batch rows, as the model's forward would."""
+        cache = _new_cache(self.inner)
+        out = self.inner(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                         use_cache=True, **{self.cache_kwarg: cache})
+        for name in ("cache", "past_key_values"):  # the attribute follows the kwarg's rename
+            if getattr(out, name, None) is not None:
+                cache = getattr(out, name)
+                break
+        n, width = len(row_of), input_ids.shape[1]
         self.length = width  # columns of the buffer filled so far
         total = width + max_new_tokens
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
-            k, v = cache.layers[i].keys, cache.layers[i].values  # [n, kv_heads, width, head_dim]
+            k, v = cache.layers[i].keys, cache.layers[i].values  # [d, kv_heads, width, head_dim]
             kb = k.new_zeros((n, k.shape[1], total, k.shape[3]))
             vb = v.new_zeros((n, v.shape[1], total, v.shape[3]))
-            kb[:, :, :width] = k
-            vb[:, :, :width] = v
+            kb[:, :, :width] = k[row_of]
+            vb[:, :, :width] = v[row_of]
             self.keys.append(kb)
             self.values.append(vb)
-        self.mask = torch.ones((n, 1, 1, total), dtype=torch.bool, device=prompt_mask.device)
-        self.mask[:, 0, 0, :width] = prompt_mask.bool()
+        # Additive mask (0 or -inf): what sdpa turns a boolean mask into, made once, not per call.
+        dtype = self.keys[0].dtype
+        self.mask = torch.zeros((n, 1, 1, total), dtype=dtype, device=prompt_mask.device)
+        self.mask[:, 0, 0, :width].masked_fill_(prompt_mask[row_of] == 0, float("-inf"))
+        return self.head(out.last_hidden_state[row_of, -1:])[:, -1]
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         self.keys = [k[keep] for k in self.keys]
