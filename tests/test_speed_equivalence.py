@@ -178,18 +178,34 @@ def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, nu
     assert sampling_mod._FastDecoder.supports(model)
     prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 20]]  # different lengths: left padding
     cfg = SamplingConfig(max_new_tokens=24, **settings)
-    calls = []
+    calls, prefilled = [], []
     monkeypatch.setattr(sampling_mod._FastDecoder, "keep_rows",
                         lambda self, keep, f=sampling_mod._FastDecoder.keep_rows:
                         calls.append(int(keep.sum())) or f(self, keep))
-    rollouts = {}
+    monkeypatch.setattr(sampling_mod._FastDecoder, "prefill",
+                        lambda self, ids, *a, f=sampling_mod._FastDecoder.prefill:
+                        prefilled.append(ids.shape[0]) or f(self, ids, *a))
+    rollouts, logits = {}, {}
     for fast in (True, False):
         monkeypatch.setattr(sampling_mod, "FAST_DECODE", fast)
+        seen = logits[fast] = []
+        monkeypatch.setattr(sampling_mod, "_filtered_probs",
+                            lambda x, s, f=sampling_mod._filtered_probs, seen=seen:
+                            seen.append(x.clone()) or f(x, s))
         rollouts[fast] = generate(model, None, prompts, cfg, num_samples=3, batch_size=4,
                                   generator=torch.Generator().manual_seed(7))
     fast, plain = rollouts[True], rollouts[False]
     assert fast.completion_ids == plain.completion_ids
     assert fast.finished == plain.finished
+    # Group prefill: chunks of 4 rows [p0 p0 p0 p1] [p1 p1 p2 p2] [p2] run 2, 2 and 1 prompts.
+    assert prefilled == [2, 2, 1]
+    # The first logits of each chunk come from the group prefill, the rest from decode steps:
+    # the plain loop's logits (compared while no row of the chunk has left the fast batch).
+    assert len(logits[True]) == len(logits[False])
+    same_rows = [(a, b) for a, b in zip(logits[True], logits[False]) if a.shape == b.shape]
+    assert len(same_rows) >= 3
+    for a, b in same_rows:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     if cfg.stop_at_eos:  # the test exercises the shrinking batch
         assert calls and len(set(fast.completion_lengths)) > 2 and any(fast.finished)
     else:
@@ -203,3 +219,62 @@ def test_fast_sampler_only_for_architectures_it_knows():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
     assert not sampling_mod._FastDecoder.supports(gpt2)  # falls back to the model's own forward
+
+
+@pytest.mark.parametrize("command", ["rloo", "grpo"])
+def test_old_logps_from_the_update_forward_equal_a_separate_forward(tmp_path, monkeypatch, command):
+    """One pass over each rollout: π_old taken from the update's own forward (RLOO: run before
+    the advantages, which need it) gives the losses, gradients and metrics of the separate
+    no-grad π_old forward."""
+    import json
+
+    import preftune.trainers.policy_gradient as pg_mod
+    from preftune.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: say"}) + "\n" for i in range(8)))
+    reward = "tests/rewards_for_tests.py:lowercase_fraction"
+    seen: dict[bool, dict[str, list]] = {}
+    original_backward, original_step = engine_mod.Engine.backward, engine_mod.Engine.optimizer_step
+    original_forward = logprobs_mod.CompletionLogProbs.forward
+    for reuse in (True, False):
+        rec = seen[reuse] = {"loss": [], "grads": [], "forwards": 0}
+
+        def backward(self, loss_sum, units, rec=rec):
+            rec["loss"].append(loss_sum.detach().clone())
+            return original_backward(self, loss_sum, units)
+
+        def step(self, rec=rec):
+            rec["grads"].append([p.grad.clone() for p in self.model.parameters() if p.grad is not None])
+            return original_step(self)
+
+        def count(self, *args, rec=rec, **kwargs):
+            rec["forwards"] += 1
+            return original_forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(pg_mod, "REUSE_CURRENT", reuse)
+        monkeypatch.setattr(engine_mod.Engine, "backward", backward)
+        monkeypatch.setattr(engine_mod.Engine, "optimizer_step", step)
+        monkeypatch.setattr(logprobs_mod.CompletionLogProbs, "forward", count)
+        out = tmp_path / f"run-{reuse}"
+        assert main([command, "--model", "tiny", "--data", str(data), "--output-dir", str(out),
+                     "--reward-fn", reward, "--max-steps", "2", "--max-new-tokens", "12",
+                     "--max-length", "96", "--prompts-per-step", "4", "--num-generations", "2",
+                     "--batch-size", "8", "--kl-coef", "0.1", "--lr", "2e-3", "--save-steps", "0",
+                     "--lr-scheduler", "constant"]) == 0
+        rec["metrics"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reused, separate = seen[True], seen[False]
+    # 2 rollouts: reference + update forward each, plus π_old's separate forward without reuse
+    assert (reused["forwards"], separate["forwards"]) == (4, 6)
+    assert len(reused["loss"]) == len(separate["loss"]) == 2
+    for a, b in zip(reused["loss"], separate["loss"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(reused["grads"], separate["grads"]):
+        assert len(ga) == len(gb) > 0
+        for a, b in zip(ga, gb):  # the separate forward's ratio is 1 only up to rounding
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    for ma, mb in zip(reused["metrics"], separate["metrics"]):
+        for key in ("loss/policy", "reward/mean", "kl/k1", "kl/k3", "entropy", "grad_norm"):
+            assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
+        if command == "rloo":
+            assert ma["reward/penalised"] == pytest.approx(mb["reward/penalised"], rel=1e-4, abs=1e-6)

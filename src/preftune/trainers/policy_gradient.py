@@ -33,7 +33,11 @@ from preftune.trainers import online
 from preftune.trainers.reference import build_reference
 from preftune.trainers.rollout import collect_rollout, make_generator_backend
 from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, add_policy_metrics,
-                                       aggregate_loss, loss_units, minibatches)
+                                       aggregate_loss, loss_units, minibatches, take_rows)
+
+# π_old taken from the update's own forward when the policy cannot have changed in between;
+# tests switch it off to compare with the separate no-grad forward.
+REUSE_CURRENT = True
 
 @dataclass
 class PolicyGradientConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
@@ -69,9 +73,12 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
                                      batch["completion_mask"]).token_logps}
 
     # With one epoch and one minibatch the policy is unchanged between rollout and update, so
-    # GRPO's π_old is the current log-probs detached (ratio 1, no extra forward pass); RLOO
-    # needs π_old anyway, for the KL in its reward.
-    reuse_current = cfg.steps_per_rollout == 1 and cfg.BASELINE == "group"
+    # π_old is the update's own forward detached (ratio exactly 1, no extra forward pass).
+    # RLOO's reward needs π_old before the advantages: its update forward then runs first, on
+    # the whole rollout, so only when one micro-batch holds it (`batch_size` bounds memory).
+    rows = cfg.prompts_per_step // engine.world_size * cfg.num_generations
+    reuse_current = REUSE_CURRENT and cfg.steps_per_rollout == 1 and (
+        cfg.BASELINE == "group" or rows <= cfg.batch_size)
     bar = engine.progress(start)
     window = MetricWindow()
     logged: dict = {}
@@ -81,12 +88,19 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
                              policy_forward=forward, vllm_backend=vllm_backend,
                              old_policy=None if reuse_current else old_policy)
         batch = ro.batch
+        t_train = time.perf_counter()
+        module.train()
 
         # 2. advantages ------------------------------------------------------------------------
+        current = None  # RLOO with reuse: the update's forward over the whole rollout
         if cfg.BASELINE == "group":  # Shao et al. 2024, Sec. 4.1.2
             advantages = group_advantages(ro.rewards, cfg.num_generations,
                                           normalize_std=cfg.scale_rewards)
         else:  # KL-penalised sequence reward, leave-one-out baseline: Ahmadian et al. 2024, Eq. 8
+            if "old_logps" not in batch:  # π_old = π: the update's forward, run now
+                current = forward(batch["input_ids"], batch["attention_mask"],
+                                  batch["completion_mask"], return_entropy=True)
+                batch["old_logps"] = current.token_logps.detach()
             seq_kl = (kl_penalty(batch["old_logps"], batch["ref_logps"], cfg.kl_estimator)
                       * batch["completion_mask"].float()).sum(-1)
             penalised = ro.rewards - cfg.kl_coef * seq_kl  # r(x, y) − β·KL(y), Sec. 2
@@ -97,13 +111,14 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
         batch["advantages"] = advantages
 
         # 3. minibatch updates -----------------------------------------------------------------
-        t_train = time.perf_counter()
-        module.train()
         for mb in minibatches(engine, cfg, batch, step):
             b, mask, first_epoch = mb.batch, mb.batch["completion_mask"], mb.epoch == 0
             with engine.sync_context(mb.index, mb.count):
-                out = forward(b["input_ids"], b["attention_mask"], mask,
-                              return_entropy=first_epoch)
+                if current is not None:  # the one micro-batch: the rollout's rows, reordered
+                    out = take_rows(current, mb.rows, mask.shape[1])
+                else:
+                    out = forward(b["input_ids"], b["attention_mask"], mask,
+                                  return_entropy=first_epoch)
                 old = b["old_logps"] if "old_logps" in b else out.token_logps.detach()
                 per_token, pg = ppo_policy_loss(out.token_logps, old, b["advantages"][:, None],
                                                 mask, clip_eps=cfg.clip_eps)  # Shao et al. Eq. 3

@@ -21,6 +21,7 @@ from preftune.config import arg
 from preftune.errors import PreftuneError
 from preftune.losses.rl import AGGREGATION_MODES, KL_ESTIMATORS, aggregate_sum_and_units
 from preftune.losses.rl import kl_penalty
+from preftune.models.logprobs import LogProbOutput
 from preftune.trainers.rollout import sampling_seed
 
 
@@ -97,6 +98,7 @@ class Micro:
     batch: dict[str, torch.Tensor]  # its rows of the rollout batch
     global_units: float  # loss units of the whole minibatch on all processes
     last: bool  # the last micro-batch of its minibatch: step the optimizer after it
+    rows: torch.Tensor  # its rows' indices in the rollout
 
 
 def minibatches(engine, cfg, batch: dict[str, torch.Tensor], step: int) -> Iterator[Micro]:
@@ -115,7 +117,7 @@ def minibatches(engine, cfg, batch: dict[str, torch.Tensor], step: int) -> Itera
             global_units = engine.global_sum(loss_units(mask[rows.to(mask.device)], cfg))
             for i, r in enumerate(micro):
                 yield Micro(epoch, i, len(micro), take(batch, r), global_units,
-                            last=i == len(micro) - 1)
+                            last=i == len(micro) - 1, rows=r)
 
 
 def take(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,6 +131,14 @@ def take(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.
         v = v[rows]
         out[k] = v[:, :width] if v.dim() == 2 and v.shape[1] == T else v
     return out
+
+
+def take_rows(out: LogProbOutput, rows: torch.Tensor, width: int) -> LogProbOutput:
+    """`take` for a forward's output over the whole rollout: these rows, [N, T] tensors cut
+    to `width` columns (the same rows and columns as the micro-batch's tensors)."""
+    rows = rows.to(out.token_logps.device)
+    return LogProbOutput(*(None if t is None else t[rows][:, :width] if t.dim() == 2 else t[rows]
+                           for t in out))
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, cfg) -> torch.Tensor:
