@@ -185,13 +185,12 @@ def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, nu
     monkeypatch.setattr(sampling_mod._FastDecoder, "prefill",
                         lambda self, ids, *a, f=sampling_mod._FastDecoder.prefill:
                         prefilled.append(ids.shape[0]) or f(self, ids, *a))
-    rollouts, logits = {}, {}
+    rollouts, logits, filtered_probs = {}, {}, sampling_mod._filtered_probs
     for fast in (True, False):
         monkeypatch.setattr(sampling_mod, "FAST_DECODE", fast)
         seen = logits[fast] = []
         monkeypatch.setattr(sampling_mod, "_filtered_probs",
-                            lambda x, s, f=sampling_mod._filtered_probs, seen=seen:
-                            seen.append(x.clone()) or f(x, s))
+                            lambda x, s, seen=seen: seen.append(x.clone()) or filtered_probs(x, s))
         rollouts[fast] = generate(model, None, prompts, cfg, num_samples=3, batch_size=4,
                                   generator=torch.Generator().manual_seed(7))
     fast, plain = rollouts[True], rollouts[False]
