@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from preftune.models.packing import pack_sequences
+
 
 def pad_sequences(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad sequence features {"input_ids", "completion_mask"} to the longest one."""
@@ -40,14 +42,20 @@ def collate_unpaired(features: list[dict], pad_id: int) -> dict[str, torch.Tenso
     return batch
 
 
-def collate_pairs(features: list[dict], pad_id: int) -> dict:
-    """Pairs -> rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] + num_pairs (+ margin)."""
+def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
+    """Pairs -> rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] + num_pairs (+ margin).
+
+    `pack`: also "packed", the same pairs as [common prefix, chosen suffix, rejected suffix]
+    rows (`models.packing`), which the log-prob and reward forwards use where exact."""
     seqs = [
         {"input_ids": f[f"{side}_input_ids"], "completion_mask": f[f"{side}_completion_mask"]}
         for side in ("chosen", "rejected")
         for f in features
     ]
     batch: dict = pad_sequences(seqs, pad_id)
+    if pack:
+        n = len(features)
+        batch["packed"] = pack_sequences(seqs, [[i, n + i] for i in range(n)], pad_id=pad_id)
     batch["num_pairs"] = len(features)
     if any("margin" in f for f in features):
         # formats.to_pairs requires a margin on every row once the column exists.
