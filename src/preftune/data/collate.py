@@ -65,10 +65,18 @@ def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> d
     return batch
 
 
-def collate_ranked(features: list[dict], pad_id: int) -> dict:
-    """Ranked lists -> all sequences row by row, "num_completions" [B] and flat "scores"."""
+def collate_ranked(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
+    """Ranked lists -> all sequences row by row, "num_completions" [B] and flat "scores".
+
+    `pack`: also "packed", each list's completions sharing their common prefix in one row."""
     seqs = [s for f in features for s in f["sequences"]]
     batch: dict = pad_sequences(seqs, pad_id)
+    if pack:
+        groups, at = [], 0
+        for f in features:
+            groups.append(list(range(at, at + len(f["sequences"]))))
+            at += len(f["sequences"])
+        batch["packed"] = pack_sequences(seqs, groups, pad_id=pad_id)
     batch["num_completions"] = torch.tensor(
         [len(f["sequences"]) for f in features], dtype=torch.long
     )

@@ -32,7 +32,7 @@ class LogProbOutput(NamedTuple):
     token (0 elsewhere), or None when not asked for"""
 
 
-def _hf_model(model):
+def unwrap_peft(model):
     """The transformers model under a peft wrapper (peft injects LoRA layers in place, so
     calling its submodules still runs the adapters)."""
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
@@ -47,7 +47,7 @@ def _head_and_backbone(model):
     final_logit_softcapping, Cohere's logit_scale) would give wrong log-probs if we applied
     the head ourselves; and models whose head or backbone cannot be found generically.
     """
-    hf = _hf_model(model)
+    hf = unwrap_peft(model)
     config = getattr(hf, "config", None)
     if config is None:
         return None
@@ -279,7 +279,7 @@ def can_pack(model, packed: PackedBatch) -> bool:
     parts = _head_and_backbone(model)
     if parts is None or not _accepts(parts[1], "position_ids"):
         return False
-    return supports_packing(getattr(_hf_model(model), "config", None), packed.input_ids.shape[1])
+    return supports_packing(getattr(unwrap_peft(model), "config", None), packed.input_ids.shape[1])
 
 
 def packed_forward(backbone, config, packed: PackedBatch) -> torch.Tensor:
@@ -300,7 +300,7 @@ def packed_completion_logprobs(model, packed: PackedBatch, *, temperature: float
     token_logps (and entropy) come back in the right-padded [S, T] layout of the sequences;
     the caller checks `can_pack` first."""
     head, backbone = _head_and_backbone(model)
-    hidden = packed_forward(backbone, _hf_model(model).config, packed)
+    hidden = packed_forward(backbone, unwrap_peft(model).config, packed)
     targets = packed.input_ids.flatten()[packed.target_index]
     picked, token_entropy = token_logps_from_hidden(
         head, hidden[packed.predict_index], targets, temperature=temperature,

@@ -78,6 +78,8 @@ class PackedBatch(NamedTuple):
     """S, the number of original sequences"""
     width: int
     """T, the length of the longest original sequence (the right-padded layout's width)"""
+    pad_id: int
+    """the padding token id (`last_index` skips it, as a transformers classifier does)"""
 
     def to(self, device) -> PackedBatch:
         return PackedBatch(*(v.to(device) if isinstance(v, torch.Tensor) else v for v in self))
@@ -174,7 +176,7 @@ def pack_sequences(seqs: list[dict], groups: list[list[int]] | None = None, *, p
 
     return PackedBatch(long(ids), long(pos), long(grp), long(br), long(target), long(predict),
                        long(seq_of), long(offset), long(last), n_seqs,
-                       max(len(t) for t in tokens))
+                       max(len(t) for t in tokens), pad_id)
 
 
 def attention_mask_4d(packed: PackedBatch, dtype: torch.dtype = torch.bool) -> torch.Tensor:
