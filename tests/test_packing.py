@@ -15,7 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import preftune.models.logprobs as logprobs_mod
-from preftune.data.collate import collate_pairs, collate_ranked, pad_sequences
+from preftune.data.collate import collate_pairs, collate_ranked, collate_sft, pad_sequences
 from preftune.data.formats import Pair
 from preftune.data.tokenize import TruncationConfig, tokenize_pairs
 from preftune.models import build_tiny_model, build_tiny_tokenizer
@@ -25,6 +25,7 @@ from preftune.models.packing import attention_mask_4d, common_prefix_length, pac
 from preftune.models.tiny import build_tiny_sequence_classifier
 from preftune.trainers import reference as ref_lib
 from preftune.trainers.dpo import DPOConfig, DPOObjective
+from preftune.trainers.kto import KTOConfig, KTOObjective, collate_kto
 from preftune.trainers.reward import (
     ListwiseRewardObjective,
     PairwiseRewardObjective,
@@ -33,6 +34,7 @@ from preftune.trainers.reward import (
     TieRewardObjective,
     packed_scores,
 )
+from preftune.trainers.sft import SFTObjective
 
 PAD = build_tiny_tokenizer().pad_token_id
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -357,3 +359,52 @@ def test_listwise_reward_and_lora_classifier_packed_equal_padded(tokenizer):
         return loss_sum, [metrics[k] for k in sorted(metrics)]
 
     _compare(run, model, batch)
+
+
+# --- SFT and KTO: padding-free rows -------------------------------------------------------------
+
+def _ragged_sequences(seed: int, lengths: list[int]) -> list[dict]:
+    rng = random.Random(seed)
+    return [_seq([1] + [rng.randrange(10, 200) for _ in range(n - 1)], max(1, n // 3))
+            for n in lengths]
+
+
+def test_sft_objective_padding_free_equal_padded(tokenizer):
+    seqs = _ragged_sequences(11, [17, 4, 9, 12, 6, 3])
+    batch = collate_sft(seqs, PAD, pack=True)
+    # no packed row is longer than the longest sequence, and there are fewer rows
+    assert batch["packed"].input_ids.shape[1] == 17 and batch["packed"].input_ids.shape[0] < 6
+    model = build_tiny_model(tokenizer, seed=12).train()
+    module = CompletionLogProbs(model)
+
+    def run(b):
+        loss_sum, metrics = SFTObjective()(module, b)
+        return loss_sum, [metrics["nll/per_token"]]
+
+    _compare(run, model, batch)
+
+
+def test_kto_objective_packed_equal_padded(tokenizer):
+    rng = random.Random(13)
+    features = []
+    for i in range(5):
+        prompt = [1] + [rng.randrange(10, 200) for _ in range(rng.randrange(2, 9))]
+        completion = [rng.randrange(10, 200) for _ in range(rng.randrange(1, 8))]
+        seq = _seq(prompt + completion, len(prompt))
+        features.append({**seq, "prompt_length": len(prompt), "label": i % 2 == 0})
+    batch = collate_kto(features, PAD, max_length=32, pack=True)
+    policy = build_tiny_model(tokenizer, seed=14).train()
+    reference = ref_lib.Reference(model=CompletionLogProbs(build_tiny_model(tokenizer, seed=15)))
+    engine = SimpleNamespace(global_sum=lambda v: float(torch.as_tensor(v).sum()))
+    objective = KTOObjective(KTOConfig(model="tiny", beta=0.2), engine, reference)
+    module = CompletionLogProbs(policy)
+    keys = [k for k in batch if k.endswith("packed")]
+    assert sorted(keys) == ["kl_packed", "packed", "ref_packed"]
+
+    def run(b):
+        if "packed" not in b:  # the padded path: drop every packed layout and the joint rows
+            b = {k: v for k, v in b.items() if not k.endswith("packed") and not k.startswith("ref_")}
+        loss_sum, metrics = objective(module, b)
+        return loss_sum, [metrics[k] for k in sorted(metrics)]
+
+    _compare(run, policy, batch)
