@@ -32,18 +32,11 @@ def pad_sequences(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def pack_padding_free(seqs: list[dict], pad_id: int):
-    """`seqs` packed several to a row, no row longer than the longest sequence: fewer rows,
-    no padding between sequences, and never more attention work per row than padding."""
-    width = max(len(s["input_ids"]) for s in seqs)
-    return pack_sequences(seqs, pad_id=pad_id, row_tokens=width)
-
-
 def collate_sft(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
     """Right-padded rows; `pack`: also "packed", the same sequences padding-free."""
     batch: dict = pad_sequences(features, pad_id)
     if pack:
-        batch["packed"] = pack_padding_free(features, pad_id)
+        batch["packed"] = pack_sequences(features, pad_id=pad_id, padding_free=True)
     return batch
 
 

@@ -17,13 +17,15 @@ is exact for the same reason. The prefix runs once per group instead of K times.
 
 API (stable; the online trainers use it for GRPO/RLOO groups):
 
-- `pack_sequences(seqs, groups=None, *, pad_id, row_tokens=None) -> PackedBatch`, at collate
-  time on the CPU. `seqs`: list of {"input_ids": list[int], "completion_mask": list[int]} in
+- `pack_sequences(seqs, groups=None, *, pad_id, row_tokens=None, padding_free=False)
+  -> PackedBatch`, at collate time on the CPU. `seqs`: list of {"input_ids": list[int], "completion_mask": list[int]} in
   the caller's order (e.g. chosen rows, then rejected rows). `groups`: lists of indices into
   `seqs` that share a prefix (each index in exactly one group; default: each sequence alone;
   a group's members need not share any token: the prefix is then empty). `row_tokens`: pack
   several groups per row up to this many tokens (first-fit decreasing; a longer group gets a
-  row of its own); None: one group per row.
+  row of its own); None: one group per row. `padding_free`: row_tokens = the longest group,
+  so that rows are fewer but never longer (attention, O(L^2) per row under a dense mask, does
+  not grow).
 - `PackedBatch.to(device)`; `attention_mask_4d(packed, dtype=torch.bool)`: the [R, 1, L, L]
   mask (bool, True = attend, for sdpa; a float dtype gives the additive 0 / min mask eager
   attention needs).
@@ -116,8 +118,9 @@ def _first_fit_decreasing(lengths: list[int], capacity: int | None) -> list[list
 
 
 def pack_sequences(seqs: list[dict], groups: list[list[int]] | None = None, *, pad_id: int,
-                   row_tokens: int | None = None) -> PackedBatch:
-    """The packed layout of `seqs` (see the module docstring)."""
+                   row_tokens: int | None = None, padding_free: bool = False) -> PackedBatch:
+    """The packed layout of `seqs` (see the module docstring). `padding_free`: row_tokens is
+    the longest group's size (fewer rows, none longer than one group would need alone)."""
     if not seqs:
         raise ValueError("pack_sequences: no sequences to pack")
     n_seqs = len(seqs)
@@ -129,6 +132,8 @@ def pack_sequences(seqs: list[dict], groups: list[list[int]] | None = None, *, p
     tokens = [list(s["input_ids"]) for s in seqs]
     prefix = [common_prefix_length([tokens[i] for i in g]) for g in groups]
     sizes = [p + sum(len(tokens[i]) - p for i in g) for g, p in zip(groups, prefix)]
+    if padding_free:
+        row_tokens = max(sizes)
     rows = _first_fit_decreasing(sizes, row_tokens)
     width_l = max(sum(sizes[g] for g in row) for row in rows)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import TrainConfig, arg
-from preftune.data.collate import collate_unpaired, pack_padding_free, pad_sequences
+from preftune.data.collate import collate_unpaired, pad_sequences
 from preftune.data.tokenize import tokenize_unpaired
 from preftune.engine.engine import Engine
 from preftune.engine.loop import train_offline
@@ -85,8 +85,8 @@ def collate_kto(features: list[dict], pad_id: int, max_length: int, *,
     if pack:
         matched = [{"input_ids": f["input_ids"], "completion_mask": f["completion_mask"]}
                    for f in features]
-        batch["packed"] = pack_padding_free(matched, pad_id)
-        batch["kl_packed"] = pack_padding_free(mismatched, pad_id)
+        batch["packed"] = pack_sequences(matched, pad_id=pad_id, padding_free=True)
+        batch["kl_packed"] = pack_sequences(mismatched, pad_id=pad_id, padding_free=True)
         both = matched + mismatched
         batch.update({f"ref_{k}": v for k, v in pad_sequences(both, pad_id).items()})
         n = len(features)
