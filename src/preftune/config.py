@@ -83,6 +83,11 @@ class TrainConfig:
                                  "(the latest turns), keeps its start, or stops the run with "
                                  "an error naming the example.",
                                  choices=("keep_end", "keep_start", "error"))
+    packing: str = arg("auto", "Pack batches to skip repeated and padding tokens: each "
+                       "preference pair shares its common prefix (prompt) in one row, exact to "
+                       "float rounding. `auto`: where the model is verified for it (Llama, "
+                       "Mistral, Qwen2/3 with sdpa or eager attention), else padded; `off`: "
+                       "always padded rows.", choices=("auto", "off"))
     on_bad_row: str = arg("skip", "What to do with a malformed row (empty text, chosen equal "
                           "to rejected, wrong type, ...) inside otherwise good data: skip it "
                           "and report the count and the first one, or stop with an error "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from preftune.models.packing import pack_sequences
+
 
 def pad_sequences(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad sequence features {"input_ids", "completion_mask"} to the longest one."""
@@ -30,8 +32,12 @@ def pad_sequences(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_sft(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_sequences(features, pad_id)
+def collate_sft(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
+    """Right-padded rows; `pack`: also "packed", the same sequences padding-free."""
+    batch: dict = pad_sequences(features, pad_id)
+    if pack:
+        batch["packed"] = pack_sequences(features, pad_id=pad_id, padding_free=True)
+    return batch
 
 
 def collate_unpaired(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -40,14 +46,20 @@ def collate_unpaired(features: list[dict], pad_id: int) -> dict[str, torch.Tenso
     return batch
 
 
-def collate_pairs(features: list[dict], pad_id: int) -> dict:
-    """Pairs -> rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] + num_pairs (+ margin)."""
+def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
+    """Pairs -> rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] + num_pairs (+ margin).
+
+    `pack`: also "packed", the same pairs as [common prefix, chosen suffix, rejected suffix]
+    rows (`models.packing`), which the log-prob and reward forwards use where exact."""
     seqs = [
         {"input_ids": f[f"{side}_input_ids"], "completion_mask": f[f"{side}_completion_mask"]}
         for side in ("chosen", "rejected")
         for f in features
     ]
     batch: dict = pad_sequences(seqs, pad_id)
+    if pack:
+        n = len(features)
+        batch["packed"] = pack_sequences(seqs, [[i, n + i] for i in range(n)], pad_id=pad_id)
     batch["num_pairs"] = len(features)
     if any("margin" in f for f in features):
         # formats.to_pairs requires a margin on every row once the column exists.
@@ -57,10 +69,18 @@ def collate_pairs(features: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def collate_ranked(features: list[dict], pad_id: int) -> dict:
-    """Ranked lists -> all sequences row by row, "num_completions" [B] and flat "scores"."""
+def collate_ranked(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
+    """Ranked lists -> all sequences row by row, "num_completions" [B] and flat "scores".
+
+    `pack`: also "packed", each list's completions sharing their common prefix in one row."""
     seqs = [s for f in features for s in f["sequences"]]
     batch: dict = pad_sequences(seqs, pad_id)
+    if pack:
+        groups, at = [], 0
+        for f in features:
+            groups.append(list(range(at, at + len(f["sequences"]))))
+            at += len(f["sequences"])
+        batch["packed"] = pack_sequences(seqs, groups, pad_id=pad_id)
     batch["num_completions"] = torch.tensor(
         [len(f["sequences"]) for f in features], dtype=torch.long
     )

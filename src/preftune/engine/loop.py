@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from preftune.engine.engine import Engine, data_fingerprint
+from preftune.models.packing import PackedBatch
 
 
 class Objective(Protocol):
@@ -60,7 +61,8 @@ class MetricWindow:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device) if isinstance(v, (torch.Tensor, PackedBatch)) else v)
+            for k, v in batch.items()}
 
 
 def _count_tokens(batch: dict[str, Any]) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from preftune.errors import PreftuneError
+from preftune.models.packing import PackedBatch, attention_mask_4d, supports_packing
 
 
 class LogProbOutput(NamedTuple):
@@ -31,7 +32,7 @@ class LogProbOutput(NamedTuple):
     token (0 elsewhere), or None when not asked for"""
 
 
-def _hf_model(model):
+def unwrap_peft(model):
     """The transformers model under a peft wrapper (peft injects LoRA layers in place, so
     calling its submodules still runs the adapters)."""
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
@@ -46,7 +47,7 @@ def _head_and_backbone(model):
     final_logit_softcapping, Cohere's logit_scale) would give wrong log-probs if we applied
     the head ourselves; and models whose head or backbone cannot be found generically.
     """
-    hf = _hf_model(model)
+    hf = unwrap_peft(model)
     config = getattr(hf, "config", None)
     if config is None:
         return None
@@ -211,6 +212,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunked_head: bool | None = None,
+    packed: PackedBatch | None = None,
 ) -> LogProbOutput:
     """Completion-only log-probs of a bare causal LM (e.g. a reference model under no_grad).
 
@@ -218,11 +220,16 @@ def completion_logprobs(
     forward. Inputs are [B, T] tensors; completion_mask marks the tokens to score (position 0
     has no context and is never scored). `chunked_head`: see `token_logps_from_hidden` (None
     decides by size; the entropy of the chunked head carries no gradient: a metric only).
+    `packed`: the same rows packed by `models.packing.pack_sequences` (right-padded [B, T]
+    layout assumed); used where `can_pack` says the model computes it exactly, else ignored.
     """
     if isinstance(model, CompletionLogProbs):
         model = model.policy
     if not temperature > 0:
         raise PreftuneError(f"temperature must be positive, got {temperature!r}")
+    if packed is not None and can_pack(model, packed):
+        return packed_completion_logprobs(model, packed, temperature=temperature,
+                                          return_entropy=return_entropy, chunked_head=chunked_head)
     if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
         raise ValueError(
             "input_ids, attention_mask and completion_mask must have the same [B, T] shape, got "
@@ -267,6 +274,50 @@ def completion_logprobs(
     )
 
 
+def can_pack(model, packed: PackedBatch) -> bool:
+    """Whether `packed_completion_logprobs` is exact for this causal LM (else: the padded path)."""
+    parts = _head_and_backbone(model)
+    if parts is None or not _accepts(parts[1], "position_ids"):
+        return False
+    return supports_packing(getattr(unwrap_peft(model), "config", None), packed.input_ids.shape[1])
+
+
+def packed_forward(backbone, config, packed: PackedBatch) -> torch.Tensor:
+    """Hidden states [R * L, H] of the packed rows (flattened, as the packed indices expect)."""
+    impl = getattr(config, "_attn_implementation", "sdpa")
+    dtype = torch.bool if impl == "sdpa" else next(backbone.parameters()).dtype
+    outputs = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                       attention_mask=attention_mask_4d(packed, dtype), use_cache=False)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden.flatten(0, 1)
+
+
+def packed_completion_logprobs(model, packed: PackedBatch, *, temperature: float = 1.0,
+                               return_entropy: bool = False,
+                               chunked_head: bool | None = None) -> LogProbOutput:
+    """`completion_logprobs` of the original sequences of a packed batch, in their order.
+
+    token_logps (and entropy) come back in the right-padded [S, T] layout of the sequences;
+    the caller checks `can_pack` first."""
+    head, backbone = _head_and_backbone(model)
+    hidden = packed_forward(backbone, unwrap_peft(model).config, packed)
+    targets = packed.input_ids.flatten()[packed.target_index]
+    picked, token_entropy = token_logps_from_hidden(
+        head, hidden[packed.predict_index], targets, temperature=temperature,
+        return_entropy=return_entropy, chunked=chunked_head)
+    shape = (packed.num_sequences, packed.width)
+    device = packed.input_ids.device
+    token_logps = torch.zeros(shape, dtype=torch.float32, device=device)
+    token_logps = token_logps.index_put((packed.seq_index, packed.token_offset), picked)
+    entropy = None
+    if return_entropy:
+        entropy = torch.zeros(shape, dtype=torch.float32, device=device).index_put(
+            (packed.seq_index, packed.token_offset), token_entropy)
+    n_tokens = torch.bincount(packed.seq_index, minlength=packed.num_sequences)
+    return LogProbOutput(token_logps=token_logps, seq_logps=token_logps.sum(-1),
+                         n_tokens=n_tokens, entropy=entropy)
+
+
 class CompletionLogProbs(nn.Module):
     """The policy, as a module whose forward returns completion-only log-probs.
 
@@ -292,6 +343,7 @@ class CompletionLogProbs(nn.Module):
         *,
         temperature: float = 1.0,
         return_entropy: bool = False,
+        packed: PackedBatch | None = None,
     ) -> LogProbOutput:
         return completion_logprobs(
             self.policy,
@@ -300,4 +352,5 @@ class CompletionLogProbs(nn.Module):
             completion_mask,
             temperature=temperature,
             return_entropy=return_entropy,
+            packed=packed,
         )

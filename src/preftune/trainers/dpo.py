@@ -88,9 +88,9 @@ class DPOConfig(TrainConfig):
                                 "used only by ipo")
 
 
-def collate_pairs_with_ref(features: list[dict], pad_id: int) -> dict:
+def collate_pairs_with_ref(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
     """`collate_pairs`, passing precomputed reference log-probs through when present."""
-    batch = collate_pairs(features, pad_id)
+    batch = collate_pairs(features, pad_id, pack=pack)
     if "ref_chosen_logps" in features[0]:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
@@ -116,16 +116,17 @@ class DPOObjective:
     def __call__(self, module, batch):
         cfg, n = self.cfg, batch["num_pairs"]
         ids, attn, cmask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        packed = {"packed": batch["packed"]} if "packed" in batch else {}  # shared-prefix rows
         # 1. reference (before the policy forward: its activations are gone before ours grow)
         ref_chosen = ref_rejected = None
         if cfg.loss not in REFERENCE_FREE:
             if "ref_chosen_logps" in batch:
                 ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             else:
-                ref = self.reference(module, ids, attn, cmask).seq_logps
+                ref = self.reference(module, ids, attn, cmask, **packed).seq_logps
                 ref_chosen, ref_rejected = ref[:n], ref[n:]
         # 2. policy: chosen and rejected rows in one forward pass
-        out = module(ids, attn, cmask)
+        out = module(ids, attn, cmask, **packed)
         chosen, rejected = out.seq_logps[:n], out.seq_logps[n:]
         lengths = out.n_tokens.clamp(min=1).to(chosen.dtype)
         # 3. loss
@@ -158,6 +159,7 @@ def precompute_reference(engine: Engine, cfg: TrainConfig, reference: ref_lib.Re
                                  "completion_mask": f[f"{side}_completion_mask"]} for f in feats]
             for split, feats in splits.items() for side in ("chosen", "rejected")}
     key = ref_lib.fingerprint(identity, [s for name in sorted(seqs) for s in seqs[name]])
+    pack = cfg.packing == "auto"
 
     def compute():
         model = reference.model if reference.model is not None else reference.policy
@@ -166,11 +168,19 @@ def precompute_reference(engine: Engine, cfg: TrainConfig, reference: ref_lib.Re
         model.eval()
         forward = CompletionLogProbs(policy)  # run with its adapters off when kind == adapters
 
-        def score(*batch):
-            return reference(forward, *batch).seq_logps
+        def score(*batch, **kwargs):
+            return reference(forward, *batch, **kwargs).seq_logps
 
-        out = {name: ref_lib.sequence_logps(engine, score, s, pad_id, 2 * cfg.batch_size)
-               for name, s in seqs.items() if s}
+        out = {}
+        for split, feats in splits.items():
+            if not feats:
+                continue
+            # chosen_i and rejected_i in one batch, sharing their common prefix when packed
+            both = seqs[f"{split}/chosen"] + seqs[f"{split}/rejected"]
+            n = len(feats)
+            logps = ref_lib.sequence_logps(engine, score, both, pad_id, 2 * cfg.batch_size,
+                                           groups=[[i, n + i] for i in range(n)], pack=pack)
+            out[f"{split}/chosen"], out[f"{split}/rejected"] = logps[:n], logps[n:]
         model.train(was_training)
         return out
 
@@ -206,7 +216,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     module = CompletionLogProbs(policy)
     engine.setup(module, engine.planned_steps(len(train_set)))
     metrics = train_offline(engine, engine.model, train_set,
-                            lambda f: collate_pairs_with_ref(f, pad_id),
+                            lambda f: collate_pairs_with_ref(f, pad_id, pack=cfg.packing == "auto"),
                             DPOObjective(cfg, reference), eval_set=eval_set)
     engine.save_pretrained(engine.unwrap().policy, tokenizer, prefix="policy.")
     engine.finish({"metrics": metrics, "train_pairs": len(train_set), "loss": cfg.loss})

@@ -27,6 +27,7 @@ from preftune.engine.engine import Engine
 from preftune.engine.loop import train_offline
 from preftune.errors import PreftuneError
 from preftune.losses.kto import kto_loss
+from preftune.models.packing import pack_sequences
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import reference as ref_lib
 from preftune.trainers.common import load_policy, train_eval_examples, truncation
@@ -71,11 +72,25 @@ def _mismatched(features: list[dict], max_length: int) -> list[dict]:
     return out
 
 
-def collate_kto(features: list[dict], pad_id: int, max_length: int) -> dict:
-    """Matched rows (input_ids, ..., label) plus the mismatched rows under a "kl_" prefix."""
+def collate_kto(features: list[dict], pad_id: int, max_length: int, *,
+                pack: bool = False) -> dict:
+    """Matched rows (input_ids, ..., label) plus the mismatched rows under a "kl_" prefix.
+
+    `pack`: also "packed" and "kl_packed" (each set padding-free), and "ref_*" rows for the
+    reference: matched then mismatched, example i's two sequences sharing prompt i in one row."""
     batch = collate_unpaired(features, pad_id)
-    kl = pad_sequences(_mismatched(features, max_length), pad_id)
+    mismatched = _mismatched(features, max_length)
+    kl = pad_sequences(mismatched, pad_id)
     batch.update({f"kl_{k}": v for k, v in kl.items()})
+    if pack:
+        matched = [{"input_ids": f["input_ids"], "completion_mask": f["completion_mask"]}
+                   for f in features]
+        batch["packed"] = pack_sequences(matched, pad_id=pad_id, padding_free=True)
+        batch["kl_packed"] = pack_sequences(mismatched, pad_id=pad_id, padding_free=True)
+        both = matched + mismatched
+        batch.update({f"ref_{k}": v for k, v in pad_sequences(both, pad_id).items()})
+        n = len(features)
+        batch["ref_packed"] = pack_sequences(both, [[i, n + i] for i in range(n)], pad_id=pad_id)
     return batch
 
 
@@ -102,18 +117,25 @@ class KTOObjective:
         cfg, b = self.cfg, batch["input_ids"].shape[0]
         matched = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         mismatched = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+        packed = {"packed": batch["packed"]} if "packed" in batch else {}
+        kl_packed = {"packed": batch["kl_packed"]} if "kl_packed" in batch else {}
         # 1-2. reference log-probs of matched and mismatched sequences
-        ref_matched = self.reference(module, *matched).seq_logps
-        ref_mismatched = self.reference(module, *mismatched).seq_logps
+        if "ref_packed" in batch:  # one forward, example i's two sequences sharing prompt i
+            both = (batch["ref_input_ids"], batch["ref_attention_mask"], batch["ref_completion_mask"])
+            ref_both = self.reference(module, *both, packed=batch["ref_packed"]).seq_logps
+            ref_matched, ref_mismatched = ref_both[:b], ref_both[b:]
+        else:
+            ref_matched = self.reference(module, *matched).seq_logps
+            ref_mismatched = self.reference(module, *mismatched).seq_logps
         # 3. z0: no gradient flows through it, so the mismatched forward runs without one.
         with torch.no_grad():
-            policy_mismatched = module(*mismatched).seq_logps
+            policy_mismatched = module(*mismatched, **kl_packed).seq_logps
         kl_sum = (policy_mismatched - ref_mismatched).sum()
         # Mean over every process's micro-batch *before* the clamp (Sec. 4.2).
         z0 = max(0.0, self.engine.global_sum(kl_sum) / self.engine.global_sum(b))
         z0 = torch.tensor(z0, dtype=torch.float32, device=kl_sum.device)
         # 4. policy on the matched sequences, the loss (Eq. 8)
-        logps = module(*matched).seq_logps
+        logps = module(*matched, **packed).seq_logps
         losses, raw = kto_loss(logps, ref_matched, batch["label"], z0, beta=cfg.beta,
                                desirable_weight=cfg.desirable_weight,
                                undesirable_weight=cfg.undesirable_weight)
@@ -167,7 +189,8 @@ def run_kto(cfg: KTOConfig) -> dict:
     engine.setup(module, engine.planned_steps(len(train_set)))
     pad_id = tokenizer.pad_token_id
     metrics = train_offline(engine, engine.model, train_set,
-                            lambda f: collate_kto(f, pad_id, cfg.max_length),
+                            lambda f: collate_kto(f, pad_id, cfg.max_length,
+                                                  pack=cfg.packing == "auto"),
                             KTOObjective(cfg, engine, reference), eval_set=eval_set)
     engine.save_pretrained(engine.unwrap().policy, tokenizer, prefix="policy.")
     engine.finish({"metrics": metrics, "train_examples": len(train_set),

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from preftune.data.collate import pad_sequences
 from preftune.models.loading import check_same_tokenizer, disabled_adapters, load_causal_lm
 from preftune.models.logprobs import CompletionLogProbs, LogProbOutput
+from preftune.models.packing import pack_sequences, PackedBatch
 from preftune.trainers.common import prepare_tokenizer
 from preftune.utils import file_mode
 
@@ -60,16 +61,19 @@ class Reference:
     @torch.no_grad()
     def __call__(self, policy_forward: Callable[..., LogProbOutput], input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, completion_mask: torch.Tensor, *,
-                 temperature: float = 1.0) -> LogProbOutput:
+                 temperature: float = 1.0, packed: PackedBatch | None = None) -> LogProbOutput:
         """`policy_forward(input_ids, attention_mask, completion_mask, temperature=)` runs the
-        prepared policy (through its DDP/FSDP wrapper); used only with adapters."""
+        prepared policy (through its DDP/FSDP wrapper); used only with adapters. `packed`: the
+        same rows packed (`models.packing`), used where the model computes them exactly."""
+        kwargs = {"temperature": temperature}
+        if packed is not None:
+            kwargs["packed"] = packed
         if self.model is not None:
-            return self.model(input_ids, attention_mask, completion_mask, temperature=temperature)
+            return self.model(input_ids, attention_mask, completion_mask, **kwargs)
         # The base model under the adapters is the initial policy; eval mode so that no
         # dropout makes the reference noisy.
         with _eval_mode(self.policy), disabled_adapters(self.policy):
-            return policy_forward(input_ids, attention_mask, completion_mask,
-                                  temperature=temperature)
+            return policy_forward(input_ids, attention_mask, completion_mask, **kwargs)
 
 
 @contextlib.contextmanager
@@ -115,28 +119,52 @@ def fingerprint(identity: dict, sequences: list[dict]) -> str:
 
 @torch.no_grad()
 def sequence_logps(engine, score: Callable[..., torch.Tensor], sequences: list[dict], pad_id: int,
-                   batch_size: int) -> torch.Tensor:
-    """Sequence log-probs [N] of `sequences` under `score(input_ids, attention_mask, completion_mask)`.
+                   batch_size: int, *, groups: list[list[int]] | None = None,
+                   pack: bool = False) -> torch.Tensor:
+    """Sequence log-probs [N] of `sequences` under `score(input_ids, attention_mask,
+    completion_mask, **kw)`.
 
-    Sorted by length so batches carry little padding; sharded over processes (each process
-    scores a contiguous block, the blocks are gathered in order).
+    `groups`: sequences scored in the same batch (e.g. [[chosen_i, rejected_i], ...]);
+    default: each alone. `pack`: each batch also passes `packed=` (the groups sharing their
+    common prefix, `models.packing`). Groups are sorted by length so batches carry little
+    padding, `batch_size` sequences at a time; sharded over processes (each process scores a
+    contiguous block of groups, the blocks are gathered in order).
     """
     n = len(sequences)
-    order = sorted(range(n), key=lambda i: len(sequences[i]["input_ids"]))
-    per_process = math.ceil(n / engine.world_size)
+    if groups is None:
+        groups = [[i] for i in range(n)]
+    size = max(len(g) for g in groups)
+    order = sorted(range(len(groups)),
+                   key=lambda g: max(len(sequences[i]["input_ids"]) for i in groups[g]))
+    per_process = math.ceil(len(groups) / engine.world_size)
     mine = order[engine.rank * per_process:(engine.rank + 1) * per_process]
     device = engine.accelerator.device
-    values = torch.zeros(per_process, dtype=torch.float32, device=device)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        batch = pad_sequences([sequences[i] for i in chunk], pad_id)
+    # values[j * size + k]: the k-th sequence of this process's j-th group (NaN: no such one)
+    values = torch.full((per_process * size,), float("nan"), dtype=torch.float32, device=device)
+    step = max(1, batch_size // size)
+    for start in range(0, len(mine), step):
+        chunk = [groups[g] for g in mine[start:start + step]]
+        flat = [i for g in chunk for i in g]
+        seqs = [sequences[i] for i in flat]
+        batch = pad_sequences(seqs, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        values[start:start + len(chunk)] = score(batch["input_ids"], batch["attention_mask"],
-                                                 batch["completion_mask"]).float()
+        kwargs = {}
+        if pack:
+            local, at = [], 0
+            for g in chunk:
+                local.append(list(range(at, at + len(g))))
+                at += len(g)
+            kwargs["packed"] = pack_sequences(seqs, local, pad_id=pad_id).to(device)
+        scores = score(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                       **kwargs).float()
+        slots = [(start + j) * size + k for j, g in enumerate(chunk) for k in range(len(g))]
+        values[torch.tensor(slots, dtype=torch.long, device=device)] = scores
     if engine.world_size > 1:
         values = engine.accelerator.gather(values)
+    values = values[:len(groups) * size].cpu().view(len(groups), size)
     out = torch.empty(n, dtype=torch.float32)
-    out[torch.tensor(order, dtype=torch.long)] = values[:n].cpu()
+    for j, g in enumerate(order):
+        out[torch.tensor(groups[g], dtype=torch.long)] = values[j, :len(groups[g])]
     return out
 
 

@@ -55,6 +55,8 @@ from preftune.losses.reward import (
     tie_model_loss,
 )
 from preftune.models.loading import apply_lora, load_sequence_classifier, minilm_path
+from preftune.models.logprobs import packed_forward, unwrap_peft
+from preftune.models.packing import PackedBatch, supports_packing
 from preftune.rewards.sources import ENSEMBLE_MANIFEST
 from preftune.trainers.common import (
     lora_settings,
@@ -156,9 +158,30 @@ class RewardModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                packed: PackedBatch | None = None) -> torch.Tensor:
+        logits = packed_scores(self.model, packed) if packed is not None else None
+        if logits is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits.float().reshape(-1)
+
+
+def packed_scores(model: nn.Module, packed: PackedBatch) -> torch.Tensor | None:
+    """The classifier's logits [S, num_labels] of the packed sequences (`models.packing`), or
+    None where that is not known to be exact (then the caller runs the padded rows).
+
+    The backbone runs over the packed rows and the score head reads each sequence's last
+    token that is not pad_token_id, the token the transformers classifier reads."""
+    hf = unwrap_peft(model)
+    config = getattr(hf, "config", None)
+    backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    head = getattr(hf, "score", None)
+    if (config is None or getattr(config, "pad_token_id", None) != packed.pad_id
+            or not isinstance(backbone, nn.Module) or not isinstance(head, nn.Module)
+            or not supports_packing(config, packed.input_ids.shape[1])):
+        return None
+    hidden = packed_forward(backbone, config, packed)
+    return head(hidden[packed.last_index])
 
 
 class TieRewardModule(RewardModule):
@@ -182,8 +205,9 @@ class TieRewardModule(RewardModule):
         x = self.tie_raw * self.scale
         return F.softplus(x) if self.tie_model == "rao-kupper" else x
 
-    def forward(self, input_ids, attention_mask, with_tie: bool = False):
-        rewards = super().forward(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, with_tie: bool = False,
+                packed: PackedBatch | None = None):
+        rewards = super().forward(input_ids, attention_mask, packed)
         return (rewards, self.log_tie_parameter()) if with_tie else rewards
 
 
@@ -257,6 +281,11 @@ def _reward_stats(rewards: torch.Tensor, n_rows: int, per_row: torch.Tensor,
     return out
 
 
+def _packed(batch) -> dict:
+    """{"packed": the packed rows} when the collate built them, else {} (padded rows only)."""
+    return {"packed": batch["packed"]} if "packed" in batch else {}
+
+
 @dataclass
 class PairwiseRewardObjective:
     """Bradley-Terry over the global batch of pairs, + margin, + centering penalty."""
@@ -268,7 +297,8 @@ class PairwiseRewardObjective:
         return float(batch["num_pairs"])
 
     def __call__(self, module, batch):
-        rewards = module(batch["input_ids"], batch["attention_mask"])  # chosen rows, then rejected
+        # chosen rows, then rejected (each pair sharing its common prefix when packed)
+        rewards = module(batch["input_ids"], batch["attention_mask"], **_packed(batch))
         n = batch["num_pairs"]
         r_chosen, r_rejected = rewards[:n], rewards[n:]
         # Bradley & Terry 1952; margin: Touvron et al. 2023 (Llama 2), Eq. 2.
@@ -296,7 +326,7 @@ class ListwiseRewardObjective:
         return float(batch["num_completions"].numel())
 
     def __call__(self, module, batch):
-        flat = module(batch["input_ids"], batch["attention_mask"])
+        flat = module(batch["input_ids"], batch["attention_mask"], **_packed(batch))
         counts = batch["num_completions"]
         k = int(counts.max())
         # Flat rows -> [B, K] with a validity mask (prompts may have different K).
@@ -339,7 +369,8 @@ class TieRewardObjective:
         return float(batch["num_pairs"])
 
     def __call__(self, module, batch):
-        rewards, log_param = module(batch["input_ids"], batch["attention_mask"], with_tie=True)
+        rewards, log_param = module(batch["input_ids"], batch["attention_mask"], with_tie=True,
+                                    **_packed(batch))
         n = batch["num_pairs"]
         r_first, r_second = rewards[:n], rewards[n:]
         # Rao & Kupper 1967 / Davidson 1970 (equations in losses.reward.tie_log_probs).
@@ -402,8 +433,8 @@ def _merge_reports(reports: list):
     return total
 
 
-def collate_tie_pairs(features: list[dict], pad_id: int) -> dict:
-    batch = collate_pairs(features, pad_id)
+def collate_tie_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
+    batch = collate_pairs(features, pad_id, pack=pack)
     batch["tie"] = torch.tensor([bool(f.get("tie", False)) for f in features])
     return batch
 
@@ -543,7 +574,13 @@ def run_reward(cfg: RewardConfig, data_seed: int | None = None) -> dict:
     engine.setup(module, engine.planned_steps(len(train_set)))
     pad_id = tokenizer.pad_token_id
 
+    # Pairs and rankings share each prompt's common prefix in one row (the joint three-way
+    # sequences have nothing to share).
+    pack = cfg.packing == "auto" and cfg.loss != "three-way"
+
     def collate(features):
+        if pack:
+            return collate_fn(features, pad_id, pack=True)
         return collate_fn(features, pad_id)
 
     eval_fn = None

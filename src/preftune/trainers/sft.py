@@ -30,7 +30,8 @@ class SFTObjective:
         return float(batch["completion_mask"].sum())
 
     def __call__(self, module, batch):
-        out = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        packed = {"packed": batch["packed"]} if "packed" in batch else {}  # padding-free rows
+        out = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **packed)
         loss_sum, n_tokens = nll_loss(out.token_logps, batch["completion_mask"])
         per_example_nll = -out.seq_logps / out.n_tokens.clamp(min=1)
         return loss_sum, {"nll/per_token": per_example_nll.detach()}
@@ -48,7 +49,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     module = CompletionLogProbs(model)
     engine.setup(module, engine.planned_steps(len(train_set)))
     pad_id = tokenizer.pad_token_id
-    metrics = train_offline(engine, engine.model, train_set, lambda f: collate_sft(f, pad_id),
+    pack = cfg.packing == "auto"
+    metrics = train_offline(engine, engine.model, train_set, lambda f: collate_sft(f, pad_id, pack=pack),
                             SFTObjective(), eval_set=eval_set)
     engine.save_pretrained(engine.unwrap().policy, tokenizer, prefix="policy.")
     engine.finish({"metrics": metrics, "train_examples": len(train_set)})
