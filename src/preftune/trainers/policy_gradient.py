@@ -31,7 +31,7 @@ from preftune.losses.rl import ppo_policy_loss, whiten
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
-from preftune.trainers.rollout import collect_rollout, make_generator_backend
+from preftune.trainers.rollout import collect_rollout, make_generator_backend, pack_groups
 from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, add_policy_metrics,
                                        aggregate_loss, loss_units, minibatches, take_rows)
 
@@ -68,9 +68,16 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
     def forward(input_ids, attention_mask, completion_mask, temperature=cfg.temperature, **kw):
         return module(input_ids, attention_mask, completion_mask, temperature=temperature, **kw)
 
+    # Packed rows (`--packing auto`): the G completions of a prompt share one forward of it,
+    # where the model computes packed rows exactly (`models/packing.py`); else padded rows.
+    pad_id = setup.tokenizer.pad_token_id
+
+    def pack(batch, rows=None):
+        return pack_groups(batch, cfg.num_generations, pad_id, rows) if cfg.packing == "auto" else None
+
     def old_policy(batch):  # π_old of the ratio (and of RLOO's sequence KL)
         return {"old_logps": forward(batch["input_ids"], batch["attention_mask"],
-                                     batch["completion_mask"]).token_logps}
+                                     batch["completion_mask"], packed=pack(batch)).token_logps}
 
     # With one epoch and one minibatch the policy is unchanged between rollout and update, so
     # π_old is the update's own forward detached (ratio exactly 1, no extra forward pass).
@@ -85,7 +92,7 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
     for step in range(start + 1, n_rollouts + 1):
         # 1. rollout ---------------------------------------------------------------------------
         ro = collect_rollout(cfg, engine, setup, step, reference=reference,
-                             policy_forward=forward, vllm_backend=vllm_backend,
+                             policy_forward=forward, vllm_backend=vllm_backend, pack=pack,
                              old_policy=None if reuse_current else old_policy)
         batch = ro.batch
         t_train = time.perf_counter()
@@ -99,7 +106,7 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
         else:  # KL-penalised sequence reward, leave-one-out baseline: Ahmadian et al. 2024, Eq. 8
             if "old_logps" not in batch:  # π_old = π: the update's forward, run now
                 current = forward(batch["input_ids"], batch["attention_mask"],
-                                  batch["completion_mask"], return_entropy=True)
+                                  batch["completion_mask"], return_entropy=True, packed=pack(batch))
                 batch["old_logps"] = current.token_logps.detach()
             seq_kl = (kl_penalty(batch["old_logps"], batch["ref_logps"], cfg.kl_estimator)
                       * batch["completion_mask"].float()).sum(-1)
@@ -118,7 +125,7 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
                     out = take_rows(current, mb.rows, mask.shape[1])
                 else:
                     out = forward(b["input_ids"], b["attention_mask"], mask,
-                                  return_entropy=first_epoch)
+                                  return_entropy=first_epoch, packed=pack(b, mb.rows))
                 old = b["old_logps"] if "old_logps" in b else out.token_logps.detach()
                 per_token, pg = ppo_policy_loss(out.token_logps, old, b["advantages"][:, None],
                                                 mask, clip_eps=cfg.clip_eps)  # Shao et al. Eq. 3

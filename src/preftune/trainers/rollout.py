@@ -25,6 +25,7 @@ from preftune.config import _require, arg
 from preftune.data.tokenize import tokenize_prompts
 from preftune.errors import PreftuneError
 from preftune.generation import SamplingConfig, VLLMGenerator, generate, vllm_available
+from preftune.models.packing import PackedBatch, pack_sequences
 from preftune.rewards import apply_penalties, is_ensemble, parse_reward_spec
 from preftune.rewards.sources import check_ensemble_settings
 from preftune.trainers.common import read_examples
@@ -268,16 +269,36 @@ class RolloutBatch:
     times: dict[str, float]
 
 
+def pack_groups(batch: dict[str, torch.Tensor], num_generations: int, pad_id: int,
+                rows: torch.Tensor | None = None) -> PackedBatch:
+    """Rows of a rollout batch (right-padded) packed so that the completions of one prompt
+    share it: one packed row per prompt, [prompt, completion 1, ..., completion k], each
+    completion seeing the prompt and itself (`models/packing.py`). `rows`: the rollout rows
+    these batch rows are (default: all, in order); rollout rows r and s are completions of the
+    same prompt when r // num_generations == s // num_generations (prompt-major rollouts)."""
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    ids, completion = batch["input_ids"].tolist(), batch["completion_mask"].tolist()
+    seqs = [{"input_ids": ids[i][:n], "completion_mask": completion[i][:n]}
+            for i, n in enumerate(lengths)]
+    rollout_rows = range(len(seqs)) if rows is None else rows.tolist()
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rollout_rows):
+        groups.setdefault(r // num_generations, []).append(i)
+    return pack_sequences(seqs, list(groups.values()), pad_id=pad_id)
+
+
 def collect_rollout(cfg, engine, setup, step: int, *, reference: Reference,
                     policy_forward: Callable[..., Any],
                     old_policy: Callable[[dict], dict[str, torch.Tensor]] | None = None,
+                    pack: Callable[[dict], PackedBatch | None] | None = None,
                     vllm_backend=None) -> RolloutBatch:
     """Training iteration `step`'s rollout: sample `num_generations` completions per prompt from
     the current policy, score them, then the reference log-probs and, when the update needs
     them, `old_policy(batch)`: a no-grad forward of the current policy before any update whose
     tensors (old_logps, ...) join the batch. `setup` holds the prompts, tokenizer and reward
     source; `policy_forward` is the prepared policy's log-prob forward (the reference runs it
-    with the adapters disabled)."""
+    with the adapters disabled); `pack(batch)`: the batch packed for the reference's forward
+    (`pack_groups`), or None for padded rows."""
     prompts, tokenizer = setup.prompts, setup.tokenizer
     device = engine.accelerator.device
     indices = step_prompt_indices(len(prompts), cfg.prompts_per_step, step, cfg.seed,
@@ -291,8 +312,8 @@ def collect_rollout(cfg, engine, setup, step: int, *, reference: Reference,
     t0 = time.perf_counter()
     batch = {k: v.to(device) for k, v in s.rollout.to_batch(tokenizer.pad_token_id).items()}
     batch["ref_logps"] = reference(policy_forward, batch["input_ids"], batch["attention_mask"],
-                                   batch["completion_mask"], temperature=cfg.temperature
-                                   ).token_logps
+                                   batch["completion_mask"], temperature=cfg.temperature,
+                                   packed=pack(batch) if pack is not None else None).token_logps
     if old_policy is not None:
         with torch.no_grad():
             batch.update(old_policy(batch))
