@@ -282,12 +282,15 @@ def test_old_logps_from_the_update_forward_equal_a_separate_forward(tmp_path, mo
 
 
 @pytest.mark.parametrize("command,extra", [
-    ("grpo", ["--ppo-epochs", "2", "--num-minibatches", "2", "--batch-size", "3"]),  # split groups
-    ("rloo", ["--batch-size", "8"]),
+    ("grpo", ["--kl-coef", "0.1", "--ppo-epochs", "2", "--num-minibatches", "2",
+              "--batch-size", "3"]),  # groups split across micro-batches
+    ("rloo", ["--kl-coef", "0.1", "--batch-size", "8"]),
+    ("online-dpo", ["--batch-size", "1"]),
 ])
 def test_packed_prompt_groups_equal_padded_rows(tmp_path, monkeypatch, command, extra):
-    """GRPO/RLOO with the G completions of a prompt packed into one row sharing the prompt
-    (reference, π_old and update forwards) give the padded rows' losses, gradients, metrics."""
+    """GRPO/RLOO/online DPO with the completions of a prompt packed into one row sharing the
+    prompt (reference, π_old and update forwards) give the padded rows' losses, gradients and
+    metrics."""
     import json
 
     from preftune.cli import main
@@ -319,7 +322,7 @@ def test_packed_prompt_groups_equal_padded_rows(tmp_path, monkeypatch, command, 
         assert main([command, "--model", "tiny", "--data", str(data), "--output-dir", str(out),
                      "--reward-fn", "tests/rewards_for_tests.py:lowercase_fraction",
                      "--max-steps", "2", "--max-new-tokens", "12", "--max-length", "96",
-                     "--prompts-per-step", "4", "--num-generations", "2", "--kl-coef", "0.1",
+                     "--prompts-per-step", "4", "--num-generations", "2",
                      "--lr", "2e-3", "--save-steps", "0", "--lr-scheduler", "constant",
                      "--packing", packing] + extra) == 0
         rec["metrics"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -27,7 +27,7 @@ from preftune.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
-from preftune.trainers.rollout import collect_rollout, make_generator_backend
+from preftune.trainers.rollout import collect_rollout, make_generator_backend, pack_groups
 from preftune.trainers.updates import add_policy_metrics, take
 
 
@@ -64,13 +64,20 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     def forward(input_ids, attention_mask, completion_mask, temperature=cfg.temperature, **kw):
         return module(input_ids, attention_mask, completion_mask, temperature=temperature, **kw)
 
+    # Packed rows (`--packing auto`): the two completions of a prompt share one forward of it,
+    # where the model computes packed rows exactly (`models/packing.py`); else padded rows.
+    pad_id = setup.tokenizer.pad_token_id
+
+    def pack(batch, rows=None):
+        return pack_groups(batch, 2, pad_id, rows) if cfg.packing == "auto" else None
+
     bar = engine.progress(start)
     window = MetricWindow()
     logged: dict = {}
     for step in range(start + 1, n_rollouts + 1):
         # 1. rollout: rows 2i and 2i+1 are the two completions of prompt i ------------------------
         ro = collect_rollout(cfg, engine, setup, step, reference=reference,
-                             policy_forward=forward, vllm_backend=vllm_backend)
+                             policy_forward=forward, vllm_backend=vllm_backend, pack=pack)
         batch = ro.batch
 
         # 2. pairs: the reward source ranks the two completions (Guo et al. 2024, Alg. 1) --------
@@ -95,7 +102,8 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
             m = b["completion_mask"]
             weight = untied[pairs.to(untied.device)]
             with engine.sync_context(i, len(micro)):
-                out = forward(b["input_ids"], b["attention_mask"], m, return_entropy=True)
+                out = forward(b["input_ids"], b["attention_mask"], m, return_entropy=True,
+                              packed=pack(b, rows.cpu()))
                 ref_seq = b["ref_logps"].sum(-1)
                 c, k = out.seq_logps.chunk(2)
                 ref_c, ref_k = ref_seq.chunk(2) if uses_reference else (None, None)
