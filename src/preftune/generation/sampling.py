@@ -221,8 +221,11 @@ _FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 def _sample_chunk_fast(model, prompts, sampling, eos_ids, pad_id, generator):
     """`_sample_chunk` with the same draws, faster per token.
 
-    The prompt runs through the model's own forward (as in `_sample_chunk`); its KV cache is
-    then copied into a preallocated buffer that decode steps write in place (no concatenation),
+    Each distinct prompt of the chunk runs once through the model's own backbone (the samples
+    of a prompt share it) and the LM head runs on the chunk's rows, as the plain loop's
+    forward does (a matmul's rounding can depend on its row count; the KV cache and logits
+    were bitwise equal to the plain loop's on the CPU). The KV cache is copied, once per
+    sample, into a preallocated buffer that decode steps write in place (no concatenation),
     and each decode step calls the layers' modules directly (projections, norms, MLP: LoRA
     adapters included) with one scaled-dot-product attention over the buffer, skipping the
     model wrapper's mask and cache plumbing. Finished rows leave the batch: the buffer is
