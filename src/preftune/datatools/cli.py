@@ -370,14 +370,16 @@ class RelabelConfig(WritingConfig):
     command = "relabel"
 
     def validate(self) -> None:
-        from preftune.trainers.rollout import RewardSettings  # the one ensemble-settings check
-
         super().validate()
         if bool(self.reward_model) == bool(self.reward_fn):
             raise PreftuneError("relabel needs exactly one reward source: --reward-model PATH or "
                                 "--reward-fn module:function")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        RewardSettings.validate_ensemble(self)
+        # Imported here: preftune.rewards imports torch; `preftune data --help` need not.
+        from preftune.rewards.sources import check_ensemble_settings, is_ensemble
+
+        check_ensemble_settings(self.ensemble_agg, self.ensemble_coef,
+                                is_ensemble(self.reward_model), self.reward_model)
 
 
 def run_relabel(cfg: RelabelConfig) -> dict:

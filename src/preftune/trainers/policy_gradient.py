@@ -41,10 +41,7 @@ class PolicyGradientConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfi
 
     BASELINE: ClassVar[str] = "group"  # or "leave_one_out"; not a flag: it is the command
 
-    def validate(self) -> None:
-        super().validate()
-        self.validate_updates()
-        self.validate_kl()
+    def check(self) -> None:
         if self.num_generations < 2:
             raise PreftuneError(f"num_generations: got {self.num_generations}, expected an "
                                 "integer >= 2 (the advantage of a completion compares it with "

@@ -71,10 +71,7 @@ class PPOConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
                                 "over all tokens), `sequence`, `constant` or `sequence_sum`.",
                                 choices=AGGREGATION_MODES)
 
-    def validate(self) -> None:
-        super().validate()
-        self.validate_updates()
-        self.validate_kl()
+    def check(self) -> None:
         if not self.value_clip_eps > 0:
             raise PreftuneError(f"value_clip_eps: got {self.value_clip_eps}, expected a "
                                 "number > 0")

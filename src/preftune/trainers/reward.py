@@ -106,8 +106,7 @@ class RewardConfig(TrainConfig):
                                        "evaluations, then restore and save the weights with "
                                        "the lowest held-out loss. 0: off (train all steps).")
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if self.early_stopping_patience < 0:
             raise PreftuneError(f"early_stopping_patience: got {self.early_stopping_patience}, "
                                 "expected an integer >= 0")
