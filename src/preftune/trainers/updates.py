@@ -148,6 +148,14 @@ def add_policy_metrics(window, out, batch: dict[str, torch.Tensor], mask: torch.
     token_mean(window, "entropy", out.entropy, mask)
 
 
+def add_clipped_update_metrics(window, mb: Micro, out, pg: dict) -> None:
+    """Every micro-batch of a clipped update: its `clipfrac`; on the first pass over the
+    rollout, also the policy's KL to the reference and entropy (`add_policy_metrics`)."""
+    window.add("clipfrac", pg["clipfrac"])
+    if mb.epoch == 0:
+        add_policy_metrics(window, out, mb.batch, mb.batch["completion_mask"])
+
+
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
     """KL(π ‖ π_ref) per sequence [B], summed over its tokens, with two estimators (Schulman
