@@ -1,5 +1,10 @@
 """Typed run configurations: one dataclass per command, the CLI and `--help` come from them.
 
+A command's config is composed of settings blocks (`ModelSettings`, `DataSettings`,
+`LengthSettings`, `RunSettings`, `OptimSettings`, `LoggingSettings`, ... and, next to their
+owners, the rollout's and the updates' blocks), so that it has exactly the flags it uses; every
+block checks its own fields in `check()`, and `Settings.validate()` runs them all.
+
 Every field is documented where it is declared (`arg(default, help)`). A run's settings are
 resolved in one order: the dataclass defaults, then a YAML file (`--config FILE`), then the
 command-line flags. `validate()` refuses bad settings before any model loads, naming the field
