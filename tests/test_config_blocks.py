@@ -4,9 +4,11 @@ one validation path runs every block's check for every command that composes the
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +174,25 @@ def test_max_prompt_length_zero_is_half_of_max_length_in_every_command():
                       max_prompt_length=100).prompt_limit == 100
     for block in (ModelSettings, DataSettings):  # the model and data blocks of best-of-n, too
         assert issubclass(_config_class("best-of-n"), block)
+
+
+def test_a_run_written_with_the_old_online_settings_resumes(tmp_path):
+    """config.yaml of an online run from before the blocks held grad_accum and eval_*; --resume
+    reads it (keys the command no longer has are not compared)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(f'{{"prompt": "Question {i}"}}\n' for i in range(8)))
+    out = tmp_path / "run"
+    args = ["grpo", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
+            "--reward-fn", f"{Path(__file__).parent / 'rewards_for_tests.py'}:lowercase_fraction",
+            "--max-new-tokens",
+            "8", "--max-length", "64", "--prompts-per-step", "4", "--num-generations", "2",
+            "--batch-size", "8", "--save-steps", "1", "--no-curves"]
+    assert main([*args, "--max-steps", "1"]) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "grad_accum" not in saved and "eval_steps" not in saved
+    (out / "config.yaml").write_text(
+        saved + "grad_accum: 1\neval_data: ''\neval_fraction: 0.0\neval_steps: 0\n")
+    assert main([*args, "--max-steps", "2", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if '"reward/mean"' in line]
+    assert steps == [1, 2]
