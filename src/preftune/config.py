@@ -76,8 +76,8 @@ def check_choices(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
-            raise PreftuneError(f"{f.name}: got {getattr(cfg, f.name)!r}, expected one of "
-                                f"{', '.join(map(str, choices))}")
+            shown = ", ".join(repr(c) if c == "" else str(c) for c in choices)  # eval-rm's ""
+            raise PreftuneError(f"{f.name}: got {getattr(cfg, f.name)!r}, expected one of {shown}")
 
 
 # --- the blocks -------------------------------------------------------------------------------
