@@ -209,6 +209,13 @@ def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, nu
         assert calls and len(set(fast.completion_lengths)) > 2 and any(fast.finished)
     else:
         assert calls == [] and fast.completion_lengths == [24] * 9
+    # Group prefill against per-row prefill within the fast decoder: the same sequences.
+    monkeypatch.setattr(sampling_mod, "FAST_DECODE", True)
+    monkeypatch.setattr(sampling_mod, "GROUP_PREFILL", False)
+    per_row = generate(model, None, prompts, cfg, num_samples=3, batch_size=4,
+                       generator=torch.Generator().manual_seed(7))
+    assert prefilled[3:] == [4, 4, 1]
+    assert per_row.completion_ids == fast.completion_ids and per_row.finished == fast.finished
 
 
 def test_fast_sampler_only_for_architectures_it_knows():

@@ -213,8 +213,10 @@ def _sample_chunk(model, prompts, sampling, eos_ids, pad_id, generator):
     return completions, finished
 
 
-# The fast decoder for Llama-style models (below); tests switch it off to compare.
+# The fast decoder for Llama-style models (below) and its group prefill; tests switch them off
+# to compare.
 FAST_DECODE = True
+GROUP_PREFILL = True
 _FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -238,7 +240,7 @@ def _sample_chunk_fast(model, prompts, sampling, eos_ids, pad_id, generator):
     n, width = len(prompts), max(len(p) for p in prompts)
     # Group prefill: the samples of a prompt share it, so each distinct prompt runs once (same
     # padded width) and its row of the KV cache and logits is repeated for its samples.
-    distinct, row_of = _distinct(prompts)
+    distinct, row_of = _distinct(prompts) if GROUP_PREFILL else (prompts, list(range(n)))
     input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long, device=device)
     prompt_mask = torch.zeros((len(distinct), width), dtype=torch.long, device=device)
     for i, p in enumerate(distinct):
