@@ -8,8 +8,10 @@ a third of each), so that padding exists, unlike run.py's fixed-length data:
 - sft: 8 sequences, padded rows against padding-free rows (`collate_sft(pack=True)`);
 - dpo: 8 pairs sharing their prompt, [chosen; rejected] padded rows against one
   [prefix, chosen suffix, rejected suffix] row per pair (`collate_pairs(pack=True)`), and
-  against several such pairs per row (`pack_sequences(..., padding_free=True)`).
-Padded and packed runs alternate; the median time of each is reported, and the ratio.
+  against several such pairs per row (`pack_sequences(..., padding_free=True)`); and pairs of
+  run.py's fixed shape (47-token prompt, two 95-token replies: no padding, prefix only).
+Padded and packed runs alternate; the median wall and process CPU time of each is reported
+(CPU time: what other processes on a loaded machine do not change), and the ratios.
 """
 
 from __future__ import annotations
@@ -43,25 +45,27 @@ def sft_batch(rng, pad_id):
     return collate_sft(seqs, pad_id, pack=True)
 
 
-def dpo_batch(rng, pad_id):
+def dpo_batch(rng, pad_id, fixed: bool = False):
+    """Ragged pairs; `fixed`: run.py's shape (47-token prompts, 95-token replies, no padding)."""
     feats = []
     for _ in range(BATCH):
-        p = rng.randint(16, 96)
+        p = 47 if fixed else rng.randint(16, 96)
         prompt = _tokens(rng, p)
-        c = prompt + [rng.randrange(10, VOCAB) for _ in range(rng.randint(16, 160))]
-        r = prompt + [rng.randrange(10, VOCAB) for _ in range(rng.randint(16, 160))]
+        c = prompt + [rng.randrange(10, VOCAB) for _ in range(95 if fixed else rng.randint(16, 160))]
+        r = prompt + [rng.randrange(10, VOCAB) for _ in range(95 if fixed else rng.randint(16, 160))]
         feats.append({"chosen_input_ids": c, "chosen_completion_mask": [0] * p + [1] * (len(c) - p),
                       "rejected_input_ids": r,
                       "rejected_completion_mask": [0] * p + [1] * (len(r) - p)})
     return collate_pairs(feats, pad_id, pack=True)
 
 
-def step(module, batch, packed: bool) -> float:
+def step(module, batch, packed: bool) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward + backward."""
     kwargs = {"packed": batch["packed"]} if packed else {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs)
     out.seq_logps.sum().backward()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main():
@@ -72,16 +76,17 @@ def main():
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, hidden_size=HIDDEN, num_layers=LAYERS, vocab_size=VOCAB).train()
     module = CompletionLogProbs(model)
-    cases = (("sft", sft_batch, False), ("dpo", dpo_batch, False),
-             ("dpo, pairs padding-free", dpo_batch, True))
+    cases = (("sft", sft_batch, True), ("dpo, one pair per row", dpo_batch, False),
+             ("dpo, pairs padding-free (default)", dpo_batch, True),
+             ("dpo, run.py lengths", lambda rng, pad: dpo_batch(rng, pad, fixed=True), True))
     for name, make, padding_free in cases:
         batch = make(random.Random(0), tok.pad_token_id)
-        if padding_free:  # several pairs per row, rows no longer than the longest pair
+        if not padding_free and name.startswith("dpo"):  # one pair per row
             seqs = [{"input_ids": ids[m.bool()].tolist(), "completion_mask": c[m.bool()].tolist()}
                     for ids, m, c in zip(batch["input_ids"], batch["attention_mask"],
                                          batch["completion_mask"])]
             batch["packed"] = pack_sequences(seqs, [[i, BATCH + i] for i in range(BATCH)],
-                                             pad_id=tok.pad_token_id, padding_free=True)
+                                             pad_id=tok.pad_token_id)
         padded_tokens = batch["input_ids"].numel()
         packed_tokens = batch["packed"].input_ids.numel()
         times = {False: [], True: []}
@@ -91,10 +96,12 @@ def main():
             for packed in (False, True):
                 model.zero_grad(set_to_none=True)
                 times[packed].append(step(module, batch, packed))
-        padded, packed = statistics.median(times[False]), statistics.median(times[True])
-        print(f"{name}: padded {tuple(batch['input_ids'].shape)} = {padded_tokens} tokens "
-              f"{padded:.3f} s; packed {tuple(batch['packed'].input_ids.shape)} = "
-              f"{packed_tokens} tokens {packed:.3f} s; speed-up {padded / packed:.2f}x")
+        wall = [statistics.median(t[0] for t in times[k]) for k in (False, True)]
+        cpu = [statistics.median(t[1] for t in times[k]) for k in (False, True)]
+        print(f"{name}: padded {tuple(batch['input_ids'].shape)} = {padded_tokens} tokens, "
+              f"packed {tuple(batch['packed'].input_ids.shape)} = {packed_tokens} tokens; "
+              f"wall {wall[0]:.3f} s vs {wall[1]:.3f} s ({wall[0] / wall[1]:.2f}x), "
+              f"CPU {cpu[0]:.3f} s vs {cpu[1]:.3f} s ({cpu[0] / cpu[1]:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

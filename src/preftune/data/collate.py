@@ -49,8 +49,9 @@ def collate_unpaired(features: list[dict], pad_id: int) -> dict[str, torch.Tenso
 def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
     """Pairs -> rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] + num_pairs (+ margin).
 
-    `pack`: also "packed", the same pairs as [common prefix, chosen suffix, rejected suffix]
-    rows (`models.packing`), which the log-prob and reward forwards use where exact."""
+    `pack`: also "packed", the same pairs as [common prefix, chosen suffix, rejected suffix],
+    several pairs per row where they fit in the longest pair's length (`models.packing`),
+    which the log-prob and reward forwards use where exact."""
     seqs = [
         {"input_ids": f[f"{side}_input_ids"], "completion_mask": f[f"{side}_completion_mask"]}
         for side in ("chosen", "rejected")
@@ -59,7 +60,8 @@ def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> d
     batch: dict = pad_sequences(seqs, pad_id)
     if pack:
         n = len(features)
-        batch["packed"] = pack_sequences(seqs, [[i, n + i] for i in range(n)], pad_id=pad_id)
+        batch["packed"] = pack_sequences(seqs, [[i, n + i] for i in range(n)], pad_id=pad_id,
+                                         padding_free=True)
     batch["num_pairs"] = len(features)
     if any("margin" in f for f in features):
         # formats.to_pairs requires a margin on every row once the column exists.
@@ -72,7 +74,7 @@ def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> d
 def collate_ranked(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
     """Ranked lists -> all sequences row by row, "num_completions" [B] and flat "scores".
 
-    `pack`: also "packed", each list's completions sharing their common prefix in one row."""
+    `pack`: also "packed", each list's completions sharing their common prefix, padding-free."""
     seqs = [s for f in features for s in f["sequences"]]
     batch: dict = pad_sequences(seqs, pad_id)
     if pack:
@@ -80,7 +82,7 @@ def collate_ranked(features: list[dict], pad_id: int, *, pack: bool = False) -> 
         for f in features:
             groups.append(list(range(at, at + len(f["sequences"]))))
             at += len(f["sequences"])
-        batch["packed"] = pack_sequences(seqs, groups, pad_id=pad_id)
+        batch["packed"] = pack_sequences(seqs, groups, pad_id=pad_id, padding_free=True)
     batch["num_completions"] = torch.tensor(
         [len(f["sequences"]) for f in features], dtype=torch.long
     )

@@ -90,7 +90,8 @@ def collate_kto(features: list[dict], pad_id: int, max_length: int, *,
         both = matched + mismatched
         batch.update({f"ref_{k}": v for k, v in pad_sequences(both, pad_id).items()})
         n = len(features)
-        batch["ref_packed"] = pack_sequences(both, [[i, n + i] for i in range(n)], pad_id=pad_id)
+        batch["ref_packed"] = pack_sequences(both, [[i, n + i] for i in range(n)], pad_id=pad_id,
+                                             padding_free=True)
     return batch
 
 
