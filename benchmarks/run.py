@@ -634,6 +634,10 @@ def main() -> None:
                         help="the device's peak dense TFLOP/s at the run's precision (e.g. 989 "
                         "for an H100 SXM in bf16): adds model FLOPs utilisation (MFU) to the "
                         "DPO and reward rows of a GPU run")
+    parser.add_argument("--assets", metavar="DIR",
+                        help="keep the model, reward model and data in this folder instead of a "
+                        "temporary one, and reuse them when they were made for the same shape "
+                        "and row count (the qwen2-0.5b weights take a minute and 2 GB)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     parser.add_argument("--worker", choices=("preftune", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-workload", help=argparse.SUPPRESS)
@@ -677,9 +681,17 @@ def main() -> None:
     print(f"machine: {json.dumps(report['machine'])}")
     print(f"setup: {json.dumps(report['setup'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="preftune-bench-") as tmp:
-        folder = Path(tmp)
-        make_assets(folder, n_rows=max(args.steps * max(batch, PPO_PROMPTS), 64), shape=shape,
-                    reward_model="ppo" in args.workloads)
+        folder = Path(args.assets or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        made_for = {"shape": shape, "rows": max(args.steps * max(batch, PPO_PROMPTS), 64),
+                    "reward_model": "ppo" in args.workloads}
+        stamp = folder / "assets.json"
+        old = json.loads(stamp.read_text()) if stamp.exists() else None
+        if not (old and old["shape"] == shape and old["rows"] >= made_for["rows"]
+                and (old["reward_model"] or not made_for["reward_model"])):
+            make_assets(folder, n_rows=made_for["rows"], shape=shape,
+                        reward_model=made_for["reward_model"])
+            stamp.write_text(json.dumps(made_for))
         (folder / "bench.json").write_text(json.dumps(
             {"batch": batch, "library_defaults": library_defaults}))
         config = json.loads((folder / "model" / "config.json").read_text())
@@ -689,13 +701,18 @@ def main() -> None:
             for _ in range(args.repeats):
                 for impl in todo:  # alternate: preftune, TRL, preftune, TRL, ...
                     raw = run_worker(workload, impl, folder, args.steps, args.baseline_src, trl110)
+                    if len(raw["stamps"]) <= args.warmup + 1:  # a smoke run: nothing to time
+                        print(f"  {workload:8s} {impl:8s} {len(raw['stamps'])} step(s), too few "
+                              f"to time after --warmup {args.warmup}; peak RSS "
+                              f"{raw['peak_rss_mb']:,.0f} MB", flush=True)
+                        continue
                     row = summarise(workload, raw, args.warmup, batch)
                     if on_gpu and args.peak_tflops:  # MFU means little on a CPU: GPU runs only
                         row["mfu"] = mfu(workload, row, config, args.peak_tflops)
                     runs[impl].append(row)
                     print(f"  {workload:8s} {impl:8s} {fmt(workload, row)}", flush=True)
             rows = {impl: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None
-                           else None for k in rs[0]} for impl, rs in runs.items()}
+                           else None for k in rs[0]} for impl, rs in runs.items() if rs}
             faster = WORKLOADS[workload][0] == "tokens/s"
             memory = "cuda_peak_mb" if on_gpu else "peak_rss_mb"
             ratios = {}
