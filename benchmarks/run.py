@@ -1,16 +1,21 @@
 """preftune against TRL on every trainer: same model, data and batch, side by side in one run.
 
     python benchmarks/run.py                      # every workload, preftune and TRL alternately
-    python benchmarks/run.py --quick              # smoke run: 3 steps each, one repeat
+    python benchmarks/run.py --quick              # smoke run: 4 steps each, one repeat
     python benchmarks/run.py --workloads dpo-ref grpo --repeats 2
     python benchmarks/run.py --workloads sampler grpo --baseline-src ../main/src  # vs another tree
+    python benchmarks/run.py --workloads ppo --trl110-python /path/to/venv-trl110/bin/python
+    python benchmarks/run.py --shape qwen2-0.5b --workloads dpo-ref --assets /tmp/qwen2-shape
+    python benchmarks/run.py --peak-tflops 989 --workloads dpo-ref reward   # GPU: adds MFU
     nice -n 10 python benchmarks/run.py --json results.json
 
 Setup (identical for both): a Llama-style model with hidden 256, 4 layers, vocabulary 8,000
-(random weights, saved once and loaded by both), the byte-level `tiny` tokenizer, synthetic
-text with 46-character prompts and 94-character completions (47 and 95 tokens with BOS/EOS),
-batch 8 (pairs for DPO/reward, examples for KTO, 2 prompts x 4 samples for GRPO/RLOO), max
-length 256, AdamW, 2 torch threads. Both read the same JSONL files.
+(random weights, saved once and loaded by both; `--shape qwen2-0.5b`: Qwen2-0.5B's
+architecture, batch 4, each library's default gradient checkpointing), the byte-level `tiny`
+tokenizer, synthetic text with 46-character prompts and 94-character completions (47 and 95
+tokens with BOS/EOS), batch 8 (pairs for DPO/reward, examples for KTO, 2 prompts x 4 samples
+for GRPO/RLOO, 8 prompts x 1 sample for PPO), max length 256, AdamW, 2 torch threads
+(BENCH_THREADS). Both read the same files.
 
 Workloads (`--workloads`):
 - dpo-ref: sigmoid DPO (beta 0.1), fp32, reference model run every step;
@@ -20,18 +25,23 @@ Workloads (`--workloads`):
 - reward: Bradley-Terry reward model (a one-output sequence classifier on the same backbone);
 - grpo: GRPO, 2 prompts x 4 samples, 64 new tokens, no KL term (both libraries' default);
 - rloo: RLOO, 2 prompts x 4 samples, 64 new tokens, KL coefficient 0.05 (reference per step);
+- ppo: PPO against TRL 1.10's experimental PPOTrainer (TRL 1.16 has none; it runs under
+  `--trl110-python`): 8 prompts x 1 completion of up to 64 tokens per iteration, 4 PPO epochs
+  x 2 minibatches, a reward model and a value model (both the same backbone with a one-output
+  head, seed 1), k1 KL in the reward (0.05), GAE(1.0, 0.95); s/iteration;
 - sampler: generation alone, 8 rows x 64 new tokens: preftune's `generate` against
   transformers' `model.generate` (what TRL calls), tokens/s.
-PPO is not measured: TRL 1.16 has no PPO trainer (TRL 1.10's experimental one needs an
-environment of its own).
 
 Each (workload, implementation) runs in a fresh subprocess; implementations alternate
 (preftune, TRL, preftune, TRL, ...) so that load from other processes hits both alike; the
 table reports the median over `--repeats`. A step is timed from the end of one optimizer step
 to the end of the next (preftune: wrapping `Engine.optimizer_step`; TRL: a
-`TrainerCallback.on_step_end`); the median step after `--warmup` steps is reported, as tokens/s
-(real tokens of the batch per step / median step time) for the offline workloads and s/step
-for the online ones. Peak memory: the subprocess's RSS high-water mark (`ru_maxrss`).
+`TrainerCallback.on_step_end`; PPO: one whole iteration, rollout and updates, on both sides);
+the median step after `--warmup` steps is reported, as tokens/s (real tokens of the batch per
+step / median step time) for the offline workloads and s/step for the online ones. Peak
+memory: the subprocess's RSS high-water mark (`ru_maxrss`) at the end of the last step (what
+comes after training, e.g. saving the model, is not counted); on a GPU also
+`torch.cuda.max_memory_allocated`, which the memory ratio then uses.
 """
 
 from __future__ import annotations
@@ -102,6 +112,21 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+STEP_PEAKS: list[float] = []  # the RSS high-water mark at each timed step's end
+
+
+def stamp(stamps: list[float]) -> None:
+    """End of a timed step: its time, and the memory high-water mark so far (so that what a
+    library does after training, e.g. preftune saving the final model, is not counted)."""
+    stamps.append(time.perf_counter())
+    STEP_PEAKS.append(peak_rss_mb())
+
+
+def memory(baseline: float) -> dict:
+    return {"baseline_rss_mb": baseline, "peak_rss_mb": STEP_PEAKS[-1] if STEP_PEAKS else
+            peak_rss_mb(), "end_peak_rss_mb": peak_rss_mb(), "cuda_peak_mb": cuda_peak_mb()}
 
 
 def build_model(shape: dict, tokenizer):
@@ -192,7 +217,7 @@ def _stamp_optimizer_steps() -> list[float]:
 
     def timed(self):
         norm = original(self)
-        stamps.append(time.perf_counter())
+        stamp(stamps)
         return norm
 
     engine_mod.Engine.optimizer_step = timed
@@ -208,7 +233,7 @@ def _stamp_iterations() -> list[float]:
 
     def timed(*args, **kwargs):
         out = original(*args, **kwargs)
-        stamps.append(time.perf_counter())
+        stamp(stamps)
         return out
 
     online_mod.end_iteration = timed
@@ -290,8 +315,7 @@ def worker_preftune(workload: str, folder: Path, steps: int) -> dict:
     baseline = rss_mb()
     if main(argv + common + mp) != 0:
         raise SystemExit(f"preftune {workload} failed")
-    return {"stamps": stamps, "generation_s": gen_times, "baseline_rss_mb": baseline,
-            "peak_rss_mb": peak_rss_mb(), "cuda_peak_mb": cuda_peak_mb()}
+    return {"stamps": stamps, "generation_s": gen_times, **memory(baseline)}
 
 
 def worker_sampler(impl: str, folder: Path, steps: int) -> dict:
@@ -326,9 +350,8 @@ def worker_sampler(impl: str, folder: Path, steps: int) -> dict:
                                      min_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0,
                                      top_k=0, pad_token_id=tok.pad_token_id)
             n_tokens.append(int((out.shape[1] - width) * out.shape[0]))
-        stamps.append(time.perf_counter())
-    return {"stamps": stamps, "tokens": n_tokens, "baseline_rss_mb": baseline,
-            "peak_rss_mb": peak_rss_mb()}
+        stamp(stamps)
+    return {"stamps": stamps, "tokens": n_tokens, **memory(baseline)}
 
 
 # --- TRL workers -----------------------------------------------------------------------------
@@ -345,7 +368,7 @@ def worker_trl(workload: str, folder: Path, steps: int) -> dict:
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            stamp(stamps)
 
     original_generate = transformers.GenerationMixin.generate
 
@@ -411,8 +434,7 @@ def worker_trl(workload: str, folder: Path, steps: int) -> dict:
         trainer = Trainer(model=model_dir, reward_funcs=module.reward, args=args,
                           train_dataset=data, processing_class=tokenizer, callbacks=[Stamp()])
     trainer.train()
-    return {"stamps": stamps, "generation_s": gen_times, "baseline_rss_mb": baseline,
-            "peak_rss_mb": peak_rss_mb(), "cuda_peak_mb": cuda_peak_mb()}
+    return {"stamps": stamps, "generation_s": gen_times, **memory(baseline)}
 
 
 def worker_trl110_ppo(folder: Path, steps: int) -> dict:
@@ -431,7 +453,7 @@ def worker_trl110_ppo(folder: Path, steps: int) -> dict:
 
     class Stamp(TrainerCallback):  # PPOTrainer calls on_step_end once per PPO iteration
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            stamp(stamps)
 
     original_generate = transformers.GenerationMixin.generate
 
@@ -468,8 +490,7 @@ def worker_trl110_ppo(folder: Path, steps: int) -> dict:
                          reward_model=reward, value_model=value, train_dataset=data,
                          eval_dataset=data.select(range(PPO_PROMPTS)), callbacks=[Stamp()])
     trainer.train()
-    return {"stamps": stamps, "generation_s": gen_times, "baseline_rss_mb": baseline,
-            "peak_rss_mb": peak_rss_mb(), "cuda_peak_mb": cuda_peak_mb()}
+    return {"stamps": stamps, "generation_s": gen_times, **memory(baseline)}
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -526,7 +547,8 @@ def summarise(workload: str, raw: dict, warmup: int, batch: int) -> dict:
     intervals = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
     step_s = statistics.median(intervals)  # robust to a neighbour's burst on a shared machine
     row = {"step_s": step_s, "peak_rss_mb": raw["peak_rss_mb"],
-           "train_rss_mb": raw["peak_rss_mb"] - raw["baseline_rss_mb"]}
+           "train_rss_mb": raw["peak_rss_mb"] - raw["baseline_rss_mb"],
+           "end_peak_rss_mb": raw["end_peak_rss_mb"]}
     if raw.get("cuda_peak_mb") is not None:
         row["cuda_peak_mb"] = raw["cuda_peak_mb"]
     if workload == "sampler":
@@ -704,7 +726,8 @@ def main() -> None:
                     if len(raw["stamps"]) <= args.warmup + 1:  # a smoke run: nothing to time
                         print(f"  {workload:8s} {impl:8s} {len(raw['stamps'])} step(s), too few "
                               f"to time after --warmup {args.warmup}; peak RSS "
-                              f"{raw['peak_rss_mb']:,.0f} MB", flush=True)
+                              f"{raw['peak_rss_mb']:,.0f} MB at the last step, "
+                              f"{raw['end_peak_rss_mb']:,.0f} MB by the end", flush=True)
                         continue
                     row = summarise(workload, raw, args.warmup, batch)
                     if on_gpu and args.peak_tflops:  # MFU means little on a CPU: GPU runs only
