@@ -508,10 +508,12 @@ def run_worker(workload: str, impl: str, folder: Path, steps: int,
         env["PYTHONPATH"] = os.pathsep.join([baseline_src] + [
             p for p in env.get("PYTHONPATH", "").split(os.pathsep)
             if p and Path(p).resolve() != (Path(__file__).resolve().parents[1] / "src")])
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{impl} {workload} worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]),
+            "wall_s": time.perf_counter() - t0}  # the whole process: loading, steps, saving
 
 
 def model_flops_per_token(config: dict, seq_len: int) -> tuple[float, float]:
@@ -548,7 +550,7 @@ def summarise(workload: str, raw: dict, warmup: int, batch: int) -> dict:
     step_s = statistics.median(intervals)  # robust to a neighbour's burst on a shared machine
     row = {"step_s": step_s, "peak_rss_mb": raw["peak_rss_mb"],
            "train_rss_mb": raw["peak_rss_mb"] - raw["baseline_rss_mb"],
-           "end_peak_rss_mb": raw["end_peak_rss_mb"]}
+           "end_peak_rss_mb": raw["end_peak_rss_mb"], "wall_s": raw["wall_s"]}
     if raw.get("cuda_peak_mb") is not None:
         row["cuda_peak_mb"] = raw["cuda_peak_mb"]
     if workload == "sampler":
@@ -733,7 +735,8 @@ def main() -> None:
                     if on_gpu and args.peak_tflops:  # MFU means little on a CPU: GPU runs only
                         row["mfu"] = mfu(workload, row, config, args.peak_tflops)
                     runs[impl].append(row)
-                    print(f"  {workload:8s} {impl:8s} {fmt(workload, row)}", flush=True)
+                    print(f"  {workload:8s} {impl:8s} {fmt(workload, row)} "
+                          f"({row['wall_s']:.0f} s in all)", flush=True)
             rows = {impl: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None
                            else None for k in rs[0]} for impl, rs in runs.items() if rs}
             faster = WORKLOADS[workload][0] == "tokens/s"
