@@ -327,7 +327,9 @@ def worker_sampler(impl: str, folder: Path, steps: int) -> dict:
 
     torch.set_num_threads(THREADS)
     tok = AutoTokenizer.from_pretrained(str(folder / "model"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(folder / "model"), dtype=torch.float32)
+    model.to(device)
     prompts = [json.loads(line)["prompt"] for line in open(folder / "pairs.jsonl")][:PROMPTS_PER_STEP]
     prompt_ids = [tok(p)["input_ids"] for p in prompts]
     baseline = rss_mb()
@@ -343,7 +345,8 @@ def worker_sampler(impl: str, folder: Path, steps: int) -> dict:
             torch.manual_seed(step)
             rows = [p for p in prompt_ids for _ in range(GENERATIONS)]
             width = max(map(len, rows))
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows],
+                               device=device)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
                                      do_sample=True, max_new_tokens=NEW_TOKENS,
