@@ -305,7 +305,6 @@ def test_group_methods_need_two_generations(tmp_path, capsys, command):
     ({"reward_weights": ["1", "2"]}, "reward_weights"),
     ({"num_generations": 3}, "exactly 2"),
     ({"generator": "vllm"}, "vllm"),
-    ({"grad_accum": 2}, "grad_accum"),
     ({"temperature": 0}, "temperature"),
 ])
 def test_bad_settings_are_refused_before_loading(tmp_path, capsys, overrides, expected):
@@ -317,6 +316,16 @@ def test_bad_settings_are_refused_before_loading(tmp_path, capsys, overrides, ex
     err = _fails(_args("online-dpo", _prompts(tmp_path / "p.jsonl"), tmp_path / "run",
                        **overrides), capsys)
     assert expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_grad_accum_is_not_an_online_flag(tmp_path, capsys):
+    # Online commands split each rollout into minibatches themselves: no --grad-accum at all
+    # (a YAML key grad_accum is refused with that reason, tests/test_config_blocks.py).
+    with pytest.raises(SystemExit) as exc:
+        main(_args("online-dpo", _prompts(tmp_path / "p.jsonl"), tmp_path / "run", grad_accum=2))
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --grad-accum" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

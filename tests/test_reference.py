@@ -1,5 +1,5 @@
-"""The one reference builder and the one tokenizer check; settings a command inherits but
-cannot use (`config.fixed`)."""
+"""The one reference builder and the one tokenizer check; settings other commands have and an
+online command does not (no flag; a YAML key is refused with the reason)."""
 
 from __future__ import annotations
 

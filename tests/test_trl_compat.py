@@ -121,8 +121,8 @@ def test_grpo_batch_settings_become_the_rollout(monkeypatch):
     # = 4 prompts x 4 generations; one optimizer step per rollout; micro-batches of 4 rows.
     cfg = resolve("grpo", base + ["--per_device_train_batch_size", "4",
                                   "--gradient_accumulation_steps", "2"])
-    assert (cfg.prompts_per_step, cfg.batch_size, cfg.num_minibatches, cfg.grad_accum) == (
-        4, 4, 1, 1)
+    assert (cfg.prompts_per_step, cfg.batch_size, cfg.num_minibatches) == (4, 4, 1)
+    assert not hasattr(cfg, "grad_accum")  # online commands accumulate no further
     # steps_per_generation 4 with grad accum 2: 4 x 2 x 4 = 32 completions = 8 prompts x 4,
     # and 4 / 2 = 2 optimizer steps per rollout.
     cfg = resolve("grpo", base + ["--per_device_train_batch_size", "4",

@@ -269,19 +269,14 @@ def _missing_eos(value, ctx):
     return {"missing_eos_penalty": 0.0 if value is None else value}
 
 
+COLOCATED_ONLY = "preftune runs vLLM colocated in the trainer process only"
+
+
 def _use_vllm(value, ctx):
     mode = ctx.aliases.get("vllm_mode", "colocate")
     if value and mode != "colocate":
-        raise ctx.refuse("vllm_mode", f"{mode!r}: preftune runs vLLM colocated in the trainer "
-                         "process only")
+        raise ctx.refuse("vllm_mode", f"{mode!r}: {COLOCATED_ONLY}")
     return {"generator": "vllm" if value else "hf"}
-
-
-def _vllm_mode(value, ctx):
-    if value != "colocate":
-        raise ctx.refuse("vllm_mode", f"{value!r}: preftune runs vLLM colocated in the trainer "
-                         "process only")
-    return {}
 
 
 def _text_field(value, ctx):
@@ -359,19 +354,6 @@ def _online_dpo_loss(value, ctx):
     if value not in ("dpo", "ipo"):
         raise ctx.refuse("loss_type", f"{value!r}: TRL's online DPO has sigmoid and ipo")
     return {"loss_type": value}
-
-
-def _kto_loss(value, ctx):
-    if value != "kto":
-        raise ctx.refuse("loss_type", f"{value!r}: preftune's KTO is the loss of Ethayarajh et "
-                         "al. 2024 (TRL's `kto`) only")
-    return {}
-
-
-def _sft_loss(value, ctx):
-    if value != "nll":
-        raise ctx.refuse("loss_type", f"{value!r}: preftune's SFT loss is the NLL (TRL's `nll`)")
-    return {}
 
 
 GRPO_AGGREGATION = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
@@ -612,9 +594,10 @@ ALIASES: tuple[Alias, ...] = (
     A("loss_type", "loss_type", frozenset({"online-dpo"}), "sigmoid: dpo; ipo: ipo (both sum "
       "log-ratios, as preftune does)", _online_dpo_loss),
     A("loss_type", "(the KTO loss)", frozenset({"kto"}), "kto accepted; others refused",
-      _kto_loss),
+      _must_be("loss_type", ("kto",), "preftune's KTO is the loss of Ethayarajh et al. 2024 "
+               "(TRL's `kto`) only")),
     A("loss_type", "(the SFT loss)", frozenset({"sft"}), "nll accepted; others refused",
-      _sft_loss),
+      _must_be("loss_type", ("nll",), "preftune's SFT loss is the NLL (TRL's `nll`)")),
     A("loss_type", "loss_aggregation", frozenset({"grpo"}), "grpo: sequence, dapo: token, "
       "dr_grpo: constant; bnpo refused (per-process token count)", _grpo_loss),
     A("label_smoothing", "label_smoothing", frozenset({"dpo", "online-dpo"}), "same ε "
@@ -653,7 +636,8 @@ ALIASES: tuple[Alias, ...] = (
       _missing_eos),
     A("use_vllm", "generator", SAMPLING, "true: vllm (colocated); false: hf", _use_vllm,
       switch=True),
-    A("vllm_mode", "(generator)", SAMPLING, "colocate accepted; server refused", _vllm_mode),
+    A("vllm_mode", "(generator)", SAMPLING, "colocate accepted; server refused",
+      _must_be("vllm_mode", ("colocate",), COLOCATED_ONLY)),
     A("vllm_gpu_memory_utilization", "vllm_gpu_memory_utilization", SAMPLING, "same",
       _same("vllm_gpu_memory_utilization")),
     # --- LoRA (TRL's ModelConfig) ----------------------------------------------------------------

@@ -112,6 +112,23 @@ def _write_through(cfg, out: Path, rows, sink: _JsonlSink | None = None, stem: s
     return writer.n
 
 
+def _filter_and_write(cfg, out: Path, side_file: str, side_key: str, run) -> tuple[object, dict]:
+    """Run a row filter, `run(sink) -> (rows, report)`, that records the rows it leaves out in
+    `side_file` (JSON lines); write the rows to data.<format> and the report, naming both files
+    (the side file under `side_key`), to report.json. -> (report, what report.json holds)."""
+    sink = _JsonlSink(out / side_file)
+    try:
+        rows, report = run(sink)
+    except BaseException:
+        sink.close(ok=False)
+        raise
+    _write_through(cfg, out, rows, sink)
+    result = {**dataclasses.asdict(report), "output": f"data.{cfg.format}",
+              side_key: side_file, "config": dataclasses.asdict(cfg)}
+    write_report(result, out / "report.json")
+    return report, result
+
+
 def _reward(cfg) -> object | None:
     if not cfg.reward_model and not cfg.reward_fn:
         return None
@@ -231,18 +248,11 @@ def run_dedup(cfg: DedupConfig) -> dict:
     from preftune.datatools.dedup import dedup
 
     out = _prepare_output(cfg)
-    sink = _JsonlSink(out / "removed.jsonl")
-    try:
-        kept, report = dedup(_open(cfg), on=cfg.on, threshold=cfg.threshold,
-                             num_perm=cfg.num_perm, shingle=cfg.shingle, near=cfg.near,
-                             removed=sink, progress=lambda it: progress(it, desc="find duplicates"))
-    except BaseException:
-        sink.close(ok=False)
-        raise
-    _write_through(cfg, out, kept, sink)
-    result = {**dataclasses.asdict(report), "output": f"data.{cfg.format}",
-              "removed_file": "removed.jsonl", "config": dataclasses.asdict(cfg)}
-    write_report(result, out / "report.json")
+    report, result = _filter_and_write(
+        cfg, out, "removed.jsonl", "removed_file",
+        lambda sink: dedup(_open(cfg), on=cfg.on, threshold=cfg.threshold, num_perm=cfg.num_perm,
+                           shingle=cfg.shingle, near=cfg.near, removed=sink,
+                           progress=lambda it: progress(it, desc="find duplicates")))
     _print([f"{report.source}: {report.n_rows:,} rows -> {report.n_kept:,} kept; removed "
             f"{report.exact_duplicates:,} exact and {report.near_duplicates:,} near duplicates",
             f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}"])
@@ -281,16 +291,9 @@ def run_decontaminate(cfg: DecontaminateConfig) -> dict:
         from preftune.trainers.common import resolve_data_source
 
         index.add_eval_set(name, RowStream(resolve_data_source(name), split=cfg.against_split))
-    sink = _JsonlSink(out / "removed.jsonl")
-    try:
-        kept, report = decontaminate(_open(cfg), index, responses=cfg.responses, removed=sink)
-    except BaseException:
-        sink.close(ok=False)
-        raise
-    _write_through(cfg, out, kept, sink)
-    result = {**dataclasses.asdict(report), "output": f"data.{cfg.format}",
-              "removed_file": "removed.jsonl", "config": dataclasses.asdict(cfg)}
-    write_report(result, out / "report.json")
+    report, result = _filter_and_write(
+        cfg, out, "removed.jsonl", "removed_file",
+        lambda sink: decontaminate(_open(cfg), index, responses=cfg.responses, removed=sink))
     lines = [f"{report.source}: {report.n_rows:,} rows -> {report.n_kept:,} kept; removed "
              f"{report.n_removed:,} sharing a {cfg.ngram}-gram with an evaluation set"]
     for name, entry in report.eval_sets.items():
@@ -328,17 +331,10 @@ def run_binarize(cfg: BinarizeConfig) -> dict:
     from preftune.datatools.binarize import binarize
 
     out = _prepare_output(cfg)
-    sink = _JsonlSink(out / "bad_ratings.jsonl")
-    try:
-        pairs, report = binarize(_open(cfg), rating=cfg.rating, pairs=cfg.pairs,
-                                 min_margin=cfg.min_margin, seed=cfg.seed, bad_ratings=sink)
-    except BaseException:
-        sink.close(ok=False)
-        raise
-    _write_through(cfg, out, pairs, sink)
-    result = {**dataclasses.asdict(report), "output": f"data.{cfg.format}",
-              "bad_ratings_file": "bad_ratings.jsonl", "config": dataclasses.asdict(cfg)}
-    write_report(result, out / "report.json")
+    report, result = _filter_and_write(
+        cfg, out, "bad_ratings.jsonl", "bad_ratings_file",
+        lambda sink: binarize(_open(cfg), rating=cfg.rating, pairs=cfg.pairs,
+                              min_margin=cfg.min_margin, seed=cfg.seed, bad_ratings=sink))
     _print([f"{report.source}: {report.n_rows:,} rows -> {report.n_pairs:,} pairs "
             f"({cfg.pairs}, rating {cfg.rating}); dropped {report.ties_dropped:,} ties and "
             f"{report.below_min_margin_dropped:,} below the minimum margin; "
@@ -370,14 +366,16 @@ class RelabelConfig(WritingConfig):
     command = "relabel"
 
     def validate(self) -> None:
-        from preftune.trainers.rollout import RewardSettings  # the one ensemble-settings check
-
         super().validate()
         if bool(self.reward_model) == bool(self.reward_fn):
             raise PreftuneError("relabel needs exactly one reward source: --reward-model PATH or "
                                 "--reward-fn module:function")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        RewardSettings.validate_ensemble(self)
+        # Imported here: preftune.rewards imports torch; `preftune data --help` need not.
+        from preftune.rewards.sources import check_ensemble_settings, is_ensemble
+
+        check_ensemble_settings(self.ensemble_agg, self.ensemble_coef,
+                                is_ensemble(self.reward_model), self.reward_model)
 
 
 def run_relabel(cfg: RelabelConfig) -> dict:

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig, config_to_dict, save_config
+from preftune.config import TrainingSettings, config_to_dict, save_config
 from preftune.engine import preemption, rundir
 from preftune.engine.checkpoint import (  # noqa: F401  (re-exported for trainers and tests)
     CHECKPOINT_DIR,
@@ -137,7 +137,7 @@ def _check_mixed_precision(setting: str) -> None:
 class Engine:
     """One run's accelerate state, optimizer, schedule, checkpoints and metrics."""
 
-    def __init__(self, cfg: TrainConfig, command: str):
+    def __init__(self, cfg: TrainingSettings, command: str):
         self.cfg = cfg
         self.command = command
         self.output_dir = Path(cfg.output_dir or f"runs/{command}")
@@ -341,7 +341,7 @@ class Engine:
     # --- data order ----------------------------------------------------------------------
 
     @property
-    def global_batch_size(self) -> int:
+    def global_batch_size(self) -> int:  # the offline commands' (`config.TrainConfig`)
         return self.cfg.batch_size * self.cfg.grad_accum * self.world_size
 
     def steps_per_epoch(self, n_examples: int) -> int:
@@ -681,7 +681,7 @@ def _round(v: Any) -> Any:
     return v
 
 
-def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+def _flat_config(cfg: TrainingSettings) -> dict[str, Any]:
     return {k: v for k, v in config_to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import yaml
 
-from preftune.config import _require, arg, save_config
+from preftune.config import DataSettings, _require, arg, prompt_limit, save_config
 from preftune.data import formats
 from preftune.data.collate import collate_pairs
 from preftune.data.loading import load_rows, parse_column_map
@@ -68,8 +68,9 @@ RESULT_FILES = ("results.json", "scores.jsonl", "reliability.png", "rewards.png"
 
 
 @dataclass
-class EvalRMConfig:
-    """Settings of `preftune eval-rm` (an evaluation, not a training run)."""
+class EvalRMConfig(DataSettings):
+    """Settings of `preftune eval-rm` (an evaluation, not a training run): the data block
+    (`data`, `split`, `columns`, `on_bad_row`) and its own."""
 
     # --- the reward --------------------------------------------------------------------------
     model: str = arg("", "The reward to evaluate: a reward model folder (or hub id in the "
@@ -96,15 +97,10 @@ class EvalRMConfig:
     # --- data --------------------------------------------------------------------------------
     data: str = arg("", "Preference pairs: paired (prompt, chosen, rejected [, subset]), "
                     "implicit pairs (chosen, rejected) or ranked rows (split into all pairs).")
-    split: str = arg("train", "Dataset split to read when `data` is a hub dataset name.")
-    columns: str = arg("", "Column mapping from your names to preftune's, e.g. "
-                       "`prompt=question,chosen=good,rejected=bad`.")
-    on_bad_row: str = arg("skip", "Skip malformed rows (reporting the count) or stop at the "
-                          "first one.", choices=("skip", "error"))
     max_length: int = arg(0, "Maximum tokens of prompt + completion (0: the value the reward "
                           "model was trained with, read from its config.yaml, else 512).")
-    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: as trained, else half of "
-                                 "max_length).")
+    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: as trained; there, and for a "
+                                 "model without config.yaml, 0 is half of max_length).")
     prompt_truncation: str = arg("", "Which part of a long prompt survives truncation (empty: "
                                  "as trained, else keep_end).", choices=("", "keep_end", "keep_start"))
     chat_template: str = arg("", "Jinja chat template file overriding the tokenizer's own.")
@@ -145,7 +141,7 @@ class EvalRMConfig:
                           "(default: runs/eval-rm).")
     overwrite: bool = arg(False, "Replace the results already in `output_dir`.")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if not self.model:
             raise PreftuneError("model: no reward given; pass --model (a reward model folder, a "
                                 "policy with --ref-model, or module:function)")
@@ -162,11 +158,6 @@ class EvalRMConfig:
             raise PreftuneError(f"max_prompt_length: got {self.max_prompt_length}, expected an "
                                 f"integer in [0, max_length={self.max_length})")
         _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "a number > 0")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
-                                    f"{', '.join(map(repr, choices))}")
         if self.ref_model and self.reference_free:
             raise PreftuneError("ref_model and reference_free were both given: --ref-model scores "
                                 "log-ratios against a reference, --reference-free the policy alone; "
@@ -274,7 +265,9 @@ def training_truncation(model_dir: str) -> dict:
 def resolve_truncation(cfg: EvalRMConfig, model_dir: str, log):
     trained = training_truncation(model_dir)
     max_length = cfg.max_length or int(trained.get("max_length", 512))
-    prompt = cfg.max_prompt_length or int(trained.get("max_prompt_length", 0)) or max_length // 2
+    # 0 here: as trained; 0 there: half of max_length, as in every command (`prompt_limit`)
+    prompt = prompt_limit(cfg.max_prompt_length or int(trained.get("max_prompt_length", 0)),
+                          max_length)
     how = cfg.prompt_truncation or trained.get("prompt_truncation", "keep_end")
     if prompt >= max_length:
         raise PreftuneError(f"max_prompt_length ({prompt}) must be smaller than max_length "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import arg, prompt_limit, save_config
+from preftune.config import DataSettings, RunSettings, arg, save_config
 from preftune.errors import PreftuneError
 from preftune.models.loading import load_causal_lm
 from preftune.trainers.common import prepare_tokenizer
@@ -31,48 +31,26 @@ from preftune.utils import atomic_write_json, atomic_write_text
 
 
 @dataclass
-class BestOfNConfig(RolloutSettings):
+class BestOfNConfig(RunSettings, DataSettings, RolloutSettings):
+    """The rollout's blocks (model, token budgets, sampling, reward), the data's and the
+    output folder's, plus N."""
+
     model: str = arg("tiny", "Policy to sample from: a local folder, a hub name, or `tiny`.")
-    dtype: str = arg("auto", "Weights dtype when loading the model.",
-                     choices=("auto", "float32", "bfloat16", "float16"))
-    chat_template: str = arg("", "Jinja chat template file overriding the tokenizer's own.")
     data: str = arg("demo", "Prompts: any file or dataset with a prompt column (prompt-only, "
                     "pairs, conversations). `demo` is the built-in HH-RLHF sample.")
-    split: str = arg("train", "Dataset split to read when `data` is a hub dataset name.")
-    columns: str = arg("", "Column mapping from your names to preftune's, e.g. "
-                       "`prompt=question`.")
-    on_bad_row: str = arg("skip", "Skip malformed rows (and report them) or stop at the first.",
-                          choices=("skip", "error"))
     max_prompts: int = arg(0, "Use only the first this many prompts (0: all).")
-    max_length: int = arg(512, "Maximum tokens of prompt + completion.")
-    max_prompt_length: int = arg(0, "Maximum prompt tokens (0: half of `max_length`).")
-    prompt_truncation: str = arg("keep_end", "Which part of a long prompt survives truncation.",
-                                 choices=("keep_end", "keep_start"))
     n: int = arg(4, "N: completions sampled per prompt.")
     prompts_per_batch: int = arg(16, "Prompts sampled and scored together.")
     output_dir: str = arg("", "Where the dataset and summary go (default: runs/best-of-n).")
     overwrite: bool = arg(False, "Replace the files of a previous run in `output_dir`.")
     seed: int = arg(0, "Seed for `tiny`'s weights and for sampling.")
 
-    def validate(self) -> None:
-        self.validate_rollout()
+    def check(self) -> None:
         for name, value in (("n", self.n), ("prompts_per_batch", self.prompts_per_batch)):
             if not isinstance(value, int) or value < 1:
                 raise PreftuneError(f"{name}: got {value!r}, expected an integer >= 1")
         if self.max_prompts < 0:
             raise PreftuneError(f"max_prompts: got {self.max_prompts}, expected an integer >= 0")
-        if not 0 <= self.max_prompt_length < self.max_length:
-            raise PreftuneError(f"max_prompt_length: got {self.max_prompt_length}, expected an "
-                                f"integer in [0, max_length={self.max_length})")
-        for f in self.__dataclass_fields__.values():
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
-                                    f"{', '.join(map(str, choices))}")
-
-    @property
-    def prompt_limit(self) -> int:
-        return prompt_limit(self.max_prompt_length, self.max_length)
 
 
 def kl_bound(n: int) -> float:

@@ -6,7 +6,8 @@ import random
 from importlib import resources
 from typing import Any
 
-from preftune.config import TrainConfig
+from preftune.config import (LengthSettings, ModelSettings, ModelTrainingSettings, TrainConfig,
+                             TrainingSettings)
 from preftune.data import formats
 from preftune.data.loading import load_rows, parse_column_map
 from preftune.data.tokenize import TruncationConfig, set_chat_template
@@ -30,7 +31,7 @@ def resolve_data_source(source: str) -> str:
     return source
 
 
-def read_examples(source: str, kind: str, cfg: TrainConfig, log=print, **convert_kw) -> list[Any]:
+def read_examples(source: str, kind: str, cfg: TrainingSettings, log=print, **convert_kw) -> list[Any]:
     """Load one data source and convert it to examples of `kind`, reporting what was skipped."""
     if not source:
         raise PreftuneError("data: no training data given; pass --data FILE (or `demo` for the "
@@ -69,19 +70,19 @@ def train_eval_examples(cfg: TrainConfig, kind: str, log=print, **convert_kw
     return train, held_out
 
 
-def truncation(cfg: TrainConfig) -> TruncationConfig:
+def truncation(cfg: LengthSettings) -> TruncationConfig:
     trunc = TruncationConfig(max_length=cfg.max_length, max_prompt_length=cfg.prompt_limit,
                              prompt_truncation=cfg.prompt_truncation)
     return trunc
 
 
-def prepare_tokenizer(tokenizer, cfg: TrainConfig):
+def prepare_tokenizer(tokenizer, cfg: ModelSettings):
     if cfg.chat_template:
         set_chat_template(tokenizer, cfg.chat_template)
     return tokenizer
 
 
-def lora_settings(cfg: TrainConfig) -> LoraSettings:
+def lora_settings(cfg: ModelTrainingSettings) -> LoraSettings:
     targets: Any = cfg.lora_target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -89,7 +90,7 @@ def lora_settings(cfg: TrainConfig) -> LoraSettings:
                         target_modules=targets)
 
 
-def load_policy(cfg: TrainConfig):
+def load_policy(cfg: TrainingSettings):
     """The causal LM to train, with its tokenizer, LoRA and gradient checkpointing applied."""
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
     prepare_tokenizer(tokenizer, cfg)

@@ -68,8 +68,7 @@ class DPOConfig(TrainConfig):
                                "(reused by --resume) and hold no reference model while "
                                "training.")
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         check_preference_hparams(self.loss, self.beta, self.label_smoothing, self.simpo_gamma,
                                  sft_weight=self.sft_weight)
         if self.loss in REFERENCE_FREE:

@@ -46,8 +46,7 @@ class KTOConfig(TrainConfig):
     ref_model: str = arg("", "Reference model (folder or hub name); default: the initial "
                          "policy (with LoRA, the base model with the adapters disabled).")
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if not self.beta > 0:
             raise PreftuneError(f"beta: got {self.beta!r}, expected a number > 0")
         for name in ("desirable_weight", "undesirable_weight"):

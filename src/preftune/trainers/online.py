@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from preftune.config import TrainConfig, arg, fixed
+from preftune.config import TrainingSettings, arg
 from preftune.engine.checkpoint import data_fingerprint
 from preftune.errors import PreftuneError
 from preftune.trainers.common import load_policy
@@ -36,8 +36,13 @@ NO_EVAL = ("online trainers have no held-out evaluation; the reward of each roll
 
 
 @dataclass
-class OnlineConfig(TrainConfig, RolloutSettings):
-    """Settings of every online training command (each trainer adds its own)."""
+class OnlineConfig(RolloutSettings, TrainingSettings):
+    """Settings of every online training command (each trainer adds its own): the training
+    blocks and the rollout's, without gradient accumulation or held-out evaluation."""
+
+    ABSENT_SETTINGS: ClassVar[dict[str, str]] = {
+        "grad_accum": NO_GRAD_ACCUM, "eval_data": NO_EVAL, "eval_fraction": NO_EVAL,
+        "eval_steps": NO_EVAL}
 
     data: str = arg("demo", "Prompts: any file or dataset with a prompt (prompt-only, "
                     "preference pairs, conversations; extra columns go to the reward "
@@ -53,14 +58,8 @@ class OnlineConfig(TrainConfig, RolloutSettings):
     num_generations: int = arg(1, "Completions sampled per prompt in each rollout.")
     ref_model: str = arg("", "Reference policy (default: the initial policy; with --lora the "
                          "policy with its adapters disabled, no copy).")
-    grad_accum: int = fixed(1, NO_GRAD_ACCUM)
-    eval_data: str = fixed("", NO_EVAL)
-    eval_fraction: float = fixed(0.0, NO_EVAL)
-    eval_steps: int = fixed(0, NO_EVAL)
 
-    def validate(self) -> None:
-        super().validate()
-        self.validate_rollout()
+    def check(self) -> None:
         for name in ("prompts_per_step", "num_generations"):
             if getattr(self, name) < 1:
                 raise PreftuneError(f"{name}: got {getattr(self, name)!r}, expected an "

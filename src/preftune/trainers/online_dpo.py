@@ -41,8 +41,7 @@ class OnlineDPOConfig(online.OnlineConfig):
     label_smoothing: float = arg(0.0, "Assumed label-flip rate, cdpo and robust only.")
     simpo_gamma: float = arg(0.5, "SimPO's target reward margin γ.")
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if self.num_generations != 2:
             raise PreftuneError(f"num_generations: got {self.num_generations}, online DPO "
                                 "samples exactly 2 completions per prompt and ranks them")

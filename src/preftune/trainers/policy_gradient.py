@@ -32,8 +32,9 @@ from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
 from preftune.trainers.rollout import collect_rollout, make_generator_backend
-from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, add_policy_metrics,
-                                       aggregate_loss, loss_units, minibatches)
+from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings,
+                                       add_clipped_update_metrics, aggregate_loss, loss_units,
+                                       minibatches)
 
 @dataclass
 class PolicyGradientConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
@@ -41,10 +42,7 @@ class PolicyGradientConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfi
 
     BASELINE: ClassVar[str] = "group"  # or "leave_one_out"; not a flag: it is the command
 
-    def validate(self) -> None:
-        super().validate()
-        self.validate_updates()
-        self.validate_kl()
+    def check(self) -> None:
         if self.num_generations < 2:
             raise PreftuneError(f"num_generations: got {self.num_generations}, expected an "
                                 "integer >= 2 (the advantage of a completion compares it with "
@@ -113,9 +111,7 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
                 loss_sum = aggregate_loss(per_token, mask, cfg)
                 engine.backward(loss_sum, mb.global_units)
             window.add("loss/policy", loss_sum.detach(), count=loss_units(mask, cfg))
-            window.add("clipfrac", pg["clipfrac"])
-            if first_epoch:
-                add_policy_metrics(window, out, b, mask)
+            add_clipped_update_metrics(window, mb, out, pg)
             if mb.last:
                 window.add("grad_norm", engine.optimizer_step())
 

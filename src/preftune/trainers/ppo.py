@@ -42,8 +42,9 @@ from preftune.trainers import online
 from preftune.trainers.common import lora_settings, prepare_tokenizer
 from preftune.trainers.reference import build_reference
 from preftune.trainers.rollout import collect_rollout, make_generator_backend
-from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings, add_policy_metrics,
-                                       aggregate_loss, loss_units, minibatches, token_mean)
+from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings,
+                                       add_clipped_update_metrics, aggregate_loss, loss_units,
+                                       minibatches, token_mean)
 
 
 @dataclass
@@ -71,10 +72,7 @@ class PPOConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
                                 "over all tokens), `sequence`, `constant` or `sequence_sum`.",
                                 choices=AGGREGATION_MODES)
 
-    def validate(self) -> None:
-        super().validate()
-        self.validate_updates()
-        self.validate_kl()
+    def check(self) -> None:
         if not self.value_clip_eps > 0:
             raise PreftuneError(f"value_clip_eps: got {self.value_clip_eps}, expected a "
                                 "number > 0")
@@ -200,11 +198,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
             window.add("loss/total", loss_sum.detach(), count=units)
             window.add("loss/policy", aggregate_loss(pg_tok.detach(), m, cfg), count=units)
             window.add("loss/value", aggregate_loss(vf_tok.detach(), m, cfg), count=units)
-            window.add("clipfrac", pg["clipfrac"])
             window.add("approx_kl", pg["approx_kl"])
             window.add("value/clipfrac", vf["vf_clipfrac"])
-            if first_epoch:
-                add_policy_metrics(window, out, b, m)
+            add_clipped_update_metrics(window, mb, out, pg)
             if mb.last:
                 window.add("grad_norm", engine.optimizer_step())
 

@@ -108,8 +108,7 @@ class RewardConfig(TrainConfig):
                                        "evaluations, then restore and save the weights with "
                                        "the lowest held-out loss. 0: off (train all steps).")
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if self.early_stopping_patience < 0:
             raise PreftuneError(f"early_stopping_patience: got {self.early_stopping_patience}, "
                                 "expected an integer >= 0")
@@ -286,6 +285,19 @@ def _packed(batch) -> dict:
     return {"packed": batch["packed"]} if "packed" in batch else {}
 
 
+def _pair_tail(losses: torch.Tensor, metrics: dict, rewards: torch.Tensor, r_first: torch.Tensor,
+               r_second: torch.Tensor, center_coef: float, second_moment: bool) -> torch.Tensor:
+    """The end of a pair objective (Bradley-Terry, ties): the centering penalty added to the
+    per-pair losses (returned) and the reward statistics added to `metrics`."""
+    if center_coef:
+        penalty = reward_centering_penalty(r_first, r_second, center_coef)  # Eisenstein et al. 2023
+        losses = losses + penalty
+        metrics["loss/centering"] = penalty.detach()
+    metrics.update(_reward_stats(rewards, len(r_first), (r_first + r_second) / 2,
+                                 (r_first ** 2 + r_second ** 2) / 2, second_moment))
+    return losses
+
+
 @dataclass
 class PairwiseRewardObjective:
     """Bradley-Terry over the global batch of pairs, + margin, + centering penalty."""
@@ -305,12 +317,8 @@ class PairwiseRewardObjective:
         losses, m = bradley_terry_loss(r_chosen, r_rejected, batch.get("margin"))
         metrics = {"rewards/accuracies": m["accuracy"], "rewards/margins": m["margin"],
                    "rewards/chosen": m["reward/chosen"], "rewards/rejected": m["reward/rejected"]}
-        if self.center_coef:
-            penalty = reward_centering_penalty(r_chosen, r_rejected, self.center_coef)  # Eisenstein et al. 2023
-            losses = losses + penalty
-            metrics["loss/centering"] = penalty.detach()
-        metrics.update(_reward_stats(rewards, n, (r_chosen + r_rejected) / 2,
-                                     (r_chosen ** 2 + r_rejected ** 2) / 2, self.second_moment))
+        losses = _pair_tail(losses, metrics, rewards, r_chosen, r_rejected, self.center_coef,
+                            self.second_moment)
         return losses.sum(), metrics
 
 
@@ -378,12 +386,8 @@ class TieRewardObjective:
         metrics = {"rewards/accuracies": m.pop("accuracy"), "rewards/margins": m.pop("margin"), **m}
         metrics["rewards/chosen"], metrics["rewards/rejected"] = r_first.detach(), r_second.detach()
         metrics["tie/parameter"] = log_param.detach().exp()  # θ or ν
-        if self.center_coef:
-            penalty = reward_centering_penalty(r_first, r_second, self.center_coef)  # Eisenstein et al. 2023
-            losses = losses + penalty
-            metrics["loss/centering"] = penalty.detach()
-        metrics.update(_reward_stats(rewards, n, (r_first + r_second) / 2,
-                                     (r_first ** 2 + r_second ** 2) / 2, self.second_moment))
+        losses = _pair_tail(losses, metrics, rewards, r_first, r_second, self.center_coef,
+                            self.second_moment)
         return losses.sum(), metrics
 
 

@@ -2,7 +2,8 @@
 log-probs the update needs (reference, π_old), each timed.
 
 - the settings: the reward source and its penalties (`RewardSettings`), sampling and the
-  generation backend (`SamplingSettings`); `RolloutSettings` is both;
+  generation backend (`SamplingSettings`); `RolloutSettings` is both, with the model and the
+  token budgets they are checked against;
 - the prompts: read and tokenized once; their order is a pure function of (seed, step), so a
   resumed run reads the prompts the interrupted one would have read next;
 - the sampling RNG, re-derived from (seed, step, rank) at every step, so a resumed run draws
@@ -21,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from preftune.config import _require, arg
+from preftune.config import LengthSettings, ModelSettings, Settings, _require, arg
 from preftune.data.tokenize import tokenize_prompts
 from preftune.errors import PreftuneError
 from preftune.generation import SamplingConfig, VLLMGenerator, generate, vllm_available
@@ -32,7 +33,7 @@ from preftune.trainers.reference import Reference
 
 
 @dataclass
-class RewardSettings:
+class RewardSettings(Settings):
     """Where the reward of a completion comes from, and the penalties subtracted from it."""
 
     reward_model: str = arg("", "Reward model folder (a sequence classifier with one output, "
@@ -57,7 +58,7 @@ class RewardSettings:
                                      "max_new_tokens without EOS (Huang et al. 2024).")
     length_penalty: float = arg(0.0, "Subtracted from the reward once per completion token.")
 
-    def validate_reward(self) -> None:
+    def check(self) -> None:
         _require(self.reward_batch_size >= 1, "reward_batch_size", self.reward_batch_size,
                  "an integer >= 1")
         _require(self.reward_timeout >= 0, "reward_timeout", self.reward_timeout,
@@ -74,15 +75,12 @@ class RewardSettings:
             raise PreftuneError(
                 f"reward_weights: got {len(self.reward_weights)} weights for {n_sources} reward "
                 "sources; give one per source, the reward model first, then the functions")
-        self.validate_ensemble()
-
-    def validate_ensemble(self) -> None:
         check_ensemble_settings(self.ensemble_agg, self.ensemble_coef,
                                 is_ensemble(self.reward_model), self.reward_model)
 
 
 @dataclass
-class SamplingSettings:
+class SamplingSettings(Settings):
     """How completions are sampled, and by which backend."""
 
     max_new_tokens: int = arg(64, "Most tokens sampled per completion (EOS included).")
@@ -95,7 +93,7 @@ class SamplingSettings:
                          choices=("hf", "vllm"))
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU memory share for the vLLM engine.")
 
-    def validate_sampling(self) -> None:
+    def check(self) -> None:
         _require(self.generation_batch_size >= 1, "generation_batch_size",
                  self.generation_batch_size, "an integer >= 1")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
@@ -105,18 +103,9 @@ class SamplingSettings:
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         _require(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
                  self.vllm_gpu_memory_utilization, "a number in (0, 1]")
-        # Every command that samples also has `model`, `max_length` and `prompt_limit`.
-        if self.max_new_tokens > self.max_length - self.prompt_limit:
-            raise PreftuneError(
-                f"max_new_tokens={self.max_new_tokens} does not fit after a prompt of up to "
-                f"{self.prompt_limit} tokens within max_length={self.max_length}; lower "
-                "max_new_tokens or max_prompt_length, or raise max_length")
-        if self.generator == "vllm":
-            if not vllm_available():
-                raise PreftuneError("generator=vllm needs the `vllm` package and a CUDA GPU "
-                                    "(pip install 'preftune[vllm]'); use --generator hf here")
-            if self.model.startswith("tiny"):
-                raise PreftuneError("generator=vllm needs a model folder or hub name, not `tiny`")
+        if self.generator == "vllm" and not vllm_available():
+            raise PreftuneError("generator=vllm needs the `vllm` package and a CUDA GPU "
+                                "(pip install 'preftune[vllm]'); use --generator hf here")
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -124,12 +113,18 @@ class SamplingSettings:
 
 
 @dataclass
-class RolloutSettings(SamplingSettings, RewardSettings):
-    """Prompts are sampled, completions scored: settings shared by training and best-of-N."""
+class RolloutSettings(SamplingSettings, RewardSettings, LengthSettings, ModelSettings):
+    """Prompts are sampled, completions scored: settings shared by training and best-of-N,
+    with the model that samples and the token budgets the sampling must fit in."""
 
-    def validate_rollout(self) -> None:
-        self.validate_reward()
-        self.validate_sampling()
+    def check(self) -> None:
+        if self.max_new_tokens > self.max_length - self.prompt_limit:
+            raise PreftuneError(
+                f"max_new_tokens={self.max_new_tokens} does not fit after a prompt of up to "
+                f"{self.prompt_limit} tokens within max_length={self.max_length}; lower "
+                "max_new_tokens or max_prompt_length, or raise max_length")
+        if self.generator == "vllm" and self.model.startswith("tiny"):
+            raise PreftuneError("generator=vllm needs a model folder or hub name, not `tiny`")
 
 
 # --- loading ---------------------------------------------------------------------------------

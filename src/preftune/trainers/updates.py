@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from preftune.config import arg
+from preftune.config import Settings, arg
 from preftune.errors import PreftuneError
 from preftune.losses.rl import AGGREGATION_MODES, KL_ESTIMATORS, aggregate_sum_and_units
 from preftune.losses.rl import kl_penalty
@@ -35,7 +35,7 @@ def warn_once(message: str) -> None:
 
 
 @dataclass
-class ClippedUpdateSettings:
+class ClippedUpdateSettings(Settings):
     """How a rollout is reused: PPO's clipped ratio over epochs and minibatches."""
 
     clip_eps: float = arg(0.2, "ε of the clipped ratio π/π_old (matters with ppo_epochs or "
@@ -50,7 +50,7 @@ class ClippedUpdateSettings:
                                 "completion, mean over completions: REINFORCE, RLOO).",
                                 choices=AGGREGATION_MODES)
 
-    def validate_updates(self) -> None:
+    def check(self) -> None:
         if not self.clip_eps > 0:
             raise PreftuneError(f"clip_eps: got {self.clip_eps}, expected a number > 0")
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
@@ -69,7 +69,7 @@ class ClippedUpdateSettings:
 
 
 @dataclass
-class KLSettings:
+class KLSettings(Settings):
     """The KL penalty to the reference policy: its weight β and per-token estimator."""
 
     kl_coef: float = arg(0.05, "Weight β of the KL penalty to the reference policy.")
@@ -77,7 +77,7 @@ class KLSettings:
                             "= log π/π_ref, k2 = ½(log π/π_ref)², k3 = π_ref/π − 1 − log π_ref/π.",
                             choices=KL_ESTIMATORS)
 
-    def validate_kl(self) -> None:
+    def check(self) -> None:
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise PreftuneError(f"kl_coef: got {self.kl_coef!r}, expected a finite number >= 0")
         default = {f.name: f.default for f in dataclasses.fields(self)}["kl_estimator"]
@@ -146,6 +146,14 @@ def add_policy_metrics(window, out, batch: dict[str, torch.Tensor], mask: torch.
     """The micro-batch's KL to the reference (`kl/k1`, `kl/k3`) and its per-token `entropy`."""
     window.add_all(sequence_kl(out.token_logps, batch["ref_logps"], mask))
     token_mean(window, "entropy", out.entropy, mask)
+
+
+def add_clipped_update_metrics(window, mb: Micro, out, pg: dict) -> None:
+    """Every micro-batch of a clipped update: its `clipfrac`; on the first pass over the
+    rollout, also the policy's KL to the reference and entropy (`add_policy_metrics`)."""
+    window.add("clipfrac", pg["clipfrac"])
+    if mb.epoch == 0:
+        add_policy_metrics(window, out, mb.batch, mb.batch["completion_mask"])
 
 
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
