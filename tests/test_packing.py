@@ -57,7 +57,8 @@ def _pair_features(seed: int, n: int, *, shared_completion: int = 0, same_length
     rng = random.Random(seed)
     feats = []
     for i in range(n):
-        prompt = [1] + [rng.randrange(10, 200) for _ in range(3 + 2 * i)]
+        # one long prompt first, so that the shorter pairs share rows (padding-free)
+        prompt = [1] + [rng.randrange(10, 200) for _ in range(24 if i == 0 else 2 + i)]
         shared = [rng.randrange(10, 200) for _ in range(shared_completion)]
         lc = 5 if same_length else rng.randrange(1, 8)
         lr = 5 if same_length else rng.randrange(1, 8)
@@ -260,6 +261,7 @@ def test_dpo_objective_packed_equal_padded(tokenizer, loss):
     objective = DPOObjective(cfg, reference)
     module = CompletionLogProbs(policy)
     batch = collate_pairs(_pair_features(5, 3, shared_completion=1), PAD, pack=True)
+    assert batch["packed"].input_ids.shape[0] < 3  # two pairs share a row
 
     def run(b):
         loss_sum, metrics = objective(module, b)
@@ -382,13 +384,16 @@ def test_sft_objective_padding_free_equal_padded(tokenizer):
         return loss_sum, [metrics["nll/per_token"]]
 
     _compare(run, model, batch)
+    # equal lengths: nothing to save, so no packed layout (the padded rows' causal mask runs)
+    assert "packed" not in collate_sft(_ragged_sequences(11, [9, 9, 9]), PAD, pack=True)
 
 
 def test_kto_objective_packed_equal_padded(tokenizer):
     rng = random.Random(13)
     features = []
     for i in range(5):
-        prompt = [1] + [rng.randrange(10, 200) for _ in range(rng.randrange(2, 9))]
+        # one long example first, so that the short ones share rows
+        prompt = [1] + [rng.randrange(10, 200) for _ in range(20 if i == 0 else rng.randrange(2, 9))]
         completion = [rng.randrange(10, 200) for _ in range(rng.randrange(1, 8))]
         seq = _seq(prompt + completion, len(prompt))
         features.append({**seq, "prompt_length": len(prompt), "label": i % 2 == 0})

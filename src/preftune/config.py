@@ -104,12 +104,6 @@ class ModelTrainingSettings(Settings):
                                choices=("auto", "no", "bf16", "fp16"))
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to "
                                        "save memory.")
-    packing: str = arg("auto", "Pack batches to skip repeated and padding tokens: each "
-                       "preference pair shares its common prefix (prompt) in one row, and so do "
-                       "the completions of one prompt in the online trainers; exact to float "
-                       "rounding. `auto`: where the model is verified for it (Llama, Mistral, "
-                       "Qwen2/3 with sdpa or eager attention), else padded; `off`: always "
-                       "padded rows.", choices=("auto", "off"))
     lora: bool = arg(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = arg(16, "LoRA rank.")
     lora_alpha: int = arg(32, "LoRA scaling alpha.")
@@ -294,7 +288,16 @@ class TrainingSettings(LoggingSettings, OptimSettings, RunSettings, LengthSettin
 @dataclass
 class TrainConfig(EvalSettings, AccumulationSettings, TrainingSettings):
     """Settings of the offline training commands (sft, dpo, kto, reward): every training
-    block, plus gradient accumulation and held-out evaluation."""
+    block, plus gradient accumulation and held-out evaluation, and how their batches are laid
+    out."""
+
+    packing: str = arg("auto", "Pack batches to skip repeated and padding tokens: each "
+                       "preference pair (or ranking) shares its common prefix (the prompt) in "
+                       "one row, several sequences share a row instead of padding; exact to "
+                       "float rounding. `auto`: where the model is verified for it (Llama, "
+                       "Mistral, Qwen2/3 with sdpa or eager attention) and the packed rows "
+                       "hold fewer tokens, else padded rows; `off`: always padded rows.",
+                       choices=("auto", "off"))
 
 
 def prompt_limit(max_prompt_length: int, max_length: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.models.packing import pack_sequences
+from preftune.models.packing import PackedBatch, pack_sequences
 
 
 def pad_sequences(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -32,11 +32,20 @@ def pad_sequences(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def fewer_tokens(packed: PackedBatch, padded_ids: torch.Tensor) -> bool:
+    """Whether the packed rows hold fewer tokens than the padded ones: only then are they
+    used (with no padding and nothing shared, the padded rows run a plain causal mask, which
+    the 4D mask of a packed batch does not beat)."""
+    return packed.input_ids.numel() < padded_ids.numel()
+
+
 def collate_sft(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
     """Right-padded rows; `pack`: also "packed", the same sequences padding-free."""
     batch: dict = pad_sequences(features, pad_id)
     if pack:
-        batch["packed"] = pack_sequences(features, pad_id=pad_id, padding_free=True)
+        packed = pack_sequences(features, pad_id=pad_id, padding_free=True)
+        if fewer_tokens(packed, batch["input_ids"]):
+            batch["packed"] = packed
     return batch
 
 
@@ -49,8 +58,9 @@ def collate_unpaired(features: list[dict], pad_id: int) -> dict[str, torch.Tenso
 def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
     """Pairs -> rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] + num_pairs (+ margin).
 
-    `pack`: also "packed", the same pairs as [common prefix, chosen suffix, rejected suffix]
-    rows (`models.packing`), which the log-prob and reward forwards use where exact."""
+    `pack`: also "packed", the same pairs as [common prefix, chosen suffix, rejected suffix],
+    several pairs per row where they fit in the longest pair's length (`models.packing`),
+    which the log-prob and reward forwards use where exact."""
     seqs = [
         {"input_ids": f[f"{side}_input_ids"], "completion_mask": f[f"{side}_completion_mask"]}
         for side in ("chosen", "rejected")
@@ -59,7 +69,10 @@ def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> d
     batch: dict = pad_sequences(seqs, pad_id)
     if pack:
         n = len(features)
-        batch["packed"] = pack_sequences(seqs, [[i, n + i] for i in range(n)], pad_id=pad_id)
+        packed = pack_sequences(seqs, [[i, n + i] for i in range(n)], pad_id=pad_id,
+                                padding_free=True)
+        if fewer_tokens(packed, batch["input_ids"]):
+            batch["packed"] = packed
     batch["num_pairs"] = len(features)
     if any("margin" in f for f in features):
         # formats.to_pairs requires a margin on every row once the column exists.
@@ -72,7 +85,7 @@ def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> d
 def collate_ranked(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
     """Ranked lists -> all sequences row by row, "num_completions" [B] and flat "scores".
 
-    `pack`: also "packed", each list's completions sharing their common prefix in one row."""
+    `pack`: also "packed", each list's completions sharing their common prefix, padding-free."""
     seqs = [s for f in features for s in f["sequences"]]
     batch: dict = pad_sequences(seqs, pad_id)
     if pack:
@@ -80,7 +93,9 @@ def collate_ranked(features: list[dict], pad_id: int, *, pack: bool = False) -> 
         for f in features:
             groups.append(list(range(at, at + len(f["sequences"]))))
             at += len(f["sequences"])
-        batch["packed"] = pack_sequences(seqs, groups, pad_id=pad_id)
+        packed = pack_sequences(seqs, groups, pad_id=pad_id, padding_free=True)
+        if fewer_tokens(packed, batch["input_ids"]):
+            batch["packed"] = packed
     batch["num_completions"] = torch.tensor(
         [len(f["sequences"]) for f in features], dtype=torch.long
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import TrainConfig, arg
-from preftune.data.collate import collate_unpaired, pad_sequences
+from preftune.data.collate import collate_unpaired, fewer_tokens, pad_sequences
 from preftune.data.tokenize import tokenize_unpaired
 from preftune.engine.engine import Engine
 from preftune.engine.loop import train_offline
@@ -76,20 +76,27 @@ def collate_kto(features: list[dict], pad_id: int, max_length: int, *,
     """Matched rows (input_ids, ..., label) plus the mismatched rows under a "kl_" prefix.
 
     `pack`: also "packed" and "kl_packed" (each set padding-free), and "ref_*" rows for the
-    reference: matched then mismatched, example i's two sequences sharing prompt i in one row."""
+    reference: matched then mismatched, example i's two sequences sharing prompt i in one row;
+    each only where it holds fewer tokens than the padded rows it replaces."""
     batch = collate_unpaired(features, pad_id)
     mismatched = _mismatched(features, max_length)
     kl = pad_sequences(mismatched, pad_id)
     batch.update({f"kl_{k}": v for k, v in kl.items()})
-    if pack:
+    if pack:  # each packed layout only where it holds fewer tokens than its padded rows
         matched = [{"input_ids": f["input_ids"], "completion_mask": f["completion_mask"]}
                    for f in features]
-        batch["packed"] = pack_sequences(matched, pad_id=pad_id, padding_free=True)
-        batch["kl_packed"] = pack_sequences(mismatched, pad_id=pad_id, padding_free=True)
+        for key, seqs, ids in (("packed", matched, batch["input_ids"]),
+                               ("kl_packed", mismatched, batch["kl_input_ids"])):
+            packed = pack_sequences(seqs, pad_id=pad_id, padding_free=True)
+            if fewer_tokens(packed, ids):
+                batch[key] = packed
         both = matched + mismatched
-        batch.update({f"ref_{k}": v for k, v in pad_sequences(both, pad_id).items()})
         n = len(features)
-        batch["ref_packed"] = pack_sequences(both, [[i, n + i] for i in range(n)], pad_id=pad_id)
+        packed = pack_sequences(both, [[i, n + i] for i in range(n)], pad_id=pad_id,
+                                padding_free=True)
+        if packed.input_ids.numel() < batch["input_ids"].numel() + kl["input_ids"].numel():
+            batch.update({f"ref_{k}": v for k, v in pad_sequences(both, pad_id).items()})
+            batch["ref_packed"] = packed
     return batch
 
 

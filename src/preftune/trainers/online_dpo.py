@@ -27,12 +27,13 @@ from preftune.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
-from preftune.trainers.rollout import collect_rollout, make_generator_backend, pack_groups
+from preftune.trainers.rollout import (GroupPackingSettings, collect_rollout,
+                                       make_generator_backend, pack_groups)
 from preftune.trainers.updates import add_policy_metrics, take
 
 
 @dataclass
-class OnlineDPOConfig(online.OnlineConfig):
+class OnlineDPOConfig(GroupPackingSettings, online.OnlineConfig):
     num_generations: int = arg(2, "Completions per prompt: online DPO compares exactly 2.")
     loss_type: str = arg("dpo", "Preference loss (the offline DPO family).",
                          choices=PREFERENCE_LOSSES)

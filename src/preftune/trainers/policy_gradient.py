@@ -31,7 +31,8 @@ from preftune.losses.rl import ppo_policy_loss, whiten
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
-from preftune.trainers.rollout import collect_rollout, make_generator_backend, pack_groups
+from preftune.trainers.rollout import (GroupPackingSettings, collect_rollout,
+                                       make_generator_backend, pack_groups)
 from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings,
                                        add_clipped_update_metrics, aggregate_loss, loss_units,
                                        minibatches, take_rows)
@@ -41,7 +42,8 @@ from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings,
 REUSE_CURRENT = True
 
 @dataclass
-class PolicyGradientConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
+class PolicyGradientConfig(GroupPackingSettings, ClippedUpdateSettings, KLSettings,
+                           online.OnlineConfig):
     """GRPO's and RLOO's settings; each command sets its defaults and its `BASELINE`."""
 
     BASELINE: ClassVar[str] = "group"  # or "leave_one_out"; not a flag: it is the command

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from preftune.data.collate import pad_sequences
 from preftune.models.loading import check_same_tokenizer, disabled_adapters, load_causal_lm
 from preftune.models.logprobs import CompletionLogProbs, LogProbOutput
-from preftune.models.packing import pack_sequences, PackedBatch
+from preftune.models.packing import PackedBatch, pack_sequences
 from preftune.trainers.common import prepare_tokenizer
 from preftune.utils import file_mode
 
@@ -154,7 +154,8 @@ def sequence_logps(engine, score: Callable[..., torch.Tensor], sequences: list[d
             for g in chunk:
                 local.append(list(range(at, at + len(g))))
                 at += len(g)
-            kwargs["packed"] = pack_sequences(seqs, local, pad_id=pad_id).to(device)
+            kwargs["packed"] = pack_sequences(seqs, local, pad_id=pad_id,
+                                              padding_free=True).to(device)
         scores = score(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                        **kwargs).float()
         slots = [(start + j) * size + k for j, g in enumerate(chunk) for k in range(len(g))]

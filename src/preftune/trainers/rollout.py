@@ -128,6 +128,18 @@ class RolloutSettings(SamplingSettings, RewardSettings, LengthSettings, ModelSet
             raise PreftuneError("generator=vllm needs a model folder or hub name, not `tiny`")
 
 
+@dataclass
+class GroupPackingSettings(Settings):
+    """How the completions of one prompt go through the model after sampling (the commands
+    that sample several per prompt: grpo, rloo, online-dpo)."""
+
+    packing: str = arg("auto", "Run the completions of one prompt as one packed row that "
+                       "computes the prompt once (reference, old-policy and update forward "
+                       "passes), exact to float rounding. `auto`: where the model is verified "
+                       "for it (Llama, Mistral, Qwen2/3 with sdpa or eager attention), else "
+                       "padded rows; `off`: always padded rows.", choices=("auto", "off"))
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def load_prompts(cfg, tokenizer, log=print) -> list[dict]:
