@@ -44,8 +44,10 @@ def reply(rng: random.Random) -> tuple[str, int]:
 
 def gold_quality(prompts, completions):
     """The gold reward for `eval-rm --best-of-k`: each reply's latent quality q."""
-    return [sum(w in POSITIVE for w in c.split()) - sum(w in NEGATIVE for w in c.split())
-            for c in completions]
+    return [
+        sum(w in POSITIVE for w in c.split()) - sum(w in NEGATIVE for w in c.split())
+        for c in completions
+    ]
 
 
 def davidson(qa: int, qb: int, nu: float) -> tuple[float, float, float]:
@@ -85,8 +87,10 @@ def main() -> None:
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         ties = sum(r["winner"] == "tie" for r in rows)
         floor[name] = {"pairs": n, "ties": ties, "generating_model_log_loss": nll}
-        print(f"{name}: {n} pairs, {ties} ties ({ties / n:.1%}); log loss of the generating "
-              f"Davidson model {nll:.4f}")
+        print(
+            f"{name}: {n} pairs, {ties} ties ({ties / n:.1%}); log loss of the generating "
+            f"Davidson model {nll:.4f}"
+        )
     (out / "floor.json").write_text(json.dumps({"nu": args.nu, **floor}, indent=2) + "\n")
     rng = random.Random(7)
     samples = []

@@ -54,11 +54,20 @@ def dpo_batch(rng, pad_id, fixed: bool = False):
     for _ in range(BATCH):
         p = 47 if fixed else rng.randint(16, 96)
         prompt = _tokens(rng, p)
-        c = prompt + [rng.randrange(10, VOCAB) for _ in range(95 if fixed else rng.randint(16, 160))]
-        r = prompt + [rng.randrange(10, VOCAB) for _ in range(95 if fixed else rng.randint(16, 160))]
-        feats.append({"chosen_input_ids": c, "chosen_completion_mask": [0] * p + [1] * (len(c) - p),
-                      "rejected_input_ids": r,
-                      "rejected_completion_mask": [0] * p + [1] * (len(r) - p)})
+        c = prompt + [
+            rng.randrange(10, VOCAB) for _ in range(95 if fixed else rng.randint(16, 160))
+        ]
+        r = prompt + [
+            rng.randrange(10, VOCAB) for _ in range(95 if fixed else rng.randint(16, 160))
+        ]
+        feats.append(
+            {
+                "chosen_input_ids": c,
+                "chosen_completion_mask": [0] * p + [1] * (len(c) - p),
+                "rejected_input_ids": r,
+                "rejected_completion_mask": [0] * p + [1] * (len(r) - p),
+            }
+        )
     return collate_pairs(feats, pad_id, pack=True)
 
 
@@ -67,8 +76,14 @@ def kto_batch(rng, pad_id):
     feats = []
     for i in range(BATCH):
         ids = _tokens(rng, 47 + 95)
-        feats.append({"input_ids": ids, "completion_mask": [0] * 47 + [1] * 95,
-                      "prompt_length": 47, "label": i % 2 == 0})
+        feats.append(
+            {
+                "input_ids": ids,
+                "completion_mask": [0] * 47 + [1] * 95,
+                "prompt_length": 47,
+                "label": i % 2 == 0,
+            }
+        )
     return collate_kto(feats, pad_id, max_length=256, pack=True)
 
 
@@ -78,12 +93,19 @@ def kto_reference_step(module, batch, packed: bool) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if packed:
-            module(batch["ref_input_ids"], batch["ref_attention_mask"],
-                   batch["ref_completion_mask"], packed=batch["ref_packed"])
+            module(
+                batch["ref_input_ids"],
+                batch["ref_attention_mask"],
+                batch["ref_completion_mask"],
+                packed=batch["ref_packed"],
+            )
         else:
             for p in ("", "kl_"):
-                module(batch[f"{p}input_ids"], batch[f"{p}attention_mask"],
-                       batch[f"{p}completion_mask"])
+                module(
+                    batch[f"{p}input_ids"],
+                    batch[f"{p}attention_mask"],
+                    batch[f"{p}completion_mask"],
+                )
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -105,20 +127,27 @@ def main():
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, hidden_size=HIDDEN, num_layers=LAYERS, vocab_size=VOCAB).train()
     module = CompletionLogProbs(model)
-    cases = (("sft", sft_batch, True), ("dpo, one pair per row", dpo_batch, False),
-             ("dpo, pairs padding-free (default)", dpo_batch, True),
-             ("dpo, run.py lengths", lambda rng, pad: dpo_batch(rng, pad, fixed=True), True),
-             ("kto reference, run.py lengths", kto_batch, True))
+    cases = (
+        ("sft", sft_batch, True),
+        ("dpo, one pair per row", dpo_batch, False),
+        ("dpo, pairs padding-free (default)", dpo_batch, True),
+        ("dpo, run.py lengths", lambda rng, pad: dpo_batch(rng, pad, fixed=True), True),
+        ("kto reference, run.py lengths", kto_batch, True),
+    )
     for name, make, padding_free in cases:
         if args.only and args.only not in name:
             continue
         batch = make(random.Random(0), tok.pad_token_id)
         if not padding_free and name.startswith("dpo"):  # one pair per row
-            seqs = [{"input_ids": ids[m.bool()].tolist(), "completion_mask": c[m.bool()].tolist()}
-                    for ids, m, c in zip(batch["input_ids"], batch["attention_mask"],
-                                         batch["completion_mask"])]
-            batch["packed"] = pack_sequences(seqs, [[i, BATCH + i] for i in range(BATCH)],
-                                             pad_id=tok.pad_token_id)
+            seqs = [
+                {"input_ids": ids[m.bool()].tolist(), "completion_mask": c[m.bool()].tolist()}
+                for ids, m, c in zip(
+                    batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                )
+            ]
+            batch["packed"] = pack_sequences(
+                seqs, [[i, BATCH + i] for i in range(BATCH)], pad_id=tok.pad_token_id
+            )
         run, padded_ids = step, batch["input_ids"]
         if name.startswith("kto"):
             run, packed_ids = kto_reference_step, batch["ref_packed"]
@@ -135,10 +164,13 @@ def main():
                 times[packed].append(run(module, batch, packed))
         wall = [statistics.median(t[0] for t in times[k]) for k in (False, True)]
         cpu = [statistics.median(t[1] for t in times[k]) for k in (False, True)]
-        print(f"{name}: padded {tuple(padded_ids.shape)} = {padded_tokens} tokens, "
-              f"packed {tuple(packed_ids.input_ids.shape)} = {packed_tokens} tokens; "
-              f"wall {wall[0]:.3f} s vs {wall[1]:.3f} s ({wall[0] / wall[1]:.2f}x), "
-              f"CPU {cpu[0]:.3f} s vs {cpu[1]:.3f} s ({cpu[0] / cpu[1]:.2f}x)", flush=True)
+        print(
+            f"{name}: padded {tuple(padded_ids.shape)} = {padded_tokens} tokens, "
+            f"packed {tuple(packed_ids.input_ids.shape)} = {packed_tokens} tokens; "
+            f"wall {wall[0]:.3f} s vs {wall[1]:.3f} s ({wall[0] / wall[1]:.2f}x), "
+            f"CPU {cpu[0]:.3f} s vs {cpu[1]:.3f} s ({cpu[0] / cpu[1]:.2f}x)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -45,15 +45,19 @@ def main() -> None:
     for i in base:
         pa, pt, pb = davidson(quality(rows[i]["response_a"]), quality(rows[i]["response_b"]), nu)
         gen.append(-math.log({"a": pa, "tie": pt, "b": pb}[rows[i]["winner"]]))
-    print(f"{len(base)} eval-split pairs; baseline {args.baseline}: log loss "
-          f"{sum(base.values()) / len(base):.4f}; generating model: {sum(gen) / len(gen):.4f}")
+    print(
+        f"{len(base)} eval-split pairs; baseline {args.baseline}: log loss "
+        f"{sum(base.values()) / len(base):.4f}; generating model: {sum(gen) / len(gen):.4f}"
+    )
     for run in args.runs:
         other = pair_nll(Path(run))
         d = [other[i] - base[i] for i in base]
         m = sum(d) / len(d)
         half = 1.96 * math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-        print(f"{run}: log loss {sum(other.values()) / len(other):.4f}, minus baseline "
-              f"{m:+.4f} [{m - half:+.4f}, {m + half:+.4f}]")
+        print(
+            f"{run}: log loss {sum(other.values()) / len(other):.4f}, minus baseline "
+            f"{m:+.4f} [{m - half:+.4f}, {m + half:+.4f}]"
+        )
 
 
 if __name__ == "__main__":

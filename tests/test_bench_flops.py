@@ -26,14 +26,32 @@ def _matmul_weights(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Qwen2ForCausalLM(Qwen2Config(  # Qwen2-0.5B's sizes
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
-    lambda: LlamaForCausalLM(LlamaConfig(  # the tiny benchmark model's kind, with GQA
-        vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Qwen2ForCausalLM(
+            Qwen2Config(  # Qwen2-0.5B's sizes
+                vocab_size=151936,
+                hidden_size=896,
+                intermediate_size=4864,
+                num_hidden_layers=24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+            )
+        ),
+        lambda: LlamaForCausalLM(
+            LlamaConfig(  # the tiny benchmark model's kind, with GQA
+                vocab_size=8000,
+                hidden_size=256,
+                intermediate_size=704,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+            )
+        ),
+    ],
+)
 def test_flops_per_token_count_the_models_matmul_weights(run, make):
     with torch.device("meta"):
         model = make()
@@ -45,8 +63,14 @@ def test_flops_per_token_count_the_models_matmul_weights(run, make):
 
 
 def test_mfu_only_for_rows_with_a_known_pass_count(run):
-    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 4, "intermediate_size": 256, "vocab_size": 100}
+    config = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 256,
+        "vocab_size": 100,
+    }
     train, forward = run.model_flops_per_token(config, run.SEQ_TOKENS)
     row = {"value": 1000.0}  # tokens/s
     assert run.mfu("dpo-ref", row, config, 1.0) == pytest.approx((train + forward) * 1000 / 1e12)

@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LOWERCASE = f"{ROOT / 'tests' / 'rewards_for_tests.py'}:lowercase_fraction"
 
 
-
 def test_kl_bound_by_hand():
     assert kl_bound(1) == 0.0
     assert kl_bound(2) == pytest.approx(math.log(2) - 0.5)  # 0.6931 - 0.5 = 0.1931
@@ -27,9 +26,31 @@ def _run(tmp_path, *extra) -> Path:
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Question {i}:"}) + "\n" for i in range(6)))
     out = tmp_path / "bon"
-    assert main(["best-of-n", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-                 "--reward-fn", LOWERCASE, "--n", "6", "--max-new-tokens", "12",
-                 "--max-length", "128", "--prompts-per-batch", "4", *extra]) == 0
+    assert (
+        main(
+            [
+                "best-of-n",
+                "--model",
+                "tiny",
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--reward-fn",
+                LOWERCASE,
+                "--n",
+                "6",
+                "--max-new-tokens",
+                "12",
+                "--max-length",
+                "128",
+                "--prompts-per-batch",
+                "4",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -51,8 +72,20 @@ def test_best_of_n_writes_best_pairs_and_summary(tmp_path):
 
 def test_best_of_n_refuses_an_existing_run_and_bad_n(tmp_path, capsys):
     _run(tmp_path)
-    assert main(["best-of-n", "--output-dir", str(tmp_path / "bon"), "--reward-fn", LOWERCASE,
-                 "--data", str(tmp_path / "p.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "best-of-n",
+                "--output-dir",
+                str(tmp_path / "bon"),
+                "--reward-fn",
+                LOWERCASE,
+                "--data",
+                str(tmp_path / "p.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "--overwrite" in capsys.readouterr().err
     assert main(["best-of-n", "--n", "0", "--reward-fn", LOWERCASE]) == 2
     assert "n: got 0" in capsys.readouterr().err

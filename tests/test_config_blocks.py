@@ -13,9 +13,20 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import COMMANDS, build_parser, main
-from preftune.config import (AccumulationSettings, DataSettings, EvalSettings, LengthSettings,
-                             LoggingSettings, ModelSettings, ModelTrainingSettings, OptimSettings,
-                             RunSettings, Settings, arg, build_config)
+from preftune.config import (
+    AccumulationSettings,
+    DataSettings,
+    EvalSettings,
+    LengthSettings,
+    LoggingSettings,
+    ModelSettings,
+    ModelTrainingSettings,
+    OptimSettings,
+    RunSettings,
+    Settings,
+    arg,
+    build_config,
+)
 from preftune.errors import PreftuneError
 from preftune.trainers.rollout import RewardSettings, SamplingSettings
 from preftune.trainers.updates import ClippedUpdateSettings, KLSettings
@@ -43,7 +54,8 @@ def test_the_flags_are_exactly_the_fields_of_the_blocks(command):
     cls = _config_class(command)
     fields = _names(cls)
     assert _flags_in_help(command) == {"--config"} | {
-        "--" + name.replace("_", "-") for name in fields}
+        "--" + name.replace("_", "-") for name in fields
+    }
     blocks = [b for b in cls.__mro__ if dataclasses.is_dataclass(b)]
     held_out = _names(EvalSettings) | _names(AccumulationSettings)
     if command in ONLINE or command == "best-of-n":
@@ -67,12 +79,15 @@ def test_offline_commands_take_held_out_flags(command):
     assert (cfg.eval_data, cfg.grad_accum) == ("x.jsonl", 3)
 
 
-@pytest.mark.parametrize("key, value, why", [
-    ("grad_accum", 2, "grad_accum=2: online trainers split each rollout into micro-batches"),
-    ("eval_fraction", 0.1, "eval_fraction=0.1: online trainers have no held-out evaluation"),
-    ("eval_steps", 0, "eval_steps is a TRL option that preftune grpo does not have"),
-    ("eval_data", "x.jsonl", "eval_data='x.jsonl': online trainers have no held-out"),
-])
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("grad_accum", 2, "grad_accum=2: online trainers split each rollout into micro-batches"),
+        ("eval_fraction", 0.1, "eval_fraction=0.1: online trainers have no held-out evaluation"),
+        ("eval_steps", 0, "eval_steps is a TRL option that preftune grpo does not have"),
+        ("eval_data", "x.jsonl", "eval_data='x.jsonl': online trainers have no held-out"),
+    ],
+)
 def test_a_yaml_key_another_command_has_is_refused_with_the_reason(tmp_path, key, value, why):
     parser, cls, _ = build_parser("grpo")
     path = tmp_path / "c.yaml"
@@ -114,17 +129,22 @@ def test_the_defaults_pass(command):
     _valid(_config_class(command)).validate()
 
 
-@pytest.mark.parametrize("block, bad, message", BAD_VALUE,
-                         ids=[f"{b.__name__}-{next(iter(v))}" for b, v, _ in BAD_VALUE])
+@pytest.mark.parametrize(
+    "block, bad, message", BAD_VALUE, ids=[f"{b.__name__}-{next(iter(v))}" for b, v, _ in BAD_VALUE]
+)
 def test_a_blocks_check_fires_for_every_command_composing_it(block, bad, message):
     composing = [c for c in TRAINING_COMMANDS if issubclass(_config_class(c), block)]
     assert composing  # every block is used by some command
     for command in composing:
         with pytest.raises(PreftuneError, match=re.escape(message)):
             _valid(_config_class(command), **bad).validate()
-    expected = {ModelTrainingSettings: OFFLINE + ONLINE, EvalSettings: OFFLINE,
-                AccumulationSettings: OFFLINE, RewardSettings: ONLINE + ("best-of-n",),
-                KLSettings: ("ppo", "grpo", "rloo")}
+    expected = {
+        ModelTrainingSettings: OFFLINE + ONLINE,
+        EvalSettings: OFFLINE,
+        AccumulationSettings: OFFLINE,
+        RewardSettings: ONLINE + ("best-of-n",),
+        KLSettings: ("ppo", "grpo", "rloo"),
+    }
     if block in expected:
         assert set(composing) == set(expected[block])
 
@@ -170,8 +190,10 @@ def test_max_prompt_length_zero_is_half_of_max_length_in_every_command():
     for command in TRAINING_COMMANDS:
         cfg = _valid(_config_class(command), max_length=256, max_prompt_length=0)
         assert cfg.prompt_limit == 128
-        assert _valid(_config_class(command), max_length=256,
-                      max_prompt_length=100).prompt_limit == 100
+        assert (
+            _valid(_config_class(command), max_length=256, max_prompt_length=100).prompt_limit
+            == 100
+        )
     for block in (ModelSettings, DataSettings):  # the model and data blocks of best-of-n, too
         assert issubclass(_config_class("best-of-n"), block)
 
@@ -182,17 +204,40 @@ def test_a_run_written_with_the_old_online_settings_resumes(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(f'{{"prompt": "Question {i}"}}\n' for i in range(8)))
     out = tmp_path / "run"
-    args = ["grpo", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-            "--reward-fn", f"{Path(__file__).parent / 'rewards_for_tests.py'}:lowercase_fraction",
-            "--max-new-tokens",
-            "8", "--max-length", "64", "--prompts-per-step", "4", "--num-generations", "2",
-            "--batch-size", "8", "--save-steps", "1", "--no-curves"]
+    args = [
+        "grpo",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--reward-fn",
+        f"{Path(__file__).parent / 'rewards_for_tests.py'}:lowercase_fraction",
+        "--max-new-tokens",
+        "8",
+        "--max-length",
+        "64",
+        "--prompts-per-step",
+        "4",
+        "--num-generations",
+        "2",
+        "--batch-size",
+        "8",
+        "--save-steps",
+        "1",
+        "--no-curves",
+    ]
     assert main([*args, "--max-steps", "1"]) == 0
     saved = (out / "config.yaml").read_text()
     assert "grad_accum" not in saved and "eval_steps" not in saved
     (out / "config.yaml").write_text(
-        saved + "grad_accum: 1\neval_data: ''\neval_fraction: 0.0\neval_steps: 0\n")
+        saved + "grad_accum: 1\neval_data: ''\neval_fraction: 0.0\neval_steps: 0\n"
+    )
     assert main([*args, "--max-steps", "2", "--resume"]) == 0
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if '"reward/mean"' in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"reward/mean"' in line
+    ]
     assert steps == [1, 2]

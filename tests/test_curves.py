@@ -28,10 +28,25 @@ def _run(path, rows):
 
 DPO_ROWS = [
     {"step": 0, "eval/loss": 0.69, "eval/rewards/margins": 0.0},
-    {"step": 1, "loss": 0.68, "lr": 1e-6, "grad_norm": 2.0, "rewards/margins": 0.1,
-     "rewards/accuracies": 0.5, "kl/chosen": -0.1, "tokens_per_s": 100.0},
-    {"step": 2, "loss": 0.60, "lr": 5e-7, "grad_norm": float("nan"), "rewards/margins": 0.3,
-     "rewards/accuracies": 0.75, "kl/chosen": -0.2},
+    {
+        "step": 1,
+        "loss": 0.68,
+        "lr": 1e-6,
+        "grad_norm": 2.0,
+        "rewards/margins": 0.1,
+        "rewards/accuracies": 0.5,
+        "kl/chosen": -0.1,
+        "tokens_per_s": 100.0,
+    },
+    {
+        "step": 2,
+        "loss": 0.60,
+        "lr": 5e-7,
+        "grad_norm": float("nan"),
+        "rewards/margins": 0.3,
+        "rewards/accuracies": 0.75,
+        "kl/chosen": -0.2,
+    },
     {"step": 2, "eval/loss": 0.66, "eval/rewards/margins": 0.2},
 ]
 
@@ -41,24 +56,43 @@ def test_series_and_panels():
     assert _series(DPO_ROWS, "grad_norm") == ([1], [2.0])
     assert _series(DPO_ROWS, "eval/loss") == ([0, 2], [0.69, 0.66])
     panels = [m for m, _ in panels_for([DPO_ROWS])]
-    assert panels == ["loss", "lr", "grad_norm", "rewards/margins", "rewards/accuracies",
-                      "kl/chosen"]  # tokens_per_s is not a key metric; no online panels
-    online = [{"step": 1, "loss/policy": 0.1, "reward/mean": 0.2, "kl/k1": 0.01,
-               "completion/length": 12.0}]
-    assert [m for m, _ in panels_for([online])] == ["loss/policy", "reward/mean", "kl/k1",
-                                                    "completion/length"]
+    assert panels == [
+        "loss",
+        "lr",
+        "grad_norm",
+        "rewards/margins",
+        "rewards/accuracies",
+        "kl/chosen",
+    ]  # tokens_per_s is not a key metric; no online panels
+    online = [
+        {
+            "step": 1,
+            "loss/policy": 0.1,
+            "reward/mean": 0.2,
+            "kl/k1": 0.01,
+            "completion/length": 12.0,
+        }
+    ]
+    assert [m for m, _ in panels_for([online])] == [
+        "loss/policy",
+        "reward/mean",
+        "kl/k1",
+        "completion/length",
+    ]
     assert [m for m, _ in panels_for([DPO_ROWS, online], ["loss", "reward/mean"])] == [
-        "loss", "reward/mean"]
+        "loss",
+        "reward/mean",
+    ]
 
 
 def test_write_curves_and_plot_two_runs(tmp_path, capsys):
     a = _run(tmp_path / "beta0.1", DPO_ROWS)
-    b = _run(tmp_path / "beta0.5", [{**r, "loss": r["loss"] / 2} if "loss" in r else r
-                                    for r in DPO_ROWS])
+    b = _run(
+        tmp_path / "beta0.5", [{**r, "loss": r["loss"] / 2} if "loss" in r else r for r in DPO_ROWS]
+    )
     assert write_curves(a).read_bytes()[:8] == PNG
     out = tmp_path / "cmp.png"
-    assert main(["plot", str(a), str(b), "--labels", "β=0.1", "β=0.5", "--output",
-                 str(out)]) == 0
+    assert main(["plot", str(a), str(b), "--labels", "β=0.1", "β=0.5", "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG and str(out) in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

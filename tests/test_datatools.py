@@ -74,8 +74,9 @@ def test_stream_reads_what_training_reads(tmp_path):
     folder.mkdir()
     _write_jsonl(folder / "a.jsonl", rows[:4])
     _write_jsonl(folder / "b.jsonl", rows[4:])
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
-                          "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:3]), "test": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(tmp_path / "dd"))
     for source in (gz, tmp_path / "d.parquet", tmp_path / "disk", folder):
         assert list(RowStream(str(source))) == expected, source
     assert list(RowStream(str(tmp_path / "dd"), split="test")) == expected
@@ -86,7 +87,11 @@ def test_stream_reads_what_training_reads(tmp_path):
     _write_jsonl(tmp_path / "m.jsonl", renamed)
     stream = RowStream(str(tmp_path / "m.jsonl"), columns="chosen=good,rejected=bad")
     assert list(stream) == expected
-    assert [o for _, o in RowStream(str(folder)).located()][4] == (str(folder / "b.jsonl"), "line", 1)
+    assert [o for _, o in RowStream(str(folder)).located()][4] == (
+        str(folder / "b.jsonl"),
+        "line",
+        1,
+    )
 
 
 def test_bad_input_is_named_by_file_and_line(tmp_path, capsys):
@@ -128,12 +133,34 @@ def test_inspect_length_bias_and_duplicates_match_counts_by_hand():
 
 def test_inspect_counts_turns_margins_subsets_and_reward_agreement():
     rows = [
-        {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:",
-         "chosen": " fine, thanks", "rejected": " no", "margin": 2.0, "subset": "chat"},
-        {"prompt": "Add 2 and 2.", "chosen": " 4", "rejected": " it is 5", "margin": 0.0,
-         "subset": "math"},
-        {"prompt": "Add 1 and 2.", "chosen": " 3", "rejected": " 3", "margin": 1.0, "subset": "math"},
-        {"prompt": "Add 3 and 3.", "chosen": " six", "rejected": " 6", "margin": 1.0, "subset": "math"},
+        {
+            "prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:",
+            "chosen": " fine, thanks",
+            "rejected": " no",
+            "margin": 2.0,
+            "subset": "chat",
+        },
+        {
+            "prompt": "Add 2 and 2.",
+            "chosen": " 4",
+            "rejected": " it is 5",
+            "margin": 0.0,
+            "subset": "math",
+        },
+        {
+            "prompt": "Add 1 and 2.",
+            "chosen": " 3",
+            "rejected": " 3",
+            "margin": 1.0,
+            "subset": "math",
+        },
+        {
+            "prompt": "Add 3 and 3.",
+            "chosen": " six",
+            "rejected": " 6",
+            "margin": 1.0,
+            "subset": "math",
+        },
     ]
     import torch
 
@@ -147,7 +174,8 @@ def test_inspect_counts_turns_margins_subsets_and_reward_agreement():
     # Length reward: chosen longer in pair 1 and pair 3 (" six" vs " 6"), shorter in pair 2.
     assert report["reward"]["agree"] == 2 and report["reward"]["pairs"] == 3
     assert (report["reward"]["ci_low"], report["reward"]["ci_high"]) == pytest.approx(
-        wilson_interval(2, 3))
+        wilson_interval(2, 3)
+    )
     assert report["subsets"]["math"]["pairs"] == 2
     assert report["subsets"]["math"]["reward"]["agree"] == 1
     assert [d["row"] for d in report["_disagreements"]] == ["mem, row 2"]
@@ -174,12 +202,14 @@ def _near_copy(row: dict) -> dict:
     chosen = row["chosen"]
     cut = chosen.rfind(" the ")
     assert cut > 0
-    return {"chosen": chosen[:cut] + " that " + chosen[cut + 5:], "rejected": row["rejected"]}
+    return {"chosen": chosen[:cut] + " that " + chosen[cut + 5 :], "rejected": row["rejected"]}
 
 
 def test_dedup_finds_the_planted_duplicates_and_nothing_else(tmp_path):
     rows = _hh_rows()
-    long_rows = [i for i, r in enumerate(rows) if len(r["chosen"]) > 1500 and " the " in r["chosen"][-400:]]
+    long_rows = [
+        i for i, r in enumerate(rows) if len(r["chosen"]) > 1500 and " the " in r["chosen"][-400:]
+    ]
     a, b = long_rows[:2]
     planted = rows + [rows[3], _near_copy(rows[a]), rows[10], _near_copy(rows[b])]
     path = _write_jsonl(tmp_path / "planted.jsonl", planted)
@@ -230,10 +260,13 @@ def test_decontaminate_finds_the_planted_span(tmp_path):
     # Eval set: item 1 repeats 15 words of row i's prompt; item 2 only 12 words of row j's.
     span = " ".join(first_turns[i][:15])
     twelve = " ".join(first_turns[j][:12])
-    evals = _write_jsonl(tmp_path / "eval.jsonl", [
-        {"question": f"Unrelated words first. {span.upper()} and then more."},
-        {"question": twelve},
-    ])
+    evals = _write_jsonl(
+        tmp_path / "eval.jsonl",
+        [
+            {"question": f"Unrelated words first. {span.upper()} and then more."},
+            {"question": twelve},
+        ],
+    )
     index = NgramIndex(13)
     index.add_eval_set("eval", RowStream(str(evals)))
     removed: list = []
@@ -252,31 +285,45 @@ def test_decontaminate_finds_the_planted_span(tmp_path):
 
 
 def test_decontaminate_responses_only_when_asked(tmp_path):
-    rows = [{"prompt": "Tell me a story.", "chosen": " " + " ".join(f"w{i}" for i in range(20)),
-             "rejected": " no"}]
+    rows = [
+        {
+            "prompt": "Tell me a story.",
+            "chosen": " " + " ".join(f"w{i}" for i in range(20)),
+            "rejected": " no",
+        }
+    ]
     index = NgramIndex(13)
     index.add_eval_set("e", [{"text": " ".join(f"w{i}" for i in range(3, 18))}])
     kept, report = decontaminate(rows, index)
     assert len(list(kept)) == 1
     kept, report = decontaminate(rows, index, responses=True)
     assert list(kept) == [] and report.eval_sets["e"]["examples"][0]["span"] == " ".join(
-        f"w{i}" for i in range(3, 18))
+        f"w{i}" for i in range(3, 18)
+    )
 
 
 # --- binarize --------------------------------------------------------------------------------
 
 UF_TEXT = {  # (row, completion) -> response, from tests/fixtures/ultrafeedback_sample.jsonl
-    "A": "11 is a prime number between 10 and 20.", "B": "13 is one, and so is 17.",
-    "C": "15 is a prime number.", "D": "19 is prime: it has no divisors but 1 and itself.",
+    "A": "11 is a prime number between 10 and 20.",
+    "B": "13 is one, and so is 17.",
+    "C": "15 is a prime number.",
+    "D": "19 is prime: it has no divisors but 1 and itself.",
     "P": "It passes through your digestive system in a few days.",
     "Q": "Your body cannot digest it, but it passes through normally.",
-    "R": "It stays in your stomach for seven years.", "S": "Nothing much; it is excreted.",
+    "R": "It stays in your stomach for seven years.",
+    "S": "Nothing much; it is excreted.",
 }
 
 
 def _uf_pairs(rating, pairs, min_margin=0.0, seed=0):
-    out, report = binarize(RowStream(str(UF), columns="prompt=instruction"), rating=rating,
-                           pairs=pairs, min_margin=min_margin, seed=seed)
+    out, report = binarize(
+        RowStream(str(UF), columns="prompt=instruction"),
+        rating=rating,
+        pairs=pairs,
+        min_margin=min_margin,
+        seed=seed,
+    )
     inverse = {v: k for k, v in UF_TEXT.items()}
     return [(inverse[p["chosen"]], inverse[p["rejected"]], p["margin"]) for p in out], report
 
@@ -286,22 +333,69 @@ def _uf_pairs(rating, pairs, min_margin=0.0, seed=0):
 #   row 2: P 4 N/A 4 4; 7.0 Q 4 4 4 4; 7.0   R 2 3 1 2; 3.5   S "three" 2 2 2; 5.0
 #   row 3: two completions rated 3 3 3 3; 5.0 (a tie under every rating)
 # mean: A 5, B 3, C 2, D 4; P and S unrated (N/A, "three"), Q 4, R 2.
-@pytest.mark.parametrize("rating, pairs, min_margin, expected, ties, below", [
-    ("overall", "best-vs-worst", 0, [("A", "C", 4.5), ("P", "R", 3.5)], 1, 0),
-    ("overall", "all", 0, [("A", "B", 2.5), ("A", "C", 4.5), ("A", "D", 2.5), ("B", "C", 2.0),
-                           ("D", "C", 2.0), ("P", "R", 3.5), ("P", "S", 2.0), ("Q", "R", 3.5),
-                           ("Q", "S", 2.0), ("S", "R", 1.5)], 3, 0),
-    ("overall", "all", 2.5, [("A", "B", 2.5), ("A", "C", 4.5), ("A", "D", 2.5), ("P", "R", 3.5),
-                             ("Q", "R", 3.5)], 3, 5),
-    ("mean", "best-vs-worst", 0, [("A", "C", 3.0), ("Q", "R", 2.0)], 1, 0),
-    ("mean", "all", 0, [("A", "B", 2.0), ("A", "C", 3.0), ("A", "D", 1.0), ("B", "C", 1.0),
-                        ("D", "B", 1.0), ("D", "C", 2.0), ("Q", "R", 2.0)], 1, 0),
-    ("helpfulness", "best-vs-worst", 0, [("A", "C", 3.0), ("P", "R", 2.0)], 1, 0),
-    # honesty: A 5, B 4, C 2, D 3; P unrated, Q 4, R 3, S 2. Below 1.5: A-B, B-D, D-C, Q-R, R-S.
-    ("honesty", "all", 1.5, [("A", "C", 3.0), ("A", "D", 2.0), ("B", "C", 2.0), ("Q", "S", 2.0)],
-     1, 5),
-])
-def test_binarize_gives_the_pairs_computed_by_hand(rating, pairs, min_margin, expected, ties, below):
+@pytest.mark.parametrize(
+    "rating, pairs, min_margin, expected, ties, below",
+    [
+        ("overall", "best-vs-worst", 0, [("A", "C", 4.5), ("P", "R", 3.5)], 1, 0),
+        (
+            "overall",
+            "all",
+            0,
+            [
+                ("A", "B", 2.5),
+                ("A", "C", 4.5),
+                ("A", "D", 2.5),
+                ("B", "C", 2.0),
+                ("D", "C", 2.0),
+                ("P", "R", 3.5),
+                ("P", "S", 2.0),
+                ("Q", "R", 3.5),
+                ("Q", "S", 2.0),
+                ("S", "R", 1.5),
+            ],
+            3,
+            0,
+        ),
+        (
+            "overall",
+            "all",
+            2.5,
+            [("A", "B", 2.5), ("A", "C", 4.5), ("A", "D", 2.5), ("P", "R", 3.5), ("Q", "R", 3.5)],
+            3,
+            5,
+        ),
+        ("mean", "best-vs-worst", 0, [("A", "C", 3.0), ("Q", "R", 2.0)], 1, 0),
+        (
+            "mean",
+            "all",
+            0,
+            [
+                ("A", "B", 2.0),
+                ("A", "C", 3.0),
+                ("A", "D", 1.0),
+                ("B", "C", 1.0),
+                ("D", "B", 1.0),
+                ("D", "C", 2.0),
+                ("Q", "R", 2.0),
+            ],
+            1,
+            0,
+        ),
+        ("helpfulness", "best-vs-worst", 0, [("A", "C", 3.0), ("P", "R", 2.0)], 1, 0),
+        # honesty: A 5, B 4, C 2, D 3; P unrated, Q 4, R 3, S 2. Below 1.5: A-B, B-D, D-C, Q-R, R-S.
+        (
+            "honesty",
+            "all",
+            1.5,
+            [("A", "C", 3.0), ("A", "D", 2.0), ("B", "C", 2.0), ("Q", "S", 2.0)],
+            1,
+            5,
+        ),
+    ],
+)
+def test_binarize_gives_the_pairs_computed_by_hand(
+    rating, pairs, min_margin, expected, ties, below
+):
     got, report = _uf_pairs(rating, pairs, min_margin)
     assert got == expected
     assert report.n_pairs == len(expected)
@@ -316,35 +410,66 @@ def test_binarize_best_vs_random_draws_the_documented_rejected():
         r1 = random.Random(f"{seed}-1").choice(["B", "C", "D"])
         r2 = random.Random(f"{seed}-2").choice(["Q", "R", "S"])
         overall = {"B": 6.0, "C": 4.0, "D": 6.0, "Q": 7.0, "R": 3.5, "S": 5.0}
-        expected = [("A", r1, 8.5 - overall[r1])] + ([] if r2 == "Q" else [("P", r2, 7.0 - overall[r2])])
+        expected = [("A", r1, 8.5 - overall[r1])] + (
+            [] if r2 == "Q" else [("P", r2, 7.0 - overall[r2])]
+        )
         assert got == expected
         assert report.ties_dropped == 1 + (r2 == "Q")
 
 
 def test_binarize_reports_bad_ratings_by_row(tmp_path):
     bad: list = []
-    out, report = binarize(RowStream(str(UF), columns="prompt=instruction"), rating="mean",
-                           bad_ratings=bad)
+    out, report = binarize(
+        RowStream(str(UF), columns="prompt=instruction"), rating="mean", bad_ratings=bad
+    )
     list(out)
     assert bad == [
-        {"row": f"{UF}, line 2", "completion": 0, "field": "annotations.honesty.Rating", "value": "N/A"},
-        {"row": f"{UF}, line 2", "completion": 3, "field": "annotations.helpfulness.Rating",
-         "value": "three"},
+        {
+            "row": f"{UF}, line 2",
+            "completion": 0,
+            "field": "annotations.honesty.Rating",
+            "value": "N/A",
+        },
+        {
+            "row": f"{UF}, line 2",
+            "completion": 3,
+            "field": "annotations.helpfulness.Rating",
+            "value": "three",
+        },
     ]
     assert report.bad_ratings == 2
     # The `scores` layout through the command: a non-numeric score is reported, not parsed.
-    data = _write_jsonl(tmp_path / "scores.jsonl", [
-        {"prompt": "Q?", "completions": ["a", "b", "c"], "scores": [1, 3, "N/A"]},
-        {"prompt": "R?", "completions": ["x", "y"], "scores": [2, "2.5"]},
-    ])
+    data = _write_jsonl(
+        tmp_path / "scores.jsonl",
+        [
+            {"prompt": "Q?", "completions": ["a", "b", "c"], "scores": [1, 3, "N/A"]},
+            {"prompt": "R?", "completions": ["x", "y"], "scores": [2, "2.5"]},
+        ],
+    )
     out_dir = tmp_path / "bin"
-    assert main(["data", "binarize", str(data), "--pairs", "best-vs-worst", "--output-dir",
-                 str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "binarize",
+                str(data),
+                "--pairs",
+                "best-vs-worst",
+                "--output-dir",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     written = [json.loads(l) for l in (out_dir / "data.jsonl").read_text().splitlines()]
-    assert [(w["chosen"], w["rejected"], w["margin"]) for w in written] == [("b", "a", 2.0),
-                                                                          ("y", "x", 0.5)]
+    assert [(w["chosen"], w["rejected"], w["margin"]) for w in written] == [
+        ("b", "a", 2.0),
+        ("y", "x", 0.5),
+    ]
     bad_lines = [json.loads(l) for l in (out_dir / "bad_ratings.jsonl").read_text().splitlines()]
-    assert bad_lines == [{"row": f"{data}, line 1", "completion": 2, "field": "scores", "value": "N/A"}]
+    assert bad_lines == [
+        {"row": f"{data}, line 1", "completion": 2, "field": "scores", "value": "N/A"}
+    ]
     with pytest.raises(PreftuneError, match="needs per-aspect annotations"):
         list(binarize(load_rows(str(data)), rating="mean")[0])
 
@@ -364,7 +489,11 @@ def test_relabel_flips_what_the_reward_prefers_and_counts_it(tmp_path):
 
     out, report = relabel(rows, length)
     out = list(out)
-    assert (report.agreed, report.flipped, report.ties) == (longer, shorter, len(good) - longer - shorter)
+    assert (report.agreed, report.flipped, report.ties) == (
+        longer,
+        shorter,
+        len(good) - longer - shorter,
+    )
     assert all(len(r["chosen"]) >= len(r["rejected"]) for r in out)
     assert all(r["margin"] == len(r["chosen"]) - len(r["rejected"]) for r in out)
     out, report = relabel(rows, length, keep_agreement=True)
@@ -372,15 +501,19 @@ def test_relabel_flips_what_the_reward_prefers_and_counts_it(tmp_path):
     # Through the command, with a reward function from a file.
     out_dir = tmp_path / "relabel"
     spec = f"{Path(__file__).parent / 'rewards_for_tests.py'}:completion_length"
-    assert main(["data", "relabel", str(HH), "--reward-fn", spec, "--output-dir", str(out_dir)]) == 0
+    assert (
+        main(["data", "relabel", str(HH), "--reward-fn", spec, "--output-dir", str(out_dir)]) == 0
+    )
     assert json.loads((out_dir / "report.json").read_text())["flipped"] == shorter
 
 
 def test_split_never_puts_a_prompt_on_both_sides(tmp_path):
     rows = _hh_rows()
     # Paired rows with repeated prompts: 20 prompts, 3 pairs each.
-    paired = [{"prompt": f"Question {i % 20}?", "chosen": f" good {i}", "rejected": f" bad {i}"}
-              for i in range(60)]
+    paired = [
+        {"prompt": f"Question {i % 20}?", "chosen": f" good {i}", "rejected": f" bad {i}"}
+        for i in range(60)
+    ]
     sides, report = split(paired, test_fraction=0.3, seed=1)
     sides = list(sides)
     test_prompts = {r["prompt"] for s, r in sides if s == "test"}
@@ -389,7 +522,9 @@ def test_split_never_puts_a_prompt_on_both_sides(tmp_path):
     assert report.n_train + report.n_test == 60 and report.n_test == 3 * len(test_prompts)
     assert 0 < len(test_prompts) < 20
     out = tmp_path / "split"
-    assert main(["data", "split", str(HH), "--test-fraction", "0.25", "--output-dir", str(out)]) == 0
+    assert (
+        main(["data", "split", str(HH), "--test-fraction", "0.25", "--output-dir", str(out)]) == 0
+    )
     train = [json.loads(l) for l in (out / "train.jsonl").read_text().splitlines()]
     test = [json.loads(l) for l in (out / "test.jsonl").read_text().splitlines()]
     assert sorted(map(json.dumps, train + test)) == sorted(map(json.dumps, rows))
@@ -419,10 +554,19 @@ def test_relabel_and_inspect_with_a_reward_model_folder(tmp_path):
 
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512, num_labels=1,
-        pad_token_id=tok.pad_token_id))
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=len(tok),
+            max_position_embeddings=512,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     rm = tmp_path / "rm"
     model.save_pretrained(rm)
     tok.save_pretrained(rm)
@@ -436,12 +580,28 @@ def test_relabel_and_inspect_with_a_reward_model_folder(tmp_path):
     flips = int((sr > sc).sum())
     assert 0 < flips < len(rows)  # a random model: some pairs each way
     out = tmp_path / "relabel"
-    assert main(["data", "relabel", str(data), "--reward-model", str(rm), "--output-dir", str(out)]) == 0
+    assert (
+        main(["data", "relabel", str(data), "--reward-model", str(rm), "--output-dir", str(out)])
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["n_pairs"] == len(rows) and report["flipped"] == flips
     out = tmp_path / "inspect"
-    assert main(["data", "inspect", str(data), "--reward-model", str(rm), "--output-dir", str(out),
-                 "--no-near-duplicates"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "inspect",
+                str(data),
+                "--reward-model",
+                str(rm),
+                "--output-dir",
+                str(out),
+                "--no-near-duplicates",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["reward"]["disagree"] + report["reward"]["ties"] == flips + int((sr == sc).sum())
     lines = (out / "disagreements.jsonl").read_text().splitlines()
@@ -452,14 +612,28 @@ def test_binarize_reads_aspect_lists_and_refuses_unknown_aspects():
     def completion(text, ratings):
         return {"response": text, "annotations": {"helpfulness": [{"Rating": r} for r in ratings]}}
 
-    rows = [{"prompt": "Q?", "completions": [completion("a", ["4", "2"]), completion("b", ["5"]),
-                                             completion("c", ["1", "N/A"])]}]
+    rows = [
+        {
+            "prompt": "Q?",
+            "completions": [
+                completion("a", ["4", "2"]),
+                completion("b", ["5"]),
+                completion("c", ["1", "N/A"]),
+            ],
+        }
+    ]
     bad: list = []
     out, report = binarize(rows, rating="helpfulness", pairs="all", bad_ratings=bad)
     # a = mean(4, 2) = 3, b = 5; c has an N/A inside its list.
     assert [(p["chosen"], p["rejected"], p["margin"]) for p in out] == [("b", "a", 2.0)]
-    assert bad == [{"row": "rows, row 1", "completion": 2, "field": "annotations.helpfulness.Rating",
-                    "value": "N/A"}]
+    assert bad == [
+        {
+            "row": "rows, row 1",
+            "completion": 2,
+            "field": "annotations.helpfulness.Rating",
+            "value": "N/A",
+        }
+    ]
     out, report = binarize(rows, rating="honesty")
     assert list(out) == [] and report.bad_ratings == 3  # no such aspect: reported, not guessed
 

@@ -27,7 +27,6 @@ HH_SAMPLE = ROOT / "tests" / "fixtures" / "hh_sample.jsonl"
 MAX_LENGTH = 48
 
 
-
 def write_pairs(path: Path, n: int, seed: int) -> Path:
     """Chosen replies are made of the letters a-e, rejected ones of v-z: a learnable pattern
     that generalises to held-out pairs (different random strings, same letters)."""
@@ -38,8 +37,16 @@ def write_pairs(path: Path, n: int, seed: int) -> Path:
 
     with open(path, "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": f"Q {word('klmnop')} A", "chosen": " " + word("abcde"),
-                                "rejected": " " + word("vwxyz")}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Q {word('klmnop')} A",
+                        "chosen": " " + word("abcde"),
+                        "rejected": " " + word("vwxyz"),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -50,9 +57,19 @@ def pair_data(tmp_path_factory):
 
 
 def dpo_args(train: Path, out: Path, eval_data: Path | None = None, **overrides) -> list[str]:
-    args = {"model": "tiny", "data": str(train), "output-dir": str(out), "max-steps": "24",
-            "batch-size": "8", "lr": "2e-3", "lr-scheduler": "constant", "logging-steps": "4",
-            "save-steps": "0", "max-length": str(MAX_LENGTH), "seed": "0"}
+    args = {
+        "model": "tiny",
+        "data": str(train),
+        "output-dir": str(out),
+        "max-steps": "24",
+        "batch-size": "8",
+        "lr": "2e-3",
+        "lr-scheduler": "constant",
+        "logging-steps": "4",
+        "save-steps": "0",
+        "max-length": str(MAX_LENGTH),
+        "seed": "0",
+    }
     if eval_data is not None:
         args["eval-data"] = str(eval_data)
     args.update({k.replace("_", "-"): str(v) for k, v in overrides.items()})
@@ -77,15 +94,22 @@ def heldout_margin(model_name: str, eval_path: Path) -> float:
     pairs, _ = to_pairs(load_rows(str(eval_path)), str(eval_path))
     feats, _ = tokenize_pairs(tok, pairs, TruncationConfig(max_length=MAX_LENGTH))
     batch = collate_pairs(feats, tok.pad_token_id)
-    out = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                              batch["completion_mask"])
+    out = completion_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    )
     n = batch["num_pairs"]
     return float((out.seq_logps[:n] - out.seq_logps[n:]).mean())
 
 
 LOSS_SETTINGS = {
-    "dpo": {}, "ipo": {}, "hinge": {}, "cdpo": {"label_smoothing": 0.1},
-    "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0}, "orpo": {}, "cpo": {},
+    "dpo": {},
+    "ipo": {},
+    "hinge": {},
+    "cdpo": {"label_smoothing": 0.1},
+    "robust": {"label_smoothing": 0.1},
+    "simpo": {"beta": 2.0},
+    "orpo": {},
+    "cpo": {},
 }
 assert set(LOSS_SETTINGS) == set(PREFERENCE_LOSSES)
 
@@ -99,14 +123,25 @@ def test_every_loss_learns_the_preference(loss, pair_data, tmp_path):
     # Held-out preference accuracy of the implicit reward (the method's own score when
     # reference-free), well above the 0.5 of chance.
     assert final["eval/rewards/accuracies"] >= 0.85, final
-    names = {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
-             "eval/logps/chosen", "eval/logps/rejected"}
+    names = {
+        "eval/loss",
+        "eval/rewards/chosen",
+        "eval/rewards/rejected",
+        "eval/rewards/margins",
+        "eval/logps/chosen",
+        "eval/logps/rejected",
+    }
     if loss not in REFERENCE_FREE:
         names.add("eval/kl/chosen")
         assert final["eval/rewards/margins"] > 0
     assert names <= final.keys()
     train_logged = train_metrics(out)
-    assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "tokens_per_s"} <= train_logged[-1].keys()
+    assert {
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "tokens_per_s",
+    } <= train_logged[-1].keys()
     # The policy's log-prob of held-out chosen replies rose relative to the rejected ones.
     before, after = heldout_margin("tiny", held_out), heldout_margin(str(out), held_out)
     assert after > before + 5.0, (before, after)
@@ -122,8 +157,13 @@ def test_precomputed_reference_matches_on_the_fly(pair_data, tmp_path):
     # Tolerance: the reference is computed in other batches (other padding widths), so its
     # log-probs may differ in the last float32 bits; losses, rewards and log-probs agree to
     # 1e-4 relative, weights to 1e-5. Accuracies are skipped: a near-tie can flip either way.
-    skip = {"tokens_per_s", "examples_per_s", "step_time_s", "rewards/accuracies",
-            "eval/rewards/accuracies"}
+    skip = {
+        "tokens_per_s",
+        "examples_per_s",
+        "step_time_s",
+        "rewards/accuracies",
+        "eval/rewards/accuracies",
+    }
     for a, b in zip(metrics(fly), metrics(pre)):
         assert a.keys() == b.keys()
         for k in a:
@@ -135,16 +175,35 @@ def test_precomputed_reference_matches_on_the_fly(pair_data, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
     # --resume reuses the cache (the fingerprint matches) and continues the run.
     stamp = (pre / "ref_logps.safetensors").stat().st_mtime_ns
-    assert main(dpo_args(train, pre, held_out, precompute_ref="", resume="",
-                         max_steps=8, logging_steps=1)) == 0
+    assert (
+        main(
+            dpo_args(
+                train, pre, held_out, precompute_ref="", resume="", max_steps=8, logging_steps=1
+            )
+        )
+        == 0
+    )
     assert (pre / "ref_logps.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_lora_reference_is_the_base_model(pair_data, tmp_path):
     train, held_out = pair_data
     out = tmp_path / "lora"
-    assert main(dpo_args(train, out, held_out, lora="", lora_r=8, max_steps=4,
-                         logging_steps=1, sft_weight=0.5)) == 0
+    assert (
+        main(
+            dpo_args(
+                train,
+                out,
+                held_out,
+                lora="",
+                lora_r=8,
+                max_steps=4,
+                logging_steps=1,
+                sft_weight=0.5,
+            )
+        )
+        == 0
+    )
     first = train_metrics(out)[0]
     # At step 1 the adapters are zero: the policy equals its base, the reference.
     assert first["kl/chosen"] == pytest.approx(0.0, abs=1e-4)
@@ -171,9 +230,32 @@ def test_hh_pairs_with_implicit_prompt(tmp_path):
     with gzip.open(data, "wt") as f:
         f.write("\n".join(rows) + "\n")
     out = tmp_path / "hh"
-    assert main(["dpo", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-                 "--max-steps", "2", "--batch-size", "4", "--max-length", "128",
-                 "--logging-steps", "1", "--save-steps", "0", "--eval-fraction", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                "--model",
+                "tiny",
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "128",
+                "--logging-steps",
+                "1",
+                "--save-steps",
+                "0",
+                "--eval-fraction",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     logged = metrics(out)
     assert all(m.get("loss", 0) == m.get("loss", 0) for m in logged)  # no NaN
     assert "eval/rewards/accuracies" in logged[-1]
@@ -181,16 +263,20 @@ def test_hh_pairs_with_implicit_prompt(tmp_path):
 
 # --- refusals --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"beta": 0}, ["beta"]),
-    ({"beta": -1}, ["beta"]),
-    ({"loss": "cdpo", "label_smoothing": 0.5}, ["label_smoothing", "[0, 0.5)"]),
-    ({"loss": "dpo", "label_smoothing": 0.1}, ["label_smoothing", "no effect"]),
-    ({"loss": "simpo", "precompute_ref": ""}, ["precompute_ref", "reference-free"]),
-    ({"loss": "orpo", "ref_model": "/nonexistent"}, ["ref_model", "reference-free"]),
-    ({"loss": "dpo", "simpo_gamma": 1.0}, ["simpo_gamma", "simpo"]),
-    ({"loss": "orpo", "sft_weight": 1.0}, ["sft_weight"]),
-])
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"beta": 0}, ["beta"]),
+        ({"beta": -1}, ["beta"]),
+        ({"loss": "cdpo", "label_smoothing": 0.5}, ["label_smoothing", "[0, 0.5)"]),
+        ({"loss": "dpo", "label_smoothing": 0.1}, ["label_smoothing", "no effect"]),
+        ({"loss": "simpo", "precompute_ref": ""}, ["precompute_ref", "reference-free"]),
+        ({"loss": "orpo", "ref_model": "/nonexistent"}, ["ref_model", "reference-free"]),
+        ({"loss": "dpo", "simpo_gamma": 1.0}, ["simpo_gamma", "simpo"]),
+        ({"loss": "orpo", "sft_weight": 1.0}, ["sft_weight"]),
+    ],
+)
 def test_bad_settings_refused_before_loading(overrides, words, tmp_path, capsys, monkeypatch):
     import preftune.trainers.dpo as dpo
 
@@ -214,9 +300,11 @@ def test_unknown_loss_refused(tmp_path, capsys):
 
 def test_bad_rows_are_named(tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
-    rows = [{"prompt": "Q a", "chosen": " x", "rejected": " y"},
-            {"prompt": "Q b", "chosen": " same", "rejected": " same"},
-            {"prompt": "Q c", "chosen": "", "rejected": " y"}]
+    rows = [
+        {"prompt": "Q a", "chosen": " x", "rejected": " y"},
+        {"prompt": "Q b", "chosen": " same", "rejected": " same"},
+        {"prompt": "Q c", "chosen": "", "rejected": " y"},
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(dpo_args(data, tmp_path / "o1", on_bad_row="error", max_steps=1)) == 2
     err = capsys.readouterr().err
@@ -227,8 +315,10 @@ def test_bad_rows_are_named(tmp_path, capsys):
 def test_pairs_truncated_to_nothing(tmp_path, capsys):
     # Replies that differ only after the first 20 bytes are identical once cut to max_length.
     data = tmp_path / "long.jsonl"
-    rows = [{"prompt": "Q " + "p" * 8, "chosen": " " + "a" * 40 + "x",
-             "rejected": " " + "a" * 40 + "y"} for _ in range(4)]
+    rows = [
+        {"prompt": "Q " + "p" * 8, "chosen": " " + "a" * 40 + "x", "rejected": " " + "a" * 40 + "y"}
+        for _ in range(4)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(dpo_args(data, tmp_path / "o", max_length=16, batch_size=2, max_steps=1)) == 2
     err = capsys.readouterr().err

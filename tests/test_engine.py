@@ -50,9 +50,18 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _sft_args(data: Path, out: Path, **overrides) -> list[str]:
-    args = {"model": "tiny", "data": str(data), "output-dir": str(out), "max-steps": "3",
-            "lr": "1e-3", "logging-steps": "1", "save-steps": "0", "max-length": "96",
-            "seed": "3", "lr-scheduler": "linear"}
+    args = {
+        "model": "tiny",
+        "data": str(data),
+        "output-dir": str(out),
+        "max-steps": "3",
+        "lr": "1e-3",
+        "logging-steps": "1",
+        "save-steps": "0",
+        "max-length": "96",
+        "seed": "3",
+        "lr-scheduler": "linear",
+    }
     args.update({k.replace("_", "-"): str(v) for k, v in overrides.items()})
     out_args = ["sft"]
     for k, v in args.items():
@@ -78,9 +87,23 @@ def test_two_processes_equal_one_process(tmp_path):
     data = _write_sft_data(tmp_path / "d.jsonl")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_sft_args(data, one, batch_size=4, grad_accum=2)) == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "preftune.cli", *_sft_args(data, two, batch_size=4, grad_accum=1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "preftune.cli",
+        *_sft_args(data, two, batch_size=4, grad_accum=1),
+    ]
     env = {**os.environ, "MASTER_PORT": str(29500 + random.Random().randint(0, 500))}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,8 +152,9 @@ def test_output_dir_with_another_run_is_refused(tmp_path, capsys):
 def test_checkpoint_limit_keeps_latest(tmp_path):
     data = _write_sft_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
-    assert main(_sft_args(data, out, batch_size=4, max_steps=7, save_steps=2,
-                          save_total_limit=2)) == 0
+    assert (
+        main(_sft_args(data, out, batch_size=4, max_steps=7, save_steps=2, save_total_limit=2)) == 0
+    )
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-4", "step-6"]
     state = json.loads((out / "checkpoints" / "step-6" / "trainer_state.json").read_text())

@@ -165,7 +165,8 @@ def test_length_bias_split_and_correlations():
     assert lb["chosen_shorter"]["n"] == 1 and lb["chosen_shorter"]["accuracy"] == 0.0
     assert lb["equal_length"]["n"] == 1 and lb["equal_length"]["accuracy"] == 0.0
     assert (lb["chosen_longer"]["ci_low"], lb["chosen_longer"]["ci_high"]) == pytest.approx(
-        wilson_by_hand(2, 2), abs=1e-6)
+        wilson_by_hand(2, 2), abs=1e-6
+    )
     assert lb["fraction_chosen_longer"] == 0.5
     assert lb["n_responses"] == 8
 
@@ -175,7 +176,9 @@ def test_length_bias_split_and_correlations():
     # average-tie ranks: x -> [8, 6.5, 4, 1, 4, 4, 6.5, 2], y -> [7, 7, 2, 4.5, 2, 2, 7, 4.5]
     rx = np.array([8, 6.5, 4, 1, 4, 4, 6.5, 2])
     ry = np.array([7, 7, 2, 4.5, 2, 2, 7, 4.5])
-    expected = np.sum((rx - 4.5) * (ry - 4.5)) / math.sqrt(np.sum((rx - 4.5) ** 2) * np.sum((ry - 4.5) ** 2))
+    expected = np.sum((rx - 4.5) * (ry - 4.5)) / math.sqrt(
+        np.sum((rx - 4.5) ** 2) * np.sum((ry - 4.5) ** 2)
+    )
     assert lb["spearman_reward_length"] == pytest.approx(expected)
     # mean rank 4.5: Σdx·dy = 22.5, Σdx² = 39.5, Σdy² = 37.5 -> ρ = 22.5/sqrt(1481.25) = 0.58461
     assert expected == pytest.approx(22.5 / math.sqrt(39.5 * 37.5))
@@ -215,16 +218,32 @@ def test_plots_write_png(tmp_path):
     for p in (rel, dist):
         data = p.read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["reliability.png", "sub"]  # no temp files left
-    reward_distributions([1.0, 1.0], [1.0, 1.0], tmp_path / "flat.png")  # constant rewards still plot
+    assert sorted(x.name for x in tmp_path.iterdir()) == [
+        "reliability.png",
+        "sub",
+    ]  # no temp files left
+    reward_distributions(
+        [1.0, 1.0], [1.0, 1.0], tmp_path / "flat.png"
+    )  # constant rewards still plot
 
 
 def test_atomic_write_json_strict_converts_numpy(tmp_path):
-    cal = calibration([2.0, 3.0], [0.0, 0.0], n_bins=2)  # σ(2) = 0.88, σ(3) = 0.95: both in [0.75, 1]
+    cal = calibration(
+        [2.0, 3.0], [0.0, 0.0], n_bins=2
+    )  # σ(2) = 0.88, σ(3) = 0.95: both in [0.75, 1]
     path = tmp_path / "report.json"
     path.write_text("old")
-    atomic_write_json(path, {"n": np.int64(3), "acc": np.float32(0.5), "cal": cal,
-                             "ok": np.bool_(True), "ci": (0.1, 0.9)}, strict=True)
+    atomic_write_json(
+        path,
+        {
+            "n": np.int64(3),
+            "acc": np.float32(0.5),
+            "cal": cal,
+            "ok": np.bool_(True),
+            "ci": (0.1, 0.9),
+        },
+        strict=True,
+    )
     data = json.loads(path.read_text())
     assert data["n"] == 3 and data["acc"] == 0.5 and data["ok"] is True and data["ci"] == [0.1, 0.9]
     assert data["cal"]["counts"] == [0, 2]
@@ -233,7 +252,10 @@ def test_atomic_write_json_strict_converts_numpy(tmp_path):
 
 
 def test_format_table_aligned_with_footnote():
-    rows = [Row("overall", 10, 0.8, 0.490161, 0.943318), Row("tiny", 1, 1.0, 0.206543, 1.0, "only 1 example")]
+    rows = [
+        Row("overall", 10, 0.8, 0.490161, 0.943318),
+        Row("tiny", 1, 1.0, 0.206543, 1.0, "only 1 example"),
+    ]
     text = format_table(rows)
     lines = text.splitlines()
     assert lines[0].split() == ["subset", "n", "accuracy", "95%", "CI"]

@@ -39,7 +39,15 @@ def tiny_lm(seed=0, eos_token_id=2):
 def tiny_gpt2(seed=0):
     """Absolute position embeddings: unlike RoPE, wrong position ids under left padding show."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=128, bos_token_id=BOS, eos_token_id=2)
+    cfg = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=128,
+        bos_token_id=BOS,
+        eos_token_id=2,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -67,7 +75,13 @@ def test_near_greedy_kv_cache_batched_matches_no_cache_argmax(make_model):
     model = make_model().eval()
     expected = [argmax_without_cache(model, p, 10) for p in PROMPTS]
     sampling = SamplingConfig(max_new_tokens=10, temperature=1e-5, stop_at_eos=False)
-    rollout = generate(model, ToyTokenizer(eos_token_id=2), PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
+    rollout = generate(
+        model,
+        ToyTokenizer(eos_token_id=2),
+        PROMPTS,
+        sampling,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert rollout.completion_ids == expected
     assert rollout.prompt_ids == PROMPTS
     # sanity: the reference is not degenerate (the test could not tell paths apart otherwise)
@@ -101,7 +115,9 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_temperature_scales_logits():
     # T=2 on logits log([0.8, 0.2]) gives p ∝ sqrt(0.8), sqrt(0.2) = 2:1, i.e. p0 = 2/3
     logits = torch.log(torch.tensor([[0.8, 0.2]])).repeat(4000, 1)
-    tokens = sample_next_token(logits, SamplingConfig(temperature=2.0), torch.Generator().manual_seed(0))
+    tokens = sample_next_token(
+        logits, SamplingConfig(temperature=2.0), torch.Generator().manual_seed(0)
+    )
     assert abs((tokens == 0).float().mean().item() - 2 / 3) < 0.03
 
 
@@ -110,7 +126,14 @@ def test_same_seed_same_rollout_different_seed_differs():
     sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
 
     def run(seed):
-        return generate(model, ToyTokenizer(2), PROMPTS, sampling, num_samples=2, generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model,
+            ToyTokenizer(2),
+            PROMPTS,
+            sampling,
+            num_samples=2,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     a, b, c = run(0), run(0), run(1)
     assert a.completion_ids == b.completion_ids
@@ -140,7 +163,14 @@ def test_sampled_rollout_invariants_with_likely_eos():
     with torch.no_grad():  # make EOS likely enough that some rows stop early and some do not
         model.lm_head.weight[eos] = model.model.norm.weight.sign() * 0.25
     sampling = SamplingConfig(max_new_tokens=12)
-    rollout = generate(model, ToyTokenizer(eos), PROMPTS, sampling, num_samples=8, generator=torch.Generator().manual_seed(0))
+    rollout = generate(
+        model,
+        ToyTokenizer(eos),
+        PROMPTS,
+        sampling,
+        num_samples=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(rollout) == 24
     assert any(rollout.finished) and not all(rollout.finished)
     for completion, finished in zip(rollout.completion_ids, rollout.finished):
@@ -154,7 +184,9 @@ def test_model_generation_config_eos_also_stops():
     model = tiny_lm().eval()
     greedy = argmax_without_cache(model, PROMPTS[0], 10)
     model.generation_config.eos_token_id = [greedy[2]]  # e.g. an instruct model's end-of-turn id
-    rollout = generate(model, ToyTokenizer(eos_token_id=VOCAB - 1), PROMPTS[:1], SamplingConfig(temperature=1e-5))
+    rollout = generate(
+        model, ToyTokenizer(eos_token_id=VOCAB - 1), PROMPTS[:1], SamplingConfig(temperature=1e-5)
+    )
     assert rollout.completion_ids[0] == greedy[: greedy.index(greedy[2]) + 1]
     assert rollout.finished == [True]
 
@@ -180,7 +212,9 @@ def test_train_mode_restored_and_no_grad():
 
 
 def test_to_batch_right_pads_and_masks_completion():
-    rollout = Rollout(prompt_ids=[[1, 5], [1, 6, 7]], completion_ids=[[8, 9, 2], [4]], finished=[True, False])
+    rollout = Rollout(
+        prompt_ids=[[1, 5], [1, 6, 7]], completion_ids=[[8, 9, 2], [4]], finished=[True, False]
+    )
     batch = rollout.to_batch(pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 8, 9, 2], [1, 6, 7, 4, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
@@ -191,7 +225,13 @@ def test_to_batch_right_pads_and_masks_completion():
 
 def test_generated_batch_shapes():
     model = tiny_lm()
-    rollout = generate(model, ToyTokenizer(2), PROMPTS, SamplingConfig(max_new_tokens=4, stop_at_eos=False), num_samples=2)
+    rollout = generate(
+        model,
+        ToyTokenizer(2),
+        PROMPTS,
+        SamplingConfig(max_new_tokens=4, stop_at_eos=False),
+        num_samples=2,
+    )
     batch = rollout.to_batch(PAD)
     assert batch["input_ids"].shape == (6, 7 + 4)
     assert batch["completion_mask"].sum(1).tolist() == [4] * 6

@@ -15,10 +15,35 @@ from preftune.lab.plan import LabConfig, cells, parse_grid, resolve
 def mini_lab(tmp_path_factory):
     out = tmp_path_factory.mktemp("lab")
     cache = tmp_path_factory.mktemp("lab-cache")
-    argv = ["lab", "--quick", "--noise", "none", "--seeds", "0", "1", "--methods", "dpo", "ppo",
-            "best_of_n", "--sweep", "best_of_n=1,2,4", "--sft-steps", "60", "--pairs", "96",
-            "--eval-prompts", "8", "--offline-steps", "5", "--online-steps", "5",
-            "--output-dir", str(out / "report"), "--cache-dir", str(cache)]
+    argv = [
+        "lab",
+        "--quick",
+        "--noise",
+        "none",
+        "--seeds",
+        "0",
+        "1",
+        "--methods",
+        "dpo",
+        "ppo",
+        "best_of_n",
+        "--sweep",
+        "best_of_n=1,2,4",
+        "--sft-steps",
+        "60",
+        "--pairs",
+        "96",
+        "--eval-prompts",
+        "8",
+        "--offline-steps",
+        "5",
+        "--online-steps",
+        "5",
+        "--output-dir",
+        str(out / "report"),
+        "--cache-dir",
+        str(cache),
+    ]
     assert main(argv) == 0
     results = json.loads((out / "report" / "results.json").read_text())
     return out / "report", argv, results
@@ -48,12 +73,14 @@ def test_report_files_and_names(mini_lab):
 @pytest.mark.slow
 def test_gains_are_paired_differences_of_the_cells(mini_lab):
     _, _, results = mini_lab
-    base = {c["seed"]: c["test"]["gold"] for c in results["cells"]
-            if c["kind"] == "eval"}
+    base = {c["seed"]: c["test"]["gold"] for c in results["cells"] if c["kind"] == "eval"}
     m = results["summary"]["review"]["noise"]["none"]["methods"]["dpo"]
     sel = m["selected"]
-    runs = {c["seed"]: c["test"]["gold"] for c in results["cells"]
-            if c["method"] == "dpo" and c["value"] == sel["value"] and c["lr"] == sel["lr"]}
+    runs = {
+        c["seed"]: c["test"]["gold"]
+        for c in results["cells"]
+        if c["method"] == "dpo" and c["value"] == sel["value"] and c["lr"] == sel["lr"]
+    }
     expected = [runs[s] - base[s] for s in (0, 1)]
     assert m["gain_vs_base"]["per_seed"] == pytest.approx(expected)
     assert m["gain_vs_base"]["mean"] == pytest.approx(sum(expected) / 2)
@@ -88,12 +115,14 @@ def test_implicit_reward_accuracy_is_recomputable(mini_lab):
     assert s["ppo"].get("implicit_reward_gold_accuracy") is None
     assert "implicit-reward gold accuracy" in (out / "report.md").read_text()
     cell = next(c for c in results["cells"] if c["method"] == "dpo" and c["seed"] == 0)
-    runner = Runner(resolve(LabConfig(**results["config"])), out,
-                    Path(results["config"]["cache_dir"]))
+    runner = Runner(
+        resolve(LabConfig(**results["config"])), out, Path(results["config"]["cache_dir"])
+    )
     rollout, _, _, gold = runner.gold_pairs("review", 0)
     base, tokenizer = runner.base("review", 0)
-    policy, _ = load_causal_lm(str(out / "runs/review/seed0/noise-none"
-                                   / f"dpo-{cell['value']:g}-lr{cell['lr']:g}"))
+    policy, _ = load_causal_lm(
+        str(out / "runs/review/seed0/noise-none" / f"dpo-{cell['value']:g}-lr{cell['lr']:g}")
+    )
     lp = ev.sequence_logps(policy, rollout, tokenizer.pad_token_id)
     ref = ev.sequence_logps(base, rollout, tokenizer.pad_token_id)
     r = [cell["value"] * (a - b) for a, b in zip(lp, ref)]
@@ -109,10 +138,33 @@ def test_offline_only_lab_runs_without_a_reward_model(mini_lab, tmp_path):
     # loss among them) have no proxy column but their implicit-reward accuracy.
     out, argv, _ = mini_lab
     cache = argv[argv.index("--cache-dir") + 1]  # the base policy is cached there
-    assert main(["lab", "--quick", "--noise", "none", "--seeds", "0", "--methods", "simpo",
-                 "--sft-steps", "60", "--pairs", "96", "--eval-prompts", "8",
-                 "--offline-steps", "5", "--output-dir", str(tmp_path), "--cache-dir",
-                 cache]) == 0
+    assert (
+        main(
+            [
+                "lab",
+                "--quick",
+                "--noise",
+                "none",
+                "--seeds",
+                "0",
+                "--methods",
+                "simpo",
+                "--sft-steps",
+                "60",
+                "--pairs",
+                "96",
+                "--eval-prompts",
+                "8",
+                "--offline-steps",
+                "5",
+                "--output-dir",
+                str(tmp_path),
+                "--cache-dir",
+                cache,
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     s = results["summary"]["review"]["noise"]["none"]
     assert "reward_model" not in s and s["methods"]["simpo"]["proxy_gain"] is None
@@ -143,8 +195,10 @@ def test_rerun_resumes_and_skips_finished_cells(mini_lab, capsys):
     after = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
     assert before == after
     again = json.loads((out / "results.json").read_text())
-    assert again["summary"]["review"]["noise"]["none"]["methods"]["dpo"]["gain_vs_base"] == \
-        results["summary"]["review"]["noise"]["none"]["methods"]["dpo"]["gain_vs_base"]
+    assert (
+        again["summary"]["review"]["noise"]["none"]["methods"]["dpo"]["gain_vs_base"]
+        == results["summary"]["review"]["noise"]["none"]["methods"]["dpo"]["gain_vs_base"]
+    )
 
 
 def test_default_plan():
@@ -159,13 +213,23 @@ def test_default_plan():
 
 
 def test_bad_settings_are_refused():
-    for bad in (dict(worlds=["nowhere"]), dict(methods=["magic"]), dict(noise=["0.9"]),
-                dict(seeds=[1, 1]), dict(model="gpt2"), dict(sweep=["dpo=abc"]),
-                dict(sweep=["best_of_n=0"]), dict(lrs=["dpo=0"]), dict(eval_points=3)):
+    for bad in (
+        dict(worlds=["nowhere"]),
+        dict(methods=["magic"]),
+        dict(noise=["0.9"]),
+        dict(seeds=[1, 1]),
+        dict(model="gpt2"),
+        dict(sweep=["dpo=abc"]),
+        dict(sweep=["best_of_n=0"]),
+        dict(lrs=["dpo=0"]),
+        dict(eval_points=3),
+    ):
         with pytest.raises(PreftuneError):
             LabConfig(**bad).validate()
-    assert parse_grid(["dpo=0.1,0.2", "best_of_n=1,8"], "sweep") == {"dpo": (0.1, 0.2),
-                                                                    "best_of_n": (1, 8)}
+    assert parse_grid(["dpo=0.1,0.2", "best_of_n=1,8"], "sweep") == {
+        "dpo": (0.1, 0.2),
+        "best_of_n": (1, 8),
+    }
     plan = resolve(LabConfig(quick=True, sweep=["dpo=0.5"]))
     assert plan.sweeps["dpo"] == [0.5] and plan.seeds == [0, 1]
 
@@ -183,28 +247,48 @@ def test_ensemble_variant_resolves_to_an_ensemble_reward(tmp_path):
     from preftune.lab.run import Runner
 
     assert not {"ppo_ensemble", "best_of_n_ensemble"} & set(DEFAULT_METHODS)
-    plan = resolve(LabConfig(quick=True, methods=["ppo_ensemble"], seeds=[0],
-                             noise=["none"], ensemble_size=4))
+    plan = resolve(
+        LabConfig(quick=True, methods=["ppo_ensemble"], seeds=[0], noise=["none"], ensemble_size=4)
+    )
     kinds = [c.kind for c in cells(plan)]
     assert "reward_ensemble" in kinds and "reward_model" not in kinds
-    both = resolve(LabConfig(quick=True, methods=["best_of_n", "best_of_n_ensemble"], seeds=[0],
-                             noise=["none"]))
-    assert [c.kind for c in cells(both)] == ["base", "eval", "data", "reward_model",
-                                             "reward_ensemble", "inference"]
+    both = resolve(
+        LabConfig(
+            quick=True, methods=["best_of_n", "best_of_n_ensemble"], seeds=[0], noise=["none"]
+        )
+    )
+    assert [c.kind for c in cells(both)] == [
+        "base",
+        "eval",
+        "data",
+        "reward_model",
+        "reward_ensemble",
+        "inference",
+    ]
     assert both.sweeps["best_of_n_ensemble"] == [1, 4, 16]
     assert stages.ensemble_settings(plan, 0)["ensemble"] == 4
     cell = next(c for c in cells(plan) if c.method == "ppo_ensemble")
     runner = Runner(plan, tmp_path, tmp_path / "cache")
     folder = runner.ensemble_dir("review", 0, "none")
     cfg = runner.trainer_config(cell)
-    assert (cfg.reward_model, cfg.ensemble_agg, cfg.ensemble_coef) == (str(folder),
-                                                                       "mean-minus-std", 1.0)
+    assert (cfg.reward_model, cfg.ensemble_agg, cfg.ensemble_coef) == (
+        str(folder),
+        "mean-minus-std",
+        1.0,
+    )
     assert type(cfg).__name__ == "PPOConfig" and cfg.kl_coef == cell.value
     with pytest.raises(PreftuneError, match="ensemble"):  # no ensemble.json yet: refused
         cfg.validate()
     # A changed ensemble size reruns the ensemble and the method, not the single-RM cells.
-    other = Runner(resolve(LabConfig(quick=True, methods=["ppo_ensemble"], seeds=[0],
-                                     noise=["none"], ensemble_size=3)), tmp_path, tmp_path)
+    other = Runner(
+        resolve(
+            LabConfig(
+                quick=True, methods=["ppo_ensemble"], seeds=[0], noise=["none"], ensemble_size=3
+            )
+        ),
+        tmp_path,
+        tmp_path,
+    )
     assert runner.key(cell) != other.key(cell)
     assert runner.reward_key("review", 0, "none") == other.reward_key("review", 0, "none")
     assert METHODS["ppo_ensemble"].uses_reward_model
@@ -220,8 +304,13 @@ def test_ensemble_cost_counts_every_member():
     res = {"train": {"wall_time_s": 2.0, "tokens_trained": 10, "tokens_generated": 5}}
     info = {"reward": "proxy", "uses_reward_model": True}
     data = {0: {"tokens_generated": 7}, 1: {"tokens_generated": 9}}
-    ensemble = {0: {"wall_time_s": 30.0, "tokens_trained": 300},
-                1: {"wall_time_s": 34.0, "tokens_trained": 340}}
+    ensemble = {
+        0: {"wall_time_s": 30.0, "tokens_trained": 300},
+        1: {"wall_time_s": 34.0, "tokens_trained": 340},
+    }
     whole = _cost(res, info, data, ensemble, [0, 1])["with_data_and_reward_model"]
-    assert whole == {"wall_time_s": 2.0 + 32.0, "tokens_trained": 10 + 320,
-                     "tokens_generated": 5 + 8}
+    assert whole == {
+        "wall_time_s": 2.0 + 32.0,
+        "tokens_trained": 10 + 320,
+        "tokens_generated": 5 + 8,
+    }

@@ -19,18 +19,32 @@ def _noise_pairs(path, n=96, seed=0):
     def word():
         return "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8)))
 
-    rows = [{"prompt": f"q{i}:", "chosen": " " + word(), "rejected": " " + word()}
-            for i in range(n)]
+    rows = [
+        {"prompt": f"q{i}:", "chosen": " " + word(), "rejected": " " + word()} for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _cfg(tmp_path, **kw):
     data = tmp_path / "pairs.jsonl"
     _noise_pairs(data)
-    settings = dict(model="tiny", data=str(data), output_dir=str(tmp_path / "rm"),
-                    max_steps=300, batch_size=8, lr=1e-2, warmup_steps=0, eval_fraction=0.25,
-                    eval_steps=5, early_stopping_patience=2, max_length=32, logging_steps=5,
-                    save_steps=0, seed=0, overwrite=True)
+    settings = dict(
+        model="tiny",
+        data=str(data),
+        output_dir=str(tmp_path / "rm"),
+        max_steps=300,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=0,
+        eval_fraction=0.25,
+        eval_steps=5,
+        early_stopping_patience=2,
+        max_length=32,
+        logging_steps=5,
+        save_steps=0,
+        seed=0,
+        overwrite=True,
+    )
     settings.update(kw)
     return RewardConfig(**settings)
 
@@ -61,8 +75,9 @@ def test_stops_early_and_keeps_the_best_weights(tmp_path):
     _, held_out = train_eval_examples(cfg, "pairs", log=lambda *a: None)
     features, _ = tokenize_pairs(tokenizer, held_out, truncation(cfg))
     with torch.no_grad():
-        loss_sum, _ = PairwiseRewardObjective()(RewardModule(model).eval(),
-                                                collate_pairs(features, tokenizer.pad_token_id))
+        loss_sum, _ = PairwiseRewardObjective()(
+            RewardModule(model).eval(), collate_pairs(features, tokenizer.pad_token_id)
+        )
     assert float(loss_sum) / len(features) == pytest.approx(evals[best], rel=1e-4)
 
 

@@ -60,8 +60,7 @@ def test_best_of_n_kl_bound_and_plugin():
     # All samples equal: best-of-N is the base distribution itself.
     assert stats.bon_kl_plugin([[1.0, 1.0, 1.0, 1.0]], 4) == 0.0
     # Mean over prompts.
-    assert stats.bon_kl_plugin([[0.1, 0.9], [2.0, 2.0]], 2) == pytest.approx(0.130812 / 2,
-                                                                             abs=1e-6)
+    assert stats.bon_kl_plugin([[0.1, 0.9], [2.0, 2.0]], 2) == pytest.approx(0.130812 / 2, abs=1e-6)
 
 
 def test_gao_fits_recover_their_parameters():

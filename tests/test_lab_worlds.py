@@ -126,11 +126,39 @@ def test_review_every_product_has_positive_and_negative_attribute():
     world = ReviewWorld()
     assert len(PRODUCTS) >= 24
     for product in PRODUCTS:
-        parts = [world.parts(f"Review of the {product}:", f" it is {w}.") for w in
-                 ("bright", "dim", "tasty", "bland", "comfy", "stiff", "sharp", "dull", "fast",
-                  "slow", "quiet", "noisy", "clear", "crackly", "warm", "rough", "soft", "lumpy",
-                  "sturdy", "flimsy", "leaky", "roomy", "cramped", "fresh", "stale", "hot",
-                  "cold", "crisp")]
+        parts = [
+            world.parts(f"Review of the {product}:", f" it is {w}.")
+            for w in (
+                "bright",
+                "dim",
+                "tasty",
+                "bland",
+                "comfy",
+                "stiff",
+                "sharp",
+                "dull",
+                "fast",
+                "slow",
+                "quiet",
+                "noisy",
+                "clear",
+                "crackly",
+                "warm",
+                "rough",
+                "soft",
+                "lumpy",
+                "sturdy",
+                "flimsy",
+                "leaky",
+                "roomy",
+                "cramped",
+                "fresh",
+                "stale",
+                "hot",
+                "cold",
+                "crisp",
+            )
+        ]
         on_topic = [p for p in parts if p.content == 1.0]
         assert any(p.sentiment > 0 for p in on_topic), product
         assert any(p.sentiment < 0 for p in on_topic), product
@@ -219,7 +247,11 @@ def test_bt_probability_follows_the_sigmoid():
     n = 5000
     # sigmoid(1 / 1) = 0.7311; sigmoid(1 / 0.5) = 0.8808; with 0.1 flips on top of 0.7311:
     # 0.9 * 0.7311 + 0.1 * 0.2689 = 0.6849
-    for temperature, noise, expected in [(1.0, 0.0, 0.7311), (0.5, 0.0, 0.8808), (1.0, 0.1, 0.6849)]:
+    for temperature, noise, expected in [
+        (1.0, 0.0, 0.7311),
+        (0.5, 0.0, 0.8808),
+        (1.0, 0.1, 0.6849),
+    ]:
         labels = bt_label_pairs(
             [1.0] * n, [0.0] * n, noise=noise, rng=random.Random(1), temperature=temperature
         )

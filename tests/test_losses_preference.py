@@ -63,7 +63,10 @@ def test_cdpo_and_robust_match_hand_numbers():
     assert losses.tolist() == pytest.approx(expected, rel=1e-12)
 
     losses, _ = ref_based("robust", label_smoothing=eps)
-    expected = [((1 - eps) * neg_log_sigmoid(0.1 * h) - eps * neg_log_sigmoid(-0.1 * h)) / (1 - 2 * eps) for h in H]
+    expected = [
+        ((1 - eps) * neg_log_sigmoid(0.1 * h) - eps * neg_log_sigmoid(-0.1 * h)) / (1 - 2 * eps)
+        for h in H
+    ]
     assert losses.tolist() == pytest.approx(expected, rel=1e-12)
 
 
@@ -84,7 +87,6 @@ def test_hinge_and_ipo_match_hand_numbers():
     assert losses.tolist() == pytest.approx([(1.5 - 5.0) ** 2, (-2.0 - 5.0) ** 2])
 
 
-
 def test_ipo_length_normalisation_divides_each_log_ratio_by_its_length():
     # Pair 0: chosen log-ratio +1 over 4 tokens, rejected −0.5 over 2 -> h = 0.25 + 0.25 = 0.5.
     # Pair 1: chosen −1 over 5 tokens, rejected +1 over 4 -> h = −0.2 − 0.25 = −0.45.
@@ -97,13 +99,22 @@ def test_ipo_length_normalisation_divides_each_log_ratio_by_its_length():
     with pytest.raises(PreftuneError, match="lengths"):
         ref_based("ipo", ipo_length_normalize=True)
 
+
 def test_simpo_matches_hand_numbers():
     lc, lr = t(4.0, 5.0), t(3.0, 5.0)
     losses, m = preference_loss(
-        PI_C, PI_R, loss_type="simpo", beta=2.0, simpo_gamma=0.5, chosen_lengths=lc, rejected_lengths=lr
+        PI_C,
+        PI_R,
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.5,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
     )
     # pair 0: 2·(−10/4 − (−12/3)) − 0.5 = 2·1.5 − 0.5 = 2.5; pair 1: 2·(−4 + 3) − 0.5 = −2.5
-    assert losses.tolist() == pytest.approx([neg_log_sigmoid(2.5), neg_log_sigmoid(-2.5)], rel=1e-12)
+    assert losses.tolist() == pytest.approx(
+        [neg_log_sigmoid(2.5), neg_log_sigmoid(-2.5)], rel=1e-12
+    )
     assert m["rewards/chosen"].tolist() == pytest.approx([2 * -2.5, 2 * -4.0])
     assert m["rewards/rejected"].tolist() == pytest.approx([2 * -4.0, 2 * -3.0])
     assert m["rewards/accuracies"].tolist() == [1.0, 0.0]
@@ -122,7 +133,9 @@ def test_orpo_matches_hand_numbers():
     for pc, pr, nc, nr in [(-10.0, -12.0, 4.0, 3.0), (-20.0, -15.0, 5.0, 5.0)]:
         ell_c, ell_r = pc / nc, pr / nr
         expected.append(-ell_c + lam * neg_log_sigmoid(log_odds(ell_c) - log_odds(ell_r)))
-    losses, m = preference_loss(PI_C, PI_R, loss_type="orpo", beta=lam, chosen_lengths=lc, rejected_lengths=lr)
+    losses, m = preference_loss(
+        PI_C, PI_R, loss_type="orpo", beta=lam, chosen_lengths=lc, rejected_lengths=lr
+    )
     assert losses.tolist() == pytest.approx(expected, rel=1e-12)
     assert m["nll/chosen"].tolist() == pytest.approx([2.5, 4.0])
     assert m["log_odds_ratio"][0].item() == pytest.approx(log_odds(-2.5) - log_odds(-4.0))
@@ -132,16 +145,27 @@ def test_orpo_is_accurate_near_certainty():
     # ℓ = −1e-10: log(1 − e^ℓ) ≈ log(1e-10); naive log1p(−exp(ℓ)) loses most digits here.
     ell_c, ell_r = -1e-10, -1.0
     expected_lor = (ell_c - math.log(-math.expm1(ell_c))) - (ell_r - math.log(-math.expm1(ell_r)))
-    _, m = preference_loss(t(ell_c), t(ell_r), loss_type="orpo", beta=1.0, chosen_lengths=t(1.0), rejected_lengths=t(1.0))
+    _, m = preference_loss(
+        t(ell_c),
+        t(ell_r),
+        loss_type="orpo",
+        beta=1.0,
+        chosen_lengths=t(1.0),
+        rejected_lengths=t(1.0),
+    )
     assert m["log_odds_ratio"].item() == pytest.approx(expected_lor, rel=1e-9)
     # A model certain of every token (ℓ = 0) must not produce inf/NaN.
-    losses, _ = preference_loss(t(0.0), t(0.0), loss_type="orpo", beta=1.0, chosen_lengths=t(3.0), rejected_lengths=t(3.0))
+    losses, _ = preference_loss(
+        t(0.0), t(0.0), loss_type="orpo", beta=1.0, chosen_lengths=t(3.0), rejected_lengths=t(3.0)
+    )
     assert torch.isfinite(losses).all()
 
 
 def test_cpo_matches_hand_numbers():
     lc, lr = t(4.0, 5.0), t(3.0, 5.0)
-    losses, m = preference_loss(PI_C, PI_R, loss_type="cpo", beta=BETA, chosen_lengths=lc, rejected_lengths=lr)
+    losses, m = preference_loss(
+        PI_C, PI_R, loss_type="cpo", beta=BETA, chosen_lengths=lc, rejected_lengths=lr
+    )
     # pair 0: β(π_c − π_r) = 0.1·2 = 0.2, NLL = 10/4; pair 1: 0.1·(−5) = −0.5, NLL = 20/5
     expected = [neg_log_sigmoid(0.2) + 2.5, neg_log_sigmoid(-0.5) + 4.0]
     assert losses.tolist() == pytest.approx(expected, rel=1e-12)
@@ -170,7 +194,9 @@ def test_extreme_margins_stay_finite_with_finite_gradients(loss_type, beta):
             zeros = torch.zeros(3, dtype=dtype)
             args = (chosen, rejected, zeros, zeros)
         ls = 0.1 if loss_type in ("cdpo", "robust") else 0.0
-        losses, metrics = preference_loss(*args, loss_type=loss_type, beta=beta, label_smoothing=ls, **kw)
+        losses, metrics = preference_loss(
+            *args, loss_type=loss_type, beta=beta, label_smoothing=ls, **kw
+        )
         losses.sum().backward()
         assert torch.isfinite(losses).all(), (loss_type, dtype, losses)
         assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
@@ -225,7 +251,16 @@ def test_missing_or_unexpected_inputs_are_refused():
     with pytest.raises(PreftuneError, match="reference log-probs"):
         preference_loss(PI_C, PI_R, loss_type="dpo", beta=0.1)
     with pytest.raises(PreftuneError, match="reference-free"):
-        preference_loss(PI_C, PI_R, REF_C, REF_R, loss_type="simpo", beta=0.1, chosen_lengths=t(1, 1), rejected_lengths=t(1, 1))
+        preference_loss(
+            PI_C,
+            PI_R,
+            REF_C,
+            REF_R,
+            loss_type="simpo",
+            beta=0.1,
+            chosen_lengths=t(1, 1),
+            rejected_lengths=t(1, 1),
+        )
     for loss_type in ("simpo", "orpo", "cpo"):
         with pytest.raises(PreftuneError, match="lengths"):
             preference_loss(PI_C, PI_R, loss_type=loss_type, beta=0.1)
@@ -258,7 +293,9 @@ def test_kto_loss_matches_hand_numbers():
         wu * (1 - sigmoid(0.5 * (0.2 - (-1.0)))),
         wd * (1 - sigmoid(0.5 * (0.5 - 0.2))),
     ]
-    losses, m = kto_loss(pol, ref, labels, z0, beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    losses, m = kto_loss(
+        pol, ref, labels, z0, beta=beta, desirable_weight=wd, undesirable_weight=wu
+    )
     assert losses.tolist() == pytest.approx(expected, rel=1e-12)
     assert m["rewards"].tolist() == pytest.approx([0.5, -0.5, 0.25])
     assert m["mask/chosen"].tolist() == [1.0, 0.0, 1.0]
@@ -280,7 +317,9 @@ def test_kto_gradient_does_not_flow_into_reference_point():
 
 def test_kto_extremes_are_finite():
     pol = torch.tensor([0.0, -1e4], dtype=torch.float32, requires_grad=True)
-    losses, _ = kto_loss(pol, torch.tensor([-1e4, 0.0]), torch.tensor([True, False]), torch.tensor(0.0), beta=1e-3)
+    losses, _ = kto_loss(
+        pol, torch.tensor([-1e4, 0.0]), torch.tensor([True, False]), torch.tensor(0.0), beta=1e-3
+    )
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(pol.grad).all()
 

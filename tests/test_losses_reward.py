@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.losses import all_pairs_loss, bradley_terry_loss, plackett_luce_loss, reward_centering_penalty
+from preftune.losses import (
+    all_pairs_loss,
+    bradley_terry_loss,
+    plackett_luce_loss,
+    reward_centering_penalty,
+)
 
 
 def t(*xs):
@@ -19,7 +24,9 @@ def neg_log_sigmoid(x):
 
 def test_bradley_terry_by_hand():
     losses, m = bradley_terry_loss(t(2.0, -1.0, 0.5), t(0.5, 1.0, 0.5))
-    assert losses.tolist() == pytest.approx([neg_log_sigmoid(1.5), neg_log_sigmoid(-2.0), math.log(2.0)], rel=1e-12)
+    assert losses.tolist() == pytest.approx(
+        [neg_log_sigmoid(1.5), neg_log_sigmoid(-2.0), math.log(2.0)], rel=1e-12
+    )
     assert m["accuracy"].tolist() == [1.0, 0.0, 0.0]
     assert m["margin"].tolist() == [1.5, -2.0, 0.0]
     assert m["reward/chosen"].tolist() == [2.0, -1.0, 0.5]
@@ -29,7 +36,9 @@ def test_bradley_terry_by_hand():
 def test_bradley_terry_with_margin_by_hand():
     losses, m = bradley_terry_loss(t(2.0, -1.0), t(0.5, 1.0), margin=t(1.0, 0.5))
     # Llama 2 Eq. 2: −log σ(r_c − r_r − m)
-    assert losses.tolist() == pytest.approx([neg_log_sigmoid(1.5 - 1.0), neg_log_sigmoid(-2.0 - 0.5)], rel=1e-12)
+    assert losses.tolist() == pytest.approx(
+        [neg_log_sigmoid(1.5 - 1.0), neg_log_sigmoid(-2.0 - 0.5)], rel=1e-12
+    )
     assert m["margin"].tolist() == [1.5, -2.0]  # the reported margin excludes m
 
 
@@ -55,7 +64,8 @@ def test_plackett_luce_k3_by_hand():
     scores = t(5.0, 1.0, 9.0)[None]
     r1, r2, r3 = 1.2, 0.3, -0.7  # rewards in ranked order
     expected = -(
-        (r1 - math.log(math.exp(r1) + math.exp(r2) + math.exp(r3))) + (r2 - math.log(math.exp(r2) + math.exp(r3)))
+        (r1 - math.log(math.exp(r1) + math.exp(r2) + math.exp(r3)))
+        + (r2 - math.log(math.exp(r2) + math.exp(r3)))
     )
     losses, m = plackett_luce_loss(rewards, scores)
     assert losses.tolist() == pytest.approx([expected], rel=1e-12)
@@ -69,26 +79,36 @@ def test_plackett_luce_k2_equals_bradley_terry():
     pl, _ = plackett_luce_loss(rewards, scores)
     bt, _ = bradley_terry_loss(t(0.4, 3.0), t(1.5, -2.0))
     torch.testing.assert_close(pl, bt)
-    assert pl.tolist() == pytest.approx([neg_log_sigmoid(0.4 - 1.5), neg_log_sigmoid(3.0 + 2.0)], rel=1e-12)
+    assert pl.tolist() == pytest.approx(
+        [neg_log_sigmoid(0.4 - 1.5), neg_log_sigmoid(3.0 + 2.0)], rel=1e-12
+    )
 
 
 def test_plackett_luce_ties_keep_index_order():
     # Scores tie between items 0 and 1: order is (0, 1) by index, after item 2 (highest).
     rewards = t(1.0, 0.0, 2.0)[None]
     scores = t(1.0, 1.0, 3.0)[None]
-    expected = -((2.0 - math.log(math.exp(2.0) + math.exp(1.0) + math.exp(0.0))) + (1.0 - math.log(math.exp(1.0) + math.exp(0.0))))
+    expected = -(
+        (2.0 - math.log(math.exp(2.0) + math.exp(1.0) + math.exp(0.0)))
+        + (1.0 - math.log(math.exp(1.0) + math.exp(0.0)))
+    )
     losses, _ = plackett_luce_loss(rewards, scores)
     assert losses.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_plackett_luce_mask_for_variable_k():
     # Row 0 has 3 real completions; row 1 has 2 (the last entry is padding, even with the top score).
-    rewards = torch.tensor([[0.3, -0.7, 1.2], [0.5, 2.0, 99.0]], dtype=torch.float64, requires_grad=True)
+    rewards = torch.tensor(
+        [[0.3, -0.7, 1.2], [0.5, 2.0, 99.0]], dtype=torch.float64, requires_grad=True
+    )
     scores = t(5.0, 1.0, 9.0, 0.0, 1.0, 100.0).reshape(2, 3)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     losses, m = plackett_luce_loss(rewards, scores, mask)
     r1, r2, r3 = 1.2, 0.3, -0.7
-    row0 = -((r1 - math.log(math.exp(r1) + math.exp(r2) + math.exp(r3))) + (r2 - math.log(math.exp(r2) + math.exp(r3))))
+    row0 = -(
+        (r1 - math.log(math.exp(r1) + math.exp(r2) + math.exp(r3)))
+        + (r2 - math.log(math.exp(r2) + math.exp(r3)))
+    )
     row1 = neg_log_sigmoid(2.0 - 0.5)  # item 1 over item 0; padding excluded
     assert losses.tolist() == pytest.approx([row0, row1], rel=1e-12)
     losses.sum().backward()

@@ -59,11 +59,15 @@ def test_whiten_by_hand():
     x = t(1.0, 2.0, 3.0, 4.0, 100.0)[None]
     mask = torch.tensor([[1, 1, 1, 1, 0]])
     mean = 2.5
-    var = ((1 - mean) ** 2 + (2 - mean) ** 2 + (3 - mean) ** 2 + (4 - mean) ** 2) / 3  # unbiased: 5/3
+    var = (
+        (1 - mean) ** 2 + (2 - mean) ** 2 + (3 - mean) ** 2 + (4 - mean) ** 2
+    ) / 3  # unbiased: 5/3
     expected = [(v - mean) / math.sqrt(var + 1e-8) for v in (1.0, 2.0, 3.0, 4.0)] + [0.0]
     assert whiten(x, mask)[0].tolist() == pytest.approx(expected, rel=1e-12)
     expected_unshifted = [e + mean for e in expected[:4]] + [0.0]
-    assert whiten(x, mask, shift_mean=False)[0].tolist() == pytest.approx(expected_unshifted, rel=1e-12)
+    assert whiten(x, mask, shift_mean=False)[0].tolist() == pytest.approx(
+        expected_unshifted, rel=1e-12
+    )
     no_mask = whiten(t(1.0, 3.0))
     assert no_mask.tolist() == pytest.approx([-1 / math.sqrt(2 + 1e-8), 1 / math.sqrt(2 + 1e-8)])
 
@@ -86,7 +90,6 @@ def test_k3_is_finite_for_extreme_ratios():
     assert torch.isfinite(out).all() and torch.isfinite(logps.grad).all()
 
 
-
 def test_k3_keeps_its_restoring_gradient_when_the_policy_overshoots():
     # d = log π_ref − log π = −30 (π far above π_ref): k3 = (e^d − 1) − d = 29 + e^−30, and
     # ∂k3/∂log π = 1 − e^d ≈ 1 pulls log π back down (a clamp of d at −20 would give 0 there).
@@ -100,6 +103,7 @@ def test_k3_keeps_its_restoring_gradient_when_the_policy_overshoots():
     out = kl_penalty(logps, torch.tensor([0.0], dtype=torch.float64), "k3")
     out.sum().backward()
     assert out.item() == pytest.approx(math.expm1(20.0) - 20.0) and logps.grad.item() == 0.0
+
 
 def test_ppo_policy_loss_values_clipfrac_and_zero_gradient_where_clipped():
     eps = 0.2
@@ -154,7 +158,9 @@ def test_group_advantages_by_hand():
     rewards = t(1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 5.0)
     std1 = math.sqrt(4 * 0.25 / 3)  # group 1: mean 0.5, unbiased std
     std2 = math.sqrt((3 * 0.75**2 + 2.25**2) / 3)  # group 2: mean 2.75 -> 1.5
-    expected = [x / (std1 + 1e-4) for x in (0.5, -0.5, -0.5, 0.5)] + [x / (std2 + 1e-4) for x in (-0.75, -0.75, -0.75, 2.25)]
+    expected = [x / (std1 + 1e-4) for x in (0.5, -0.5, -0.5, 0.5)] + [
+        x / (std2 + 1e-4) for x in (-0.75, -0.75, -0.75, 2.25)
+    ]
     assert group_advantages(rewards, 4).tolist() == pytest.approx(expected, rel=1e-12)
     assert group_advantages(rewards, 4, normalize_std=False).tolist() == pytest.approx(
         [0.5, -0.5, -0.5, 0.5, -0.75, -0.75, -0.75, 2.25]
@@ -195,7 +201,9 @@ def test_aggregation_modes_by_hand():
     # Row sums over the mask: 6 (3 tokens), 4 (1 token), 8 (4 tokens); padding (100) ignored.
     assert aggregate(LOSSES, MASK, "sequence").item() == pytest.approx((6 / 3 + 4 / 1 + 8 / 4) / 3)
     assert aggregate(LOSSES, MASK, "token").item() == pytest.approx((6 + 4 + 8) / 8)
-    assert aggregate(LOSSES, MASK, "constant", max_len=10).item() == pytest.approx((6 + 4 + 8) / (3 * 10))
+    assert aggregate(LOSSES, MASK, "constant", max_len=10).item() == pytest.approx(
+        (6 + 4 + 8) / (3 * 10)
+    )
     assert aggregate(LOSSES, MASK, "constant").item() == pytest.approx((6 + 4 + 8) / (3 * 4))
     with pytest.raises(PreftuneError, match="sequence, token, constant"):
         aggregate(LOSSES, MASK, "mean")
@@ -205,7 +213,9 @@ def test_aggregation_modes_by_hand():
 def test_sum_and_units_make_micro_batches_match_the_full_batch(mode):
     # What the engine does under accumulation / data parallel: sum the sums and the units.
     full = aggregate(LOSSES, MASK, mode, max_len=4)
-    parts = [aggregate_sum_and_units(LOSSES[s], MASK[s], mode, 4) for s in (slice(0, 1), slice(1, 3))]
+    parts = [
+        aggregate_sum_and_units(LOSSES[s], MASK[s], mode, 4) for s in (slice(0, 1), slice(1, 3))
+    ]
     total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
     assert total.item() == pytest.approx(full.item(), rel=1e-12)
     # ... whereas averaging per-micro-batch means does not, for token mode (rows differ in length).
@@ -217,7 +227,10 @@ def test_sum_and_units_make_micro_batches_match_the_full_batch(mode):
 def test_sequence_sum_is_reinforce_on_the_sequence_log_prob():
     # Row sums over the mask 6, 4, 8 over 3 rows: the mean of the per-completion sums.
     assert aggregate(LOSSES, MASK, "sequence_sum").item() == pytest.approx((6 + 4 + 8) / 3)
-    parts = [aggregate_sum_and_units(LOSSES[s], MASK[s], "sequence_sum") for s in (slice(0, 1), slice(1, 3))]
+    parts = [
+        aggregate_sum_and_units(LOSSES[s], MASK[s], "sequence_sum")
+        for s in (slice(0, 1), slice(1, 3))
+    ]
     assert (sum(p[0] for p in parts) / sum(p[1] for p in parts)).item() == pytest.approx(18 / 3)
     # On-policy (ratio 1) the gradient of the clipped surrogate under sequence_sum is
     # −A_i / B per completion token: Ahmadian et al. 2024, Eq. 8, −1/B Σ_i A_i ∇log π(y_i|x).

@@ -16,14 +16,29 @@ from preftune.trainers.grpo import GRPOConfig
 
 
 def _summary():
-    return {"metrics": {"loss": 0.61234, "rewards/margins": 0.25, "eval/loss": 0.65,
-                        "eval/rewards/accuracies": 0.625, "lr": 1e-6},
-            "train_pairs": 1234, "loss": "ipo"}
+    return {
+        "metrics": {
+            "loss": 0.61234,
+            "rewards/margins": 0.25,
+            "eval/loss": 0.65,
+            "eval/rewards/accuracies": 0.625,
+            "lr": 1e-6,
+        },
+        "train_pairs": 1234,
+        "loss": "ipo",
+    }
 
 
 def test_card_parses_and_names_base_model_data_and_method(tmp_path):
-    cfg = DPOConfig(model="Qwen/Qwen2.5-0.5B-Instruct", data="trl-lib/ultrafeedback_binarized",
-                    loss="ipo", beta=0.5, lora=True, eval_fraction=0.1, output_dir=str(tmp_path))
+    cfg = DPOConfig(
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        data="trl-lib/ultrafeedback_binarized",
+        loss="ipo",
+        beta=0.5,
+        lora=True,
+        eval_fraction=0.1,
+        output_dir=str(tmp_path),
+    )
     path = write_model_card(tmp_path, "dpo", cfg, _summary())
     card = ModelCard.load(path)  # a local file: no network
     assert card.data.base_model == "Qwen/Qwen2.5-0.5B-Instruct"
@@ -33,7 +48,7 @@ def test_card_parses_and_names_base_model_data_and_method(tmp_path):
     text = card.text
     assert "- train pairs: 1234" in text
     assert "| `loss` | 0.6123 |" in text and "| `rewards/margins` | 0.25 |" in text
-    held = text[text.index("Held-out metrics"):]
+    held = text[text.index("Held-out metrics") :]
     assert "| `rewards/accuracies` | 0.625 |" in held and "| `loss` | 0.65 |" in held
     assert "held-out data: 0.1 of the training data" in text
     assert "AutoPeftModelForCausalLM.from_pretrained" in text
@@ -52,11 +67,29 @@ def test_local_model_and_demo_data(tmp_path):
 
 def test_card_command_reproduces_the_settings(tmp_path):
     for command, cfg in (
-        ("dpo", DPOConfig(model="tiny", loss="robust", label_smoothing=0.1, lora=True,
-                          gradient_checkpointing=True, max_steps=7, lr=3e-6,
-                          output_dir=str(tmp_path / "a"))),
-        ("grpo", GRPOConfig(reward_fn=["r.py:f", "m:g"], reward_weights=[1.0, 0.5],
-                            scale_rewards=False, num_generations=4, output_dir="o b")),
+        (
+            "dpo",
+            DPOConfig(
+                model="tiny",
+                loss="robust",
+                label_smoothing=0.1,
+                lora=True,
+                gradient_checkpointing=True,
+                max_steps=7,
+                lr=3e-6,
+                output_dir=str(tmp_path / "a"),
+            ),
+        ),
+        (
+            "grpo",
+            GRPOConfig(
+                reward_fn=["r.py:f", "m:g"],
+                reward_weights=[1.0, 0.5],
+                scale_rewards=False,
+                num_generations=4,
+                output_dir="o b",
+            ),
+        ),
     ):
         words = shlex.split(equivalent_command(command, cfg))
         assert words[:2] == ["preftune", command]

@@ -75,7 +75,9 @@ def test_tiny_tokenizer_specials_chat_template_and_save_load(tmp_path):
     for text in TEXTS:
         assert loaded(text).input_ids == tok(text).input_ids
         assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
-    assert loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered
+    assert (
+        loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered
+    )
     assert loaded.pad_token_id == tok.pad_token_id
 
 
@@ -94,8 +96,14 @@ def test_parse_tiny_spec():
 
 def test_tiny_model_is_deterministic_and_configured():
     tok = build_tiny_tokenizer()
-    a, b, c = build_tiny_model(tok, seed=0), build_tiny_model(tok, seed=0), build_tiny_model(tok, seed=1)
-    for (name, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+    a, b, c = (
+        build_tiny_model(tok, seed=0),
+        build_tiny_model(tok, seed=0),
+        build_tiny_model(tok, seed=1),
+    )
+    for (name, pa), (_, pb), (_, pc) in zip(
+        a.named_parameters(), b.named_parameters(), c.named_parameters()
+    ):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
     cfg = a.config
@@ -260,7 +268,9 @@ def test_efficient_logprobs_match_naive_values_and_gradients(tiny, temperature):
     params = [p for p in model.parameters()]
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
 
-    out = CompletionLogProbs(model)(input_ids, attention, completion, temperature=temperature, return_entropy=True)
+    out = CompletionLogProbs(model)(
+        input_ids, attention, completion, temperature=temperature, return_entropy=True
+    )
     want_tokens, want_entropy = naive_logprobs(model, input_ids, attention, completion, temperature)
 
     assert out.token_logps.dtype == torch.float32 and out.token_logps.shape == input_ids.shape
@@ -268,7 +278,9 @@ def test_efficient_logprobs_match_naive_values_and_gradients(tiny, temperature):
     assert torch.allclose(out.seq_logps, want_tokens.sum(1), atol=1e-5)
     assert torch.allclose(out.entropy, want_entropy, atol=1e-5)
     assert out.n_tokens.tolist() == completion.sum(1).tolist()
-    assert (out.token_logps[completion == 0] == 0).all() and (out.token_logps[completion == 1] < 0).all()
+    assert (out.token_logps[completion == 0] == 0).all() and (
+        out.token_logps[completion == 1] < 0
+    ).all()
 
     got = grads((out.seq_logps * weights).sum() + out.entropy.sum(), params)
     want = grads((want_tokens.sum(1) * weights).sum() + want_entropy.sum(), params)
@@ -292,7 +304,9 @@ def test_head_runs_only_on_completion_positions(tiny):
     model, tok = tiny
     input_ids, attention, completion = make_batch(tok, EXAMPLES)
     seen = []
-    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
+    model.lm_head.register_forward_hook(
+        lambda module, args, output: seen.append(tuple(args[0].shape))
+    )
     with torch.no_grad():  # the straightforward head (the chunked one never calls the module)
         completion_logprobs(model, input_ids, attention, completion, chunked_head=False)
     assert seen == [(int(completion.sum()), model.config.hidden_size)]
@@ -328,7 +342,9 @@ def test_other_architecture_with_absolute_positions():
 
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256)
+    ).eval()
     right = make_batch(tok, EXAMPLES)
     out = completion_logprobs(model, *right)
     want, _ = naive_logprobs(model, *right)
@@ -406,7 +422,9 @@ def test_lora_logprobs_and_disabled_adapters_give_the_base_model(tiny):
         reference = policy(input_ids, attention, completion)
     assert torch.allclose(reference.token_logps, base.token_logps, atol=1e-6)
     with torch.no_grad():  # and the adapters are back on afterwards
-        assert torch.allclose(policy(input_ids, attention, completion).seq_logps, adapted.seq_logps, atol=1e-6)
+        assert torch.allclose(
+            policy(input_ids, attention, completion).seq_logps, adapted.seq_logps, atol=1e-6
+        )
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
@@ -445,7 +463,9 @@ def test_lora_sequence_classifier_trains_and_saves_the_score_head(tmp_path):
     peft_model = apply_lora(model, LoraSettings(r=4), task_type="SEQ_CLS")
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any("score" in n for n in trainable)
-    assert not any("score" in n and "lora_" in n for n in trainable)  # head trained in full, no adapter on it
+    assert not any(
+        "score" in n and "lora_" in n for n in trainable
+    )  # head trained in full, no adapter on it
     peft_model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 

@@ -27,10 +27,33 @@ def _free_port() -> int:
 
 
 def _dpo_args(data: Path, out: Path, batch_size: int) -> list[str]:
-    return ["dpo", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-            "--max-steps", "3", "--batch-size", str(batch_size), "--lr", "2e-3",
-            "--lr-scheduler", "constant", "--logging-steps", "1", "--save-steps", "0",
-            "--max-length", "48", "--seed", "0", "--mixed-precision", "no"]
+    return [
+        "dpo",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        "2e-3",
+        "--lr-scheduler",
+        "constant",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "0",
+        "--max-length",
+        "48",
+        "--seed",
+        "0",
+        "--mixed-precision",
+        "no",
+    ]
 
 
 def _train_metrics(run_dir: Path) -> list[dict]:
@@ -40,10 +63,29 @@ def _train_metrics(run_dir: Path) -> list[dict]:
 
 def multinode_command(machine_rank: int, port: int, args: list[str]) -> list[str]:
     """The README's multi-node launch (one process per machine), run from this interpreter."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_machines", "2", "--machine_rank", str(machine_rank), "--num_processes", "2",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "preftune.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(machine_rank),
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "preftune.cli",
+        *args,
+    ]
 
 
 @pytest.mark.slow
@@ -54,9 +96,15 @@ def test_two_machines_on_localhost_equal_one_process(tmp_path):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [open(tmp_path / f"machine{rank}.log", "w+") for rank in (0, 1)]
-    procs = [subprocess.Popen(multinode_command(rank, port, _dpo_args(data, two, batch_size=4)),
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
-             for rank, log in zip((0, 1), logs)]
+    procs = [
+        subprocess.Popen(
+            multinode_command(rank, port, _dpo_args(data, two, batch_size=4)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for rank, log in zip((0, 1), logs)
+    ]
     try:
         codes = [p.wait(timeout=240) for p in procs]
     finally:

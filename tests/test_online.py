@@ -24,10 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 REWARDS = str(ROOT / "tests" / "rewards_for_tests.py")
 LOWERCASE = f"{REWARDS}:lowercase_fraction"
 # Logged by every online trainer at every step.
-COMMON_METRICS = ("reward/mean", "reward/std", "kl/k1", "kl/k3", "entropy", "completion/length",
-                  "time/generation_s", "time/scoring_s", "time/training_s", "loss/policy",
-                  "grad_norm", "lr")
-
+COMMON_METRICS = (
+    "reward/mean",
+    "reward/std",
+    "kl/k1",
+    "kl/k3",
+    "entropy",
+    "completion/length",
+    "time/generation_s",
+    "time/scoring_s",
+    "time/training_s",
+    "loss/policy",
+    "grad_norm",
+    "lr",
+)
 
 
 def _prompts(path: Path, n: int = 32, **extra) -> Path:
@@ -38,10 +48,20 @@ def _prompts(path: Path, n: int = 32, **extra) -> Path:
 
 
 def _args(command: str, data: Path, out: Path, **overrides) -> list[str]:
-    args = {"model": "tiny", "data": str(data), "output-dir": str(out), "reward-fn": LOWERCASE,
-            "max-steps": "2", "max-new-tokens": "16", "max-length": "128",
-            "prompts-per-step": "16", "batch-size": "64", "lr": "2e-3", "save-steps": "0",
-            "lr-scheduler": "constant"}
+    args = {
+        "model": "tiny",
+        "data": str(data),
+        "output-dir": str(out),
+        "reward-fn": LOWERCASE,
+        "max-steps": "2",
+        "max-new-tokens": "16",
+        "max-length": "128",
+        "prompts-per-step": "16",
+        "batch-size": "64",
+        "lr": "2e-3",
+        "save-steps": "0",
+        "lr-scheduler": "constant",
+    }
     args.update({k.replace("_", "-"): v for k, v in overrides.items()})
     out_args = [command]
     for k, v in args.items():
@@ -74,16 +94,30 @@ def _policy_changed(run_dir: Path) -> bool:
 
     initial, _ = load_causal_lm("tiny", seed=0)
     trained = load_file(str(run_dir / "model.safetensors"))
-    return any(not torch.equal(trained[k], v) for k, v in initial.state_dict().items() if k in trained)
+    return any(
+        not torch.equal(trained[k], v) for k, v in initial.state_dict().items() if k in trained
+    )
 
 
 # --- the reward goes up -------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_grpo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
-    assert main(_args("grpo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
-                      num_generations=4, kl_coef=0.01)) == 0
+    assert (
+        main(
+            _args(
+                "grpo",
+                _prompts(tmp_path / "p.jsonl"),
+                out,
+                max_steps=25,
+                num_generations=4,
+                kl_coef=0.01,
+            )
+        )
+        == 0
+    )
     rows = _assert_learned(out, margin=0.1)
     assert "clipfrac" in rows[-1]
     assert _policy_changed(out)
@@ -92,8 +126,19 @@ def test_grpo_raises_the_reward(tmp_path):
 @pytest.mark.slow
 def test_rloo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
-    assert main(_args("rloo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
-                      num_generations=4, kl_coef=0.01)) == 0
+    assert (
+        main(
+            _args(
+                "rloo",
+                _prompts(tmp_path / "p.jsonl"),
+                out,
+                max_steps=25,
+                num_generations=4,
+                kl_coef=0.01,
+            )
+        )
+        == 0
+    )
     rows = _assert_learned(out, margin=0.1)
     assert "reward/penalised" in rows[-1] and "clipfrac" in rows[-1]
 
@@ -101,8 +146,14 @@ def test_rloo_raises_the_reward(tmp_path):
 @pytest.mark.slow
 def test_online_dpo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
-    assert main(_args("online-dpo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
-                      prompts_per_step=32)) == 0
+    assert (
+        main(
+            _args(
+                "online-dpo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25, prompts_per_step=32
+            )
+        )
+        == 0
+    )
     rows = _assert_learned(out, margin=0.08)
     assert "rewards/margins" in rows[-1] and "pairs/tie_fraction" in rows[-1]
 
@@ -110,8 +161,14 @@ def test_online_dpo_raises_the_reward(tmp_path):
 @pytest.mark.slow
 def test_ppo_raises_the_reward(tmp_path):
     out = tmp_path / "run"
-    assert main(_args("ppo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25,
-                      num_generations=2, lam=1.0)) == 0
+    assert (
+        main(
+            _args(
+                "ppo", _prompts(tmp_path / "p.jsonl"), out, max_steps=25, num_generations=2, lam=1.0
+            )
+        )
+        == 0
+    )
     rows = _assert_learned(out, margin=0.06)
     for name in ("loss/value", "clipfrac", "value/clipfrac", "approx_kl"):
         assert name in rows[-1] and math.isfinite(rows[-1][name])
@@ -120,14 +177,34 @@ def test_ppo_raises_the_reward(tmp_path):
 
 # --- other settings run end to end ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory) -> Path:
     """A reward model as `preftune reward` saves it (trained for a few steps on fixture pairs)."""
     out = tmp_path_factory.mktemp("rm") / "rm"
     data = ROOT / "tests" / "fixtures" / "hh_sample.jsonl"
-    assert main(["reward", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-                 "--max-steps", "2", "--batch-size", "4", "--max-length", "128",
-                 "--save-steps", "0"]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "--model",
+                "tiny",
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "128",
+                "--save-steps",
+                "0",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -135,9 +212,21 @@ def reward_model_dir(tmp_path_factory) -> Path:
 def test_runs_with_a_reward_model(tmp_path, reward_model_dir, command):
     out = tmp_path / "run"
     generations = {"online-dpo": 2, "ppo": 1}.get(command, 2)
-    assert main(_args(command, _prompts(tmp_path / "p.jsonl"), out, reward_fn=None,
-                      reward_model=str(reward_model_dir), num_generations=generations,
-                      prompts_per_step=4, max_new_tokens=8)) == 0
+    assert (
+        main(
+            _args(
+                command,
+                _prompts(tmp_path / "p.jsonl"),
+                out,
+                reward_fn=None,
+                reward_model=str(reward_model_dir),
+                num_generations=generations,
+                prompts_per_step=4,
+                max_new_tokens=8,
+            )
+        )
+        == 0
+    )
     rows = _metrics(out)
     assert len(rows) == 2 and "reward/reward_model" in rows[-1]
     assert (out / "run_complete.json").is_file()
@@ -145,25 +234,52 @@ def test_runs_with_a_reward_model(tmp_path, reward_model_dir, command):
 
 def test_combined_reward_sources_with_weights(tmp_path, reward_model_dir):
     out = tmp_path / "run"
-    assert main(_args("grpo", _prompts(tmp_path / "p.jsonl"), out, num_generations=2,
-                      reward_model=str(reward_model_dir),
-                      reward_fn=[LOWERCASE, f"{REWARDS}:completion_length"],
-                      reward_weights=["1.0", "1.0", "0.01"], missing_eos_penalty=1.0,
-                      length_penalty=0.01)) == 0
+    assert (
+        main(
+            _args(
+                "grpo",
+                _prompts(tmp_path / "p.jsonl"),
+                out,
+                num_generations=2,
+                reward_model=str(reward_model_dir),
+                reward_fn=[LOWERCASE, f"{REWARDS}:completion_length"],
+                reward_weights=["1.0", "1.0", "0.01"],
+                missing_eos_penalty=1.0,
+                length_penalty=0.01,
+            )
+        )
+        == 0
+    )
     for row in _metrics(out):
         # Every term is linear, so the step means combine like the per-row rewards:
         # 1·rm + 1·lowercase + 0.01·characters − 1.0·(no EOS) − 0.01·tokens.
-        expected = (row["reward/reward_model"] + row["reward/lowercase_fraction"]
-                    + 0.01 * row["reward/completion_length"]
-                    - 1.0 * (1 - row["completion/eos_fraction"]) - 0.01 * row["completion/length"])
+        expected = (
+            row["reward/reward_model"]
+            + row["reward/lowercase_fraction"]
+            + 0.01 * row["reward/completion_length"]
+            - 1.0 * (1 - row["completion/eos_fraction"])
+            - 0.01 * row["completion/length"]
+        )
         assert row["reward/mean"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_grpo_with_lora_uses_the_disabled_adapters_as_reference(tmp_path):
     out = tmp_path / "run"
-    assert main(_args("grpo", _prompts(tmp_path / "p.jsonl"), out, num_generations=2,
-                      loss_aggregation="token", kl_coef=0.1,
-                      prompts_per_step=4) + ["--lora"]) == 0
+    assert (
+        main(
+            _args(
+                "grpo",
+                _prompts(tmp_path / "p.jsonl"),
+                out,
+                num_generations=2,
+                loss_aggregation="token",
+                kl_coef=0.1,
+                prompts_per_step=4,
+            )
+            + ["--lora"]
+        )
+        == 0
+    )
     rows = _metrics(out)
     assert abs(rows[0]["kl/k1"]) < 1e-4  # LoRA starts as the identity: π = π_ref
     assert (out / "adapter_config.json").is_file()
@@ -171,9 +287,23 @@ def test_grpo_with_lora_uses_the_disabled_adapters_as_reference(tmp_path):
 
 def test_ppo_kl_as_a_loss_and_several_minibatches(tmp_path):
     out = tmp_path / "run"
-    assert main(_args("ppo", _prompts(tmp_path / "p.jsonl"), out, kl_penalty="loss",
-                      kl_estimator="k3", num_minibatches=2, ppo_epochs=2, batch_size=4,
-                      prompts_per_step=8, lr_scheduler="linear")) == 0
+    assert (
+        main(
+            _args(
+                "ppo",
+                _prompts(tmp_path / "p.jsonl"),
+                out,
+                kl_penalty="loss",
+                kl_estimator="k3",
+                num_minibatches=2,
+                ppo_epochs=2,
+                batch_size=4,
+                prompts_per_step=8,
+                lr_scheduler="linear",
+            )
+        )
+        == 0
+    )
     rows = _metrics(out)
     # 2 rollouts x 2 epochs x 2 minibatches = 8 optimizer steps on the schedule: the linear
     # decay is halfway after the first rollout's 4 steps and at 0 after the second's.
@@ -187,26 +317,57 @@ def test_ppo_kl_as_a_loss_and_several_minibatches(tmp_path):
 def test_grpo_reuses_rollouts_with_the_clipped_ratio(tmp_path):
     data = _prompts(tmp_path / "p.jsonl")
     reuse, single = tmp_path / "reuse", tmp_path / "single"
-    assert main(_args("grpo", data, reuse, num_generations=2, ppo_epochs=2, num_minibatches=2,
-                      loss_aggregation="constant", prompts_per_step=8, clip_eps=1e-3,
-                      lr_scheduler="linear") + ["--no-scale-rewards"]) == 0
+    assert (
+        main(
+            _args(
+                "grpo",
+                data,
+                reuse,
+                num_generations=2,
+                ppo_epochs=2,
+                num_minibatches=2,
+                loss_aggregation="constant",
+                prompts_per_step=8,
+                clip_eps=1e-3,
+                lr_scheduler="linear",
+            )
+            + ["--no-scale-rewards"]
+        )
+        == 0
+    )
     rows = _metrics(reuse)
     assert [r["lr"] for r in rows] == pytest.approx([2e-3 * 4 / 8, 0.0])  # 8 optimizer steps
     # After the first optimizer step π ≠ π_old, so with ε = 1e-3 the ratio leaves the clip range.
     assert all(r["clipfrac"] > 0 for r in rows)
     # One pass, one minibatch: π_old is π itself, the ratio is exactly 1, nothing is clipped.
-    assert main(_args("grpo", data, single, num_generations=2, prompts_per_step=8,
-                      clip_eps=1e-3)) == 0
+    assert (
+        main(_args("grpo", data, single, num_generations=2, prompts_per_step=8, clip_eps=1e-3)) == 0
+    )
     assert all(r["clipfrac"] == 0 for r in _metrics(single))
 
 
 def test_extra_columns_reach_the_reward_function(tmp_path):
     out = tmp_path / "run"
     data = tmp_path / "p.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Question {i}: say something", "value": i})
-                            + "\n" for i in range(32)))
-    assert main(_args("rloo", data, out, reward_fn=f"{REWARDS}:column_value",
-                      num_generations=2, prompts_per_step=4)) == 0
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Question {i}: say something", "value": i}) + "\n"
+            for i in range(32)
+        )
+    )
+    assert (
+        main(
+            _args(
+                "rloo",
+                data,
+                out,
+                reward_fn=f"{REWARDS}:column_value",
+                num_generations=2,
+                prompts_per_step=4,
+            )
+        )
+        == 0
+    )
     for row in _metrics(out):
         # Each row's reward is its own prompt's `value`: the mean of this step's prompt indices.
         indices = step_prompt_indices(32, 4, row["step"], seed=0)
@@ -215,6 +376,7 @@ def test_extra_columns_reach_the_reward_function(tmp_path):
 
 
 # --- resume ----------------------------------------------------------------------------------------
+
 
 def test_prompt_order_and_sampling_seed_are_functions_of_the_step():
     a = step_prompt_indices(10, 4, 3, seed=1)
@@ -234,9 +396,14 @@ def test_killed_grpo_run_resumes_to_the_same_rollouts(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(_args("grpo", data, straight, **common)) == 0
     env = {**os.environ, KILL_AFTER_CHECKPOINT_ENV: "2", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "preftune.cli",
-                           *_args("grpo", data, killed, **common)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "preftune.cli", *_args("grpo", data, killed, **common)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and (killed / "checkpoints" / "step-2").is_dir()
     assert main([*_args("grpo", data, killed, **common), "--resume"]) == 0
     a, b = _metrics(straight), _metrics(killed)
@@ -244,12 +411,16 @@ def test_killed_grpo_run_resumes_to_the_same_rollouts(tmp_path):
     for ra, rb in zip(a, b):
         assert ra["reward/mean"] == pytest.approx(rb["reward/mean"], abs=1e-6)
         assert ra["completion/length"] == pytest.approx(rb["completion/length"], abs=1e-6)
-    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    wa, wb = (
+        load_file(str(straight / "model.safetensors")),
+        load_file(str(killed / "model.safetensors")),
+    )
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
 # --- bad input -------------------------------------------------------------------------------------
+
 
 def _fails(args: list[str], capsys) -> str:
     assert main(args) == 2
@@ -265,15 +436,26 @@ def test_prompt_data_without_a_prompt_column_is_refused(tmp_path, capsys):
     assert "prompt" in err
 
 
-@pytest.mark.parametrize("fn, expected", [
-    ("raises", "'raises' raised ValueError"),
-    ("wrong_shape", "'wrong_shape' must return 8 numbers"),
-    ("returns_nan", "non-finite"),
-])
+@pytest.mark.parametrize(
+    "fn, expected",
+    [
+        ("raises", "'raises' raised ValueError"),
+        ("wrong_shape", "'wrong_shape' must return 8 numbers"),
+        ("returns_nan", "non-finite"),
+    ],
+)
 def test_bad_reward_functions_are_named(tmp_path, capsys, fn, expected):
-    err = _fails(_args("rloo", _prompts(tmp_path / "p.jsonl"), tmp_path / "run",
-                       reward_fn=f"{REWARDS}:{fn}", num_generations=2, prompts_per_step=4),
-                 capsys)
+    err = _fails(
+        _args(
+            "rloo",
+            _prompts(tmp_path / "p.jsonl"),
+            tmp_path / "run",
+            reward_fn=f"{REWARDS}:{fn}",
+            num_generations=2,
+            prompts_per_step=4,
+        ),
+        capsys,
+    )
     assert expected in err
 
 
@@ -289,32 +471,44 @@ def test_nan_from_a_reward_model_is_refused(tmp_path):
             return s, {"reward_model": s}
 
     with pytest.raises(PreftuneError, match="non-finite"):
-        score(NaNModel(), ["a", "b"], ["x", "y"], {}, [True, True], [1, 1],
-              RolloutSettings(reward_fn=["x:y"]))
+        score(
+            NaNModel(),
+            ["a", "b"],
+            ["x", "y"],
+            {},
+            [True, True],
+            [1, 1],
+            RolloutSettings(reward_fn=["x:y"]),
+        )
 
 
 @pytest.mark.parametrize("command", ["grpo", "rloo"])
 def test_group_methods_need_two_generations(tmp_path, capsys, command):
-    err = _fails(_args(command, _prompts(tmp_path / "p.jsonl"), tmp_path / "run",
-                       num_generations=1), capsys)
+    err = _fails(
+        _args(command, _prompts(tmp_path / "p.jsonl"), tmp_path / "run", num_generations=1), capsys
+    )
     assert "num_generations" in err and ">= 2" in err
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"reward_fn": None}, "no reward source"),
-    ({"reward_weights": ["1", "2"]}, "reward_weights"),
-    ({"num_generations": 3}, "exactly 2"),
-    ({"generator": "vllm"}, "vllm"),
-    ({"temperature": 0}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"reward_fn": None}, "no reward source"),
+        ({"reward_weights": ["1", "2"]}, "reward_weights"),
+        ({"num_generations": 3}, "exactly 2"),
+        ({"generator": "vllm"}, "vllm"),
+        ({"temperature": 0}, "temperature"),
+    ],
+)
 def test_bad_settings_are_refused_before_loading(tmp_path, capsys, overrides, expected):
     if overrides.get("generator") == "vllm":
         from preftune.generation import vllm_available
 
         if vllm_available():
             pytest.skip("vllm and a GPU are present")
-    err = _fails(_args("online-dpo", _prompts(tmp_path / "p.jsonl"), tmp_path / "run",
-                       **overrides), capsys)
+    err = _fails(
+        _args("online-dpo", _prompts(tmp_path / "p.jsonl"), tmp_path / "run", **overrides), capsys
+    )
     assert expected in err
     assert not (tmp_path / "run").exists()
 
@@ -330,6 +524,14 @@ def test_grad_accum_is_not_an_online_flag(tmp_path, capsys):
 
 
 def test_missing_reward_function_file_is_named(tmp_path, capsys):
-    err = _fails(_args("grpo", _prompts(tmp_path / "p.jsonl"), tmp_path / "run",
-                       reward_fn="nope.py:f", num_generations=2), capsys)
+    err = _fails(
+        _args(
+            "grpo",
+            _prompts(tmp_path / "p.jsonl"),
+            tmp_path / "run",
+            reward_fn="nope.py:f",
+            num_generations=2,
+        ),
+        capsys,
+    )
     assert "nope.py" in err

@@ -12,7 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import preftune.models.logprobs as logprobs_mod
 from preftune.data.collate import collate_pairs, collate_ranked, collate_sft, pad_sequences
@@ -64,10 +71,14 @@ def _pair_features(seed: int, n: int, *, shared_completion: int = 0, same_length
         lr = 5 if same_length else rng.randrange(1, 8)
         chosen = _seq(prompt + shared + [rng.randrange(10, 200) for _ in range(lc)], len(prompt))
         rejected = _seq(prompt + shared + [rng.randrange(10, 200) for _ in range(lr)], len(prompt))
-        feats.append({"chosen_input_ids": chosen["input_ids"],
-                      "chosen_completion_mask": chosen["completion_mask"],
-                      "rejected_input_ids": rejected["input_ids"],
-                      "rejected_completion_mask": rejected["completion_mask"]})
+        feats.append(
+            {
+                "chosen_input_ids": chosen["input_ids"],
+                "chosen_completion_mask": chosen["completion_mask"],
+                "rejected_input_ids": rejected["input_ids"],
+                "rejected_completion_mask": rejected["completion_mask"],
+            }
+        )
     return feats
 
 
@@ -103,10 +114,13 @@ def _compare(run, model, batch):
 
 # --- the layout ---------------------------------------------------------------------------------
 
+
 def test_pack_sequences_layout_by_hand():
     # pair: chosen 5 6 7 8, rejected 5 6 9; common prefix 5 6 -> row [5 6 | 7 8 | 9]
-    seqs = [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]},
-            {"input_ids": [5, 6, 9], "completion_mask": [0, 1, 1]}]
+    seqs = [
+        {"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]},
+        {"input_ids": [5, 6, 9], "completion_mask": [0, 1, 1]},
+    ]
     p = pack_sequences(seqs, [[0, 1]], pad_id=PAD)
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 2]]
@@ -118,11 +132,13 @@ def test_pack_sequences_layout_by_hand():
     assert p.token_offset.tolist() == [2, 3, 1, 2]
     assert p.last_index.tolist() == [3, 4]
     mask = attention_mask_4d(p)[0, 0].int().tolist()
-    assert mask == [[1, 0, 0, 0, 0],
-                    [1, 1, 0, 0, 0],
-                    [1, 1, 1, 0, 0],
-                    [1, 1, 1, 1, 0],
-                    [1, 1, 0, 0, 1]]  # 9 sees the prefix and itself, not chosen's 7 8
+    assert mask == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],
+    ]  # 9 sees the prefix and itself, not chosen's 7 8
 
 
 def test_rows_packed_by_first_fit_decreasing_and_padding_attends_only_to_padding():
@@ -147,8 +163,18 @@ def test_pack_sequences_refuses_groups_that_miss_a_sequence():
 
 # --- log-probs ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["ragged", "same_length", "prefix_into_completion", "one_pair",
-                                  "no_common_prefix", "chosen_is_prefix_of_rejected"])
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ragged",
+        "same_length",
+        "prefix_into_completion",
+        "one_pair",
+        "no_common_prefix",
+        "chosen_is_prefix_of_rejected",
+    ],
+)
 def test_completion_logprobs_packed_equal_padded_with_gradients(tokenizer, case):
     model = build_tiny_model(tokenizer, seed=1).train()
     if case == "no_common_prefix":
@@ -163,26 +189,44 @@ def test_completion_logprobs_packed_equal_padded_with_gradients(tokenizer, case)
             if not any(f["chosen_completion_mask"]):
                 f["chosen_completion_mask"][-1] = 1
     else:
-        feats = _pair_features(0, 1 if case == "one_pair" else 4,
-                               shared_completion=3 if case == "prefix_into_completion" else 0,
-                               same_length=case == "same_length")
+        feats = _pair_features(
+            0,
+            1 if case == "one_pair" else 4,
+            shared_completion=3 if case == "prefix_into_completion" else 0,
+            same_length=case == "same_length",
+        )
     batch = collate_pairs(feats, PAD, pack=True)
     module = CompletionLogProbs(model)
     weights = torch.randn(batch["input_ids"].shape, generator=torch.Generator().manual_seed(0))
 
     def run(b):
-        out = module(b["input_ids"], b["attention_mask"], b["completion_mask"],
-                     return_entropy=True, **({"packed": b["packed"]} if "packed" in b else {}))
-        return (out.token_logps * weights).sum(), [out.token_logps, out.seq_logps,
-                                                  out.n_tokens.float(), out.entropy]
+        out = module(
+            b["input_ids"],
+            b["attention_mask"],
+            b["completion_mask"],
+            return_entropy=True,
+            **({"packed": b["packed"]} if "packed" in b else {}),
+        )
+        return (out.token_logps * weights).sum(), [
+            out.token_logps,
+            out.seq_logps,
+            out.n_tokens.float(),
+            out.entropy,
+        ]
 
     _compare(run, model, batch)
 
 
 @pytest.mark.parametrize("truncation", ["keep_end", "keep_start"])
 def test_packed_equal_padded_after_prompt_truncation(tokenizer, truncation):
-    pairs = [Pair(prompt="one two three four five six seven eight nine ten " * (i + 1),
-                  chosen=" yes indeed" * (i + 1), rejected=" no" * (3 - i)) for i in range(3)]
+    pairs = [
+        Pair(
+            prompt="one two three four five six seven eight nine ten " * (i + 1),
+            chosen=" yes indeed" * (i + 1),
+            rejected=" no" * (3 - i),
+        )
+        for i in range(3)
+    ]
     trunc = TruncationConfig(max_length=40, max_prompt_length=16, prompt_truncation=truncation)
     feats, _ = tokenize_pairs(tokenizer, pairs, trunc)
     assert len(feats) == 3
@@ -190,8 +234,12 @@ def test_packed_equal_padded_after_prompt_truncation(tokenizer, truncation):
     module = CompletionLogProbs(model)
 
     def run(b):
-        out = module(b["input_ids"], b["attention_mask"], b["completion_mask"],
-                     **({"packed": b["packed"]} if "packed" in b else {}))
+        out = module(
+            b["input_ids"],
+            b["attention_mask"],
+            b["completion_mask"],
+            **({"packed": b["packed"]} if "packed" in b else {}),
+        )
         return out.seq_logps.sum(), [out.seq_logps]
 
     _compare(run, model, collate_pairs(feats, PAD, pack=True))
@@ -200,18 +248,31 @@ def test_packed_equal_padded_after_prompt_truncation(tokenizer, truncation):
 def test_several_pairs_per_row_and_other_architectures(tokenizer):
     """Padding-free rows (several groups per row), with Mistral, Qwen2 and eager attention."""
     feats = _pair_features(3, 5, shared_completion=2)
-    seqs = [{"input_ids": f[f"{s}_input_ids"], "completion_mask": f[f"{s}_completion_mask"]}
-            for s in ("chosen", "rejected") for f in feats]
+    seqs = [
+        {"input_ids": f[f"{s}_input_ids"], "completion_mask": f[f"{s}_completion_mask"]}
+        for s in ("chosen", "rejected")
+        for f in feats
+    ]
     batch = pad_sequences(seqs, PAD)
-    batch["packed"] = pack_sequences(seqs, [[i, 5 + i] for i in range(5)], pad_id=PAD,
-                                     row_tokens=64)
+    batch["packed"] = pack_sequences(
+        seqs, [[i, 5 + i] for i in range(5)], pad_id=PAD, row_tokens=64
+    )
     assert batch["packed"].input_ids.shape[0] < 5
-    small = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD)
+    small = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+    )
     torch.manual_seed(0)
-    models = {"llama-eager": build_tiny_model(tokenizer, seed=3),
-              "mistral": MistralForCausalLM(MistralConfig(**small, sliding_window=None)),
-              "qwen2": Qwen2ForCausalLM(Qwen2Config(**small))}
+    models = {
+        "llama-eager": build_tiny_model(tokenizer, seed=3),
+        "mistral": MistralForCausalLM(MistralConfig(**small, sliding_window=None)),
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(**small)),
+    }
     models["llama-eager"].set_attn_implementation("eager")
     for name, model in models.items():
         model.float().train()
@@ -219,8 +280,12 @@ def test_several_pairs_per_row_and_other_architectures(tokenizer):
         module = CompletionLogProbs(model)
 
         def run(b):
-            out = module(b["input_ids"], b["attention_mask"], b["completion_mask"],
-                         **({"packed": b["packed"]} if "packed" in b else {}))
+            out = module(
+                b["input_ids"],
+                b["attention_mask"],
+                b["completion_mask"],
+                **({"packed": b["packed"]} if "packed" in b else {}),
+            )
             return out.seq_logps.sum(), [out.seq_logps]
 
         _compare(run, model, batch)
@@ -233,23 +298,38 @@ def test_unsupported_models_take_the_padded_path(tokenizer, monkeypatch):
     monkeypatch.setattr(logprobs_mod, "packed_completion_logprobs", refuse)
     batch = collate_pairs(_pair_features(0, 2), PAD, pack=True)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2))
-    windowed = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=1, num_attention_heads=4,
-                                                num_key_value_heads=2, sliding_window=4))
+    windowed = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+        )
+    )
     capped = build_tiny_model(tokenizer)
     capped.config.final_logit_softcapping = 30.0  # logits post-processed: the head is not ours
     for model in (gpt2, windowed, capped):
         model.eval()  # no dropout: the two calls below must agree exactly
         assert not can_pack(model, batch["packed"])
-        out = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                  batch["completion_mask"], packed=batch["packed"])
-        plain = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                    batch["completion_mask"])
+        out = completion_logprobs(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            packed=batch["packed"],
+        )
+        plain = completion_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
         torch.testing.assert_close(out.seq_logps, plain.seq_logps, rtol=0, atol=0)
     assert "packed" not in collate_pairs(_pair_features(0, 2), PAD)  # --packing off
 
 
 # --- DPO ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "orpo"])
 def test_dpo_objective_packed_equal_padded(tokenizer, loss):
@@ -291,10 +371,13 @@ def test_dpo_with_lora_reference_and_precomputed_reference(tokenizer):
 
     # precomputed: sequence_logps over pairs, packed or padded, equals the per-row forward
     engine = SimpleNamespace(world_size=1, rank=0, accelerator=SimpleNamespace(device="cpu"))
-    seqs = ([{"input_ids": f["chosen_input_ids"], "completion_mask": f["chosen_completion_mask"]}
-             for f in feats]
-            + [{"input_ids": f["rejected_input_ids"], "completion_mask": f["rejected_completion_mask"]}
-               for f in feats])
+    seqs = [
+        {"input_ids": f["chosen_input_ids"], "completion_mask": f["chosen_completion_mask"]}
+        for f in feats
+    ] + [
+        {"input_ids": f["rejected_input_ids"], "completion_mask": f["rejected_completion_mask"]}
+        for f in feats
+    ]
 
     def score(*b, **kw):
         return reference(module, *b, **kw).seq_logps
@@ -310,6 +393,7 @@ def test_dpo_with_lora_reference_and_precomputed_reference(tokenizer):
 
 
 # --- reward model -------------------------------------------------------------------------------
+
 
 def _classifier(tokenizer, seed):
     return build_tiny_sequence_classifier(tokenizer, seed=seed).train()
@@ -346,10 +430,18 @@ def test_listwise_reward_and_lora_classifier_packed_equal_padded(tokenizer):
     features = []
     for k in (3, 2, 4):
         prompt = [1] + [rng.randrange(10, 200) for _ in range(rng.randrange(3, 9))]
-        features.append({"sequences": [_seq(prompt + [rng.randrange(10, 200)
-                                                      for _ in range(rng.randrange(1, 6))],
-                                             len(prompt)) for _ in range(k)],
-                         "scores": [rng.random() for _ in range(k)]})
+        features.append(
+            {
+                "sequences": [
+                    _seq(
+                        prompt + [rng.randrange(10, 200) for _ in range(rng.randrange(1, 6))],
+                        len(prompt),
+                    )
+                    for _ in range(k)
+                ],
+                "scores": [rng.random() for _ in range(k)],
+            }
+        )
     batch = collate_ranked(features, PAD, pack=True)
     model = apply_lora(_classifier(tokenizer, 10), LoraSettings(r=4, alpha=8), task_type="SEQ_CLS")
     model.train()
@@ -365,10 +457,12 @@ def test_listwise_reward_and_lora_classifier_packed_equal_padded(tokenizer):
 
 # --- SFT and KTO: padding-free rows -------------------------------------------------------------
 
+
 def _ragged_sequences(seed: int, lengths: list[int]) -> list[dict]:
     rng = random.Random(seed)
-    return [_seq([1] + [rng.randrange(10, 200) for _ in range(n - 1)], max(1, n // 3))
-            for n in lengths]
+    return [
+        _seq([1] + [rng.randrange(10, 200) for _ in range(n - 1)], max(1, n // 3)) for n in lengths
+    ]
 
 
 def test_sft_objective_padding_free_equal_padded(tokenizer):
@@ -393,7 +487,9 @@ def test_kto_objective_packed_equal_padded(tokenizer):
     features = []
     for i in range(5):
         # one long example first, so that the short ones share rows
-        prompt = [1] + [rng.randrange(10, 200) for _ in range(20 if i == 0 else rng.randrange(2, 9))]
+        prompt = [1] + [
+            rng.randrange(10, 200) for _ in range(20 if i == 0 else rng.randrange(2, 9))
+        ]
         completion = [rng.randrange(10, 200) for _ in range(rng.randrange(1, 8))]
         seq = _seq(prompt + completion, len(prompt))
         features.append({**seq, "prompt_length": len(prompt), "label": i % 2 == 0})
@@ -408,7 +504,9 @@ def test_kto_objective_packed_equal_padded(tokenizer):
 
     def run(b):
         if "packed" not in b:  # the padded path: drop every packed layout and the joint rows
-            b = {k: v for k, v in b.items() if not k.endswith("packed") and not k.startswith("ref_")}
+            b = {
+                k: v for k, v in b.items() if not k.endswith("packed") and not k.startswith("ref_")
+            }
         loss_sum, metrics = objective(module, b)
         return loss_sum, [metrics[k] for k in sorted(metrics)]
 

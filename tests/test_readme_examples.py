@@ -16,8 +16,11 @@ from preftune.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 # The README's examples, by the run folder each writes: (command, metric its curves must show).
-FAMILIES = {"runs/api-dpo": ("dpo", "rewards/margins"), "runs/api-reward": ("reward", "rewards/accuracies"),
-            "runs/api-grpo": ("grpo", "reward/mean")}
+FAMILIES = {
+    "runs/api-dpo": ("dpo", "rewards/margins"),
+    "runs/api-reward": ("reward", "rewards/accuracies"),
+    "runs/api-grpo": ("grpo", "reward/mean"),
+}
 
 
 def python_blocks() -> list[str]:
@@ -31,8 +34,10 @@ def test_readme_python_examples_run_and_leave_card_and_curves(tmp_path, monkeypa
     assert len(blocks) >= 3
     for i, block in enumerate(blocks):
         # The README's own examples, executed as written: that is the point of this test.
-        exec(compile(block, f"README.md python block {i + 1}", "exec"),  # noqa: S102
-             {"__name__": "readme"})
+        exec(
+            compile(block, f"README.md python block {i + 1}", "exec"),  # noqa: S102
+            {"__name__": "readme"},
+        )
 
     for folder, (command, metric) in FAMILIES.items():
         run = tmp_path / folder
@@ -68,8 +73,11 @@ def test_python_api_exports_every_command_lazily():
             assert getattr(preftune, name) is getattr(__import__(module, fromlist=[name]), name)
     assert set(preftune.__all__) == set(preftune._EXPORTS) | {"load_config", "__version__"}
     # `import preftune` alone loads neither torch nor a trainer.
-    code = ("import sys, preftune; "
-            "print(sorted(m for m in ('torch', 'preftune.trainers.dpo') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys, preftune; "
+        "print(sorted(m for m in ('torch', 'preftune.trainers.dpo') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"

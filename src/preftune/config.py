@@ -29,8 +29,14 @@ from preftune import trl_compat
 from preftune.errors import PreftuneError
 
 
-def arg(default: Any, help: str, *, choices: tuple | None = None,
-        positional: bool = False, finite: bool = True) -> Any:
+def arg(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    positional: bool = False,
+    finite: bool = True,
+) -> Any:
     """A config field with its documentation (shown by `--help`) and allowed values.
 
     `positional`: a list given as the command's positional arguments (`preftune plot A B`).
@@ -82,14 +88,21 @@ def check_choices(cfg: Any) -> None:
 
 # --- the blocks -------------------------------------------------------------------------------
 
+
 @dataclass
 class ModelSettings(Settings):
     """The model a command loads."""
 
-    model: str = arg("tiny", "Model to train: a local folder, a hub name, or `tiny` (a small "
-                     "Llama-style model with random weights and a byte-level tokenizer).")
-    dtype: str = arg("auto", "Weights dtype when loading the model.",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+    model: str = arg(
+        "tiny",
+        "Model to train: a local folder, a hub name, or `tiny` (a small "
+        "Llama-style model with random weights and a byte-level tokenizer).",
+    )
+    dtype: str = arg(
+        "auto",
+        "Weights dtype when loading the model.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     chat_template: str = arg("", "Jinja chat template file overriding the tokenizer's own.")
 
 
@@ -97,47 +110,68 @@ class ModelSettings(Settings):
 class ModelTrainingSettings(Settings):
     """How the trained model is held: autocast precision, activation checkpointing, LoRA."""
 
-    mixed_precision: str = arg("auto", "Autocast precision: `auto` is bf16 on CUDA devices "
-                               "that support it, and on CPUs with native bf16 (avx512_bf16 or "
-                               "AMX) when a startup probe measures bf16 at least 1.3x faster "
-                               "than float32; otherwise no autocast.",
-                               choices=("auto", "no", "bf16", "fp16"))
-    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to "
-                                       "save memory.")
+    mixed_precision: str = arg(
+        "auto",
+        "Autocast precision: `auto` is bf16 on CUDA devices "
+        "that support it, and on CPUs with native bf16 (avx512_bf16 or "
+        "AMX) when a startup probe measures bf16 at least 1.3x faster "
+        "than float32; otherwise no autocast.",
+        choices=("auto", "no", "bf16", "fp16"),
+    )
+    gradient_checkpointing: bool = arg(
+        False, "Recompute activations in the backward pass to save memory."
+    )
     lora: bool = arg(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = arg(16, "LoRA rank.")
     lora_alpha: int = arg(32, "LoRA scaling alpha.")
     lora_dropout: float = arg(0.0, "LoRA dropout.")
-    lora_target_modules: str = arg("all-linear", "Modules that get adapters: `all-linear` or a "
-                                   "comma-separated list of module names.")
+    lora_target_modules: str = arg(
+        "all-linear",
+        "Modules that get adapters: `all-linear` or a comma-separated list of module names.",
+    )
 
     def check(self) -> None:
         _require(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
-        _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout,
-                 "a number in [0, 1)")
+        _require(
+            0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "a number in [0, 1)"
+        )
         if not self.lora:
-            changed = [f.name for f in dataclasses.fields(ModelTrainingSettings)
-                       if f.name.startswith("lora_") and getattr(self, f.name) != f.default]
+            changed = [
+                f.name
+                for f in dataclasses.fields(ModelTrainingSettings)
+                if f.name.startswith("lora_") and getattr(self, f.name) != f.default
+            ]
             if changed:
-                raise PreftuneError(f"{', '.join(changed)} set but lora is off, so "
-                                    f"{'they have' if len(changed) > 1 else 'it has'} no effect; "
-                                    "add --lora or drop "
-                                    + ", ".join("--" + c.replace("_", "-") for c in changed))
+                raise PreftuneError(
+                    f"{', '.join(changed)} set but lora is off, so "
+                    f"{'they have' if len(changed) > 1 else 'it has'} no effect; "
+                    "add --lora or drop " + ", ".join("--" + c.replace("_", "-") for c in changed)
+                )
 
 
 @dataclass
 class DataSettings(Settings):
     """Where the rows come from and what a malformed row does."""
 
-    data: str = arg("", "Training data: a JSONL/JSON/Parquet/CSV file or folder, or a dataset "
-                    "name for `datasets.load_dataset`.")
+    data: str = arg(
+        "",
+        "Training data: a JSONL/JSON/Parquet/CSV file or folder, or a dataset "
+        "name for `datasets.load_dataset`.",
+    )
     split: str = arg("train", "Dataset split to read when `data` is a hub dataset name.")
-    columns: str = arg("", "Column mapping from your names to preftune's, e.g. "
-                       "`prompt=question,chosen=good,rejected=bad`.")
-    on_bad_row: str = arg("skip", "What to do with a malformed row (empty text, chosen equal "
-                          "to rejected, wrong type, ...) inside otherwise good data: skip it "
-                          "and report the count and the first one, or stop with an error "
-                          "naming its file and line.", choices=("skip", "error"))
+    columns: str = arg(
+        "",
+        "Column mapping from your names to preftune's, e.g. "
+        "`prompt=question,chosen=good,rejected=bad`.",
+    )
+    on_bad_row: str = arg(
+        "skip",
+        "What to do with a malformed row (empty text, chosen equal "
+        "to rejected, wrong type, ...) inside otherwise good data: skip it "
+        "and report the count and the first one, or stop with an error "
+        "naming its file and line.",
+        choices=("skip", "error"),
+    )
 
 
 @dataclass
@@ -147,15 +181,22 @@ class LengthSettings(Settings):
 
     max_length: int = arg(512, "Maximum tokens of prompt + completion.")
     max_prompt_length: int = arg(0, "Maximum prompt tokens (0: half of `max_length`).")
-    prompt_truncation: str = arg("keep_end", "A prompt over max_prompt_length keeps its end "
-                                 "(the latest turns), keeps its start, or stops the run with "
-                                 "an error naming the example.",
-                                 choices=("keep_end", "keep_start", "error"))
+    prompt_truncation: str = arg(
+        "keep_end",
+        "A prompt over max_prompt_length keeps its end "
+        "(the latest turns), keeps its start, or stops the run with "
+        "an error naming the example.",
+        choices=("keep_end", "keep_start", "error"),
+    )
 
     def check(self) -> None:
         _require(self.max_length >= 8, "max_length", self.max_length, "an integer >= 8")
-        _require(0 <= self.max_prompt_length < self.max_length, "max_prompt_length",
-                 self.max_prompt_length, f"an integer in [0, max_length={self.max_length})")
+        _require(
+            0 <= self.max_prompt_length < self.max_length,
+            "max_prompt_length",
+            self.max_prompt_length,
+            f"an integer in [0, max_length={self.max_length})",
+        )
 
     @property
     def prompt_limit(self) -> int:
@@ -167,29 +208,38 @@ class EvalSettings(Settings):
     """Held-out evaluation during training (the offline commands)."""
 
     eval_data: str = arg("", "Held-out data (same formats as `data`).")
-    eval_fraction: float = arg(0.0, "Hold out this fraction of `data` for evaluation when no "
-                               "`eval_data` is given.")
+    eval_fraction: float = arg(
+        0.0, "Hold out this fraction of `data` for evaluation when no `eval_data` is given."
+    )
     eval_steps: int = arg(0, "Evaluate on held-out data every this many steps (0: at the end).")
 
     def check(self) -> None:
-        _require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction,
-                 "a number in [0, 1)")
+        _require(
+            0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "a number in [0, 1)"
+        )
         _require(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")
         if self.eval_data and self.eval_fraction:
-            raise PreftuneError("eval_data and eval_fraction were both given: pass one of them "
-                                "(eval_fraction splits `data`; eval_data is a separate file)")
+            raise PreftuneError(
+                "eval_data and eval_fraction were both given: pass one of them "
+                "(eval_fraction splits `data`; eval_data is a separate file)"
+            )
         if not self.eval_data and not self.eval_fraction and self.eval_steps:
-            raise PreftuneError(f"eval_steps={self.eval_steps} but there is no held-out data to "
-                                "evaluate on; pass --eval-data FILE or --eval-fraction, or drop "
-                                "--eval-steps")
+            raise PreftuneError(
+                f"eval_steps={self.eval_steps} but there is no held-out data to "
+                "evaluate on; pass --eval-data FILE or --eval-fraction, or drop "
+                "--eval-steps"
+            )
 
 
 @dataclass
 class RunSettings(Settings):
     """The output folder of a run and its seed."""
 
-    output_dir: str = arg("", "Where the run writes config, metrics, checkpoints and the final "
-                          "model (default: runs/<command>).")
+    output_dir: str = arg(
+        "",
+        "Where the run writes config, metrics, checkpoints and the final "
+        "model (default: runs/<command>).",
+    )
     overwrite: bool = arg(False, "Replace a different run already in `output_dir`.")
     seed: int = arg(0, "Seed for weights of `tiny`, data order, sampling and dropout.")
 
@@ -208,15 +258,20 @@ class OptimSettings(Settings):
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.999, "AdamW beta2.")
-    lr_scheduler: str = arg("cosine", "Learning-rate schedule after warmup.",
-                            choices=("cosine", "linear", "constant"))
+    lr_scheduler: str = arg(
+        "cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant")
+    )
     warmup_ratio: float = arg(0.0, "Fraction of the steps spent warming up linearly.")
     warmup_steps: int = arg(0, "Warmup steps (overrides `warmup_ratio` when > 0).")
     max_grad_norm: float = arg(1.0, "Clip the global gradient norm to this (0: no clipping).")
-    nan_policy: str = arg("fail", "What a NaN or infinite loss or gradient norm does: `fail` "
-                          "stops the run at that step without saving a model (the checkpoints "
-                          "stay intact); `skip-step` skips that update and goes on (and fails "
-                          "after 10 such steps in a row).", choices=("fail", "skip-step"))
+    nan_policy: str = arg(
+        "fail",
+        "What a NaN or infinite loss or gradient norm does: `fail` "
+        "stops the run at that step without saving a model (the checkpoints "
+        "stay intact); `skip-step` skips that update and goes on (and fails "
+        "after 10 such steps in a row).",
+        choices=("fail", "skip-step"),
+    )
 
     def check(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -226,8 +281,9 @@ class OptimSettings(Settings):
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _require(0 <= self.adam_beta1 < 1, "adam_beta1", self.adam_beta1, "a number in [0, 1)")
         _require(0 <= self.adam_beta2 < 1, "adam_beta2", self.adam_beta2, "a number in [0, 1)")
-        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio,
-                 "a number in [0, 1)")
+        _require(
+            0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)"
+        )
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         _require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a number >= 0")
 
@@ -248,41 +304,63 @@ class LoggingSettings(Settings):
     """What a training run records (metrics, trackers, checkpoints) and how it resumes."""
 
     resume: bool = arg(False, "Continue from the latest checkpoint in `output_dir`.")
-    allow_data_change: bool = arg(False, "Let --resume continue on training data that differs "
-                                  "from the data the checkpoint was trained on.")
+    allow_data_change: bool = arg(
+        False,
+        "Let --resume continue on training data that differs "
+        "from the data the checkpoint was trained on.",
+    )
     logging_steps: int = arg(10, "Log training metrics every this many steps.")
     save_steps: int = arg(500, "Write a checkpoint every this many steps (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many checkpoints (0: keep all).")
-    report_to: str = arg("", "Extra trackers through accelerate, comma-separated: "
-                         "tensorboard, wandb, mlflow. `metrics.jsonl` is always written.")
-    curves: bool = arg(True, "Draw `curves.png` from metrics.jsonl at the end of the run "
-                       "(about a second of matplotlib; the lab turns it off for its many "
-                       "short runs).")
+    report_to: str = arg(
+        "",
+        "Extra trackers through accelerate, comma-separated: "
+        "tensorboard, wandb, mlflow. `metrics.jsonl` is always written.",
+    )
+    curves: bool = arg(
+        True,
+        "Draw `curves.png` from metrics.jsonl at the end of the run "
+        "(about a second of matplotlib; the lab turns it off for its many "
+        "short runs).",
+    )
 
     def check(self) -> None:
         _require(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
         _require(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
-        _require(self.save_total_limit >= 0, "save_total_limit", self.save_total_limit,
-                 "an integer >= 0")
+        _require(
+            self.save_total_limit >= 0, "save_total_limit", self.save_total_limit, "an integer >= 0"
+        )
         trackers = [t for t in self.report_to.split(",") if t.strip()]
         for tracker in trackers:
             if tracker.strip() not in ("tensorboard", "wandb", "mlflow"):
-                raise PreftuneError(f"report_to: unknown tracker {tracker.strip()!r}; "
-                                    "expected a comma-separated list of tensorboard, wandb, mlflow")
+                raise PreftuneError(
+                    f"report_to: unknown tracker {tracker.strip()!r}; "
+                    "expected a comma-separated list of tensorboard, wandb, mlflow"
+                )
 
 
 # --- the configs composed of them -------------------------------------------------------------
 # Dataclass fields come in reverse MRO order: the last base's fields first.
 
+
 @dataclass
-class TrainingSettings(LoggingSettings, OptimSettings, RunSettings, LengthSettings, DataSettings,
-                       ModelTrainingSettings, ModelSettings):
+class TrainingSettings(
+    LoggingSettings,
+    OptimSettings,
+    RunSettings,
+    LengthSettings,
+    DataSettings,
+    ModelTrainingSettings,
+    ModelSettings,
+):
     """The blocks of every training command, offline and online (`trainers/online.py`)."""
 
     def check(self) -> None:
         if self.overwrite and self.resume:
-            raise PreftuneError("overwrite and resume were both given: --resume continues the "
-                                "run in output_dir, --overwrite replaces it; pass one")
+            raise PreftuneError(
+                "overwrite and resume were both given: --resume continues the "
+                "run in output_dir, --overwrite replaces it; pass one"
+            )
 
 
 @dataclass
@@ -291,13 +369,16 @@ class TrainConfig(EvalSettings, AccumulationSettings, TrainingSettings):
     block, plus gradient accumulation and held-out evaluation, and how their batches are laid
     out."""
 
-    packing: str = arg("auto", "Pack batches to skip repeated and padding tokens: each "
-                       "preference pair (or ranking) shares its common prefix (the prompt) in "
-                       "one row, several sequences share a row instead of padding; exact to "
-                       "float rounding. `auto`: where the model is verified for it (Llama, "
-                       "Mistral, Qwen2/3 with sdpa or eager attention) and the packed rows "
-                       "hold fewer tokens, else padded rows; `off`: always padded rows.",
-                       choices=("auto", "off"))
+    packing: str = arg(
+        "auto",
+        "Pack batches to skip repeated and padding tokens: each "
+        "preference pair (or ranking) shares its common prefix (the prompt) in "
+        "one row, several sequences share a row instead of padding; exact to "
+        "float rounding. `auto`: where the model is verified for it (Llama, "
+        "Mistral, Qwen2/3 with sdpa or eager attention) and the packed rows "
+        "hold fewer tokens, else padded rows; `off`: always padded rows.",
+        choices=("auto", "off"),
+    )
 
 
 def prompt_limit(max_prompt_length: int, max_length: int) -> int:
@@ -313,6 +394,7 @@ def _require(ok: bool, name: str, value: Any, expected: str) -> None:
 
 # --- dataclass -> argparse, YAML ------------------------------------------------------------
 
+
 def _field_type(cls: type, f: dataclasses.Field) -> type:
     hints = typing.get_type_hints(cls)
     tp = hints[f.name]
@@ -325,8 +407,12 @@ def _field_type(cls: type, f: dataclasses.Field) -> type:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field; defaults are suppressed so that only given flags override YAML."""
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help="YAML file of settings; flags given on the command line win.")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="YAML file of settings; flags given on the command line win.",
+    )
     for f in dataclasses.fields(cls):
         tp = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
@@ -382,8 +468,10 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
             pass
     else:
         return value
-    raise PreftuneError(f"{where}: {f.name} is {value!r} ({type(value).__name__}), "
-                        f"expected {getattr(tp, '__name__', tp)}")
+    raise PreftuneError(
+        f"{where}: {f.name} is {value!r} ({type(value).__name__}), "
+        f"expected {getattr(tp, '__name__', tp)}"
+    )
 
 
 def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
@@ -400,8 +488,9 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise PreftuneError(f"{path}: expected a mapping of setting names to values, "
-                            f"got {type(raw).__name__}")
+        raise PreftuneError(
+            f"{path}: expected a mapping of setting names to values, got {type(raw).__name__}"
+        )
     raw = trl_compat.resolve_yaml(raw, cls, str(path))  # TRL's keys become preftune's
     fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
@@ -426,7 +515,8 @@ def build_config(cls: type, namespace: argparse.Namespace) -> Any:
         values.update(load_yaml_config(config_file, cls))
     fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
     given = trl_compat.resolve_namespace(  # TRL's flags become preftune's
-        given, cls, values, lambda v, name: _coerce(cls, fields_by_name[name], v, "command line"))
+        given, cls, values, lambda v, name: _coerce(cls, fields_by_name[name], v, "command line")
+    )
     names = set(fields_by_name)
     values.update({k: v for k, v in given.items() if k in names})
     cfg = cls(**values)

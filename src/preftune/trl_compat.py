@@ -42,7 +42,8 @@ GROUPED = frozenset({"grpo", "rloo", "online-dpo"})
 # Every field of TRL 1.16's configs (SFT, DPO, KTO, Reward, GRPO, RLOO, online DPO, ORPO, CPO),
 # `ModelConfig`, `ScriptArguments` and transformers 5.24's `TrainingArguments`, plus names that
 # older releases had. A name here that is not an alias of the command is refused by name.
-TRL_OPTIONS = frozenset("""
+TRL_OPTIONS = frozenset(
+    """
 accelerator_config activation_checkpointing activation_checkpointing_kwargs
 activation_offloading adam_beta1 adam_beta2 adam_epsilon alpha assistant_only_loss
 attn_implementation auto_find_batch_size average_tokens_across_devices batch_eval_metrics beta
@@ -96,20 +97,20 @@ vllm_mode vllm_model_impl vllm_server_base_url vllm_server_host vllm_server_port
 vllm_server_timeout vllm_structured_outputs_regex vllm_tensor_parallel_size warmup_steps
 weight_decay
 warmup_ratio max_prompt_length torch_dtype evaluation_strategy
-""".split())
+""".split()
+)
 
 # Why some TRL options have no preftune counterpart, and what to use instead.
 REFUSAL_REASONS = {
     "per_device_eval_batch_size": "held-out data is scored with --batch-size",
     "dataset_test_split": "held-out data comes from --eval-data (read with the same --split) "
-                          "or --eval-fraction of the training data",
+    "or --eval-fraction of the training data",
     "dataset_config": "pass a local file, a folder, or a dataset name without a config",
     "truncation_mode": "TRL 1.x cuts the whole sequence at max_length keeping its start; "
-                       "older TRL cut the prompt. preftune cuts the prompt to "
-                       "--max-prompt-length (keeping its end or start: --prompt-truncation), "
-                       "then the completion to fit --max-length",
-    "resume_from_checkpoint": "use --resume (continues from the latest checkpoint in "
-                              "--output-dir)",
+    "older TRL cut the prompt. preftune cuts the prompt to "
+    "--max-prompt-length (keeping its end or start: --prompt-truncation), "
+    "then the completion to fit --max-length",
+    "resume_from_checkpoint": "use --resume (continues from the latest checkpoint in --output-dir)",
     "disable_dropout": "preftune leaves the model's dropout as its config sets it",
     "packing": "preftune does not pack sequences",
     "push_to_hub": "push the output folder (it holds a model card) with `hf upload`",
@@ -133,8 +134,10 @@ class Context:
     where: str
 
     def refuse(self, name: str, why: str) -> PreftuneError:
-        return PreftuneError(f"{self.where}: {name} (a TRL setting) is not accepted by "
-                             f"preftune {self.command}: {why}")
+        return PreftuneError(
+            f"{self.where}: {name} (a TRL setting) is not accepted by "
+            f"preftune {self.command}: {why}"
+        )
 
 
 Convert = Callable[[Any, Context], dict[str, Any]]
@@ -167,9 +170,12 @@ def _max_steps(value, ctx):
     if value == -1 or value is None:  # TrainingArguments: -1 means "use num_train_epochs"
         return {"max_steps": 0}
     if ctx.command in GROUPED and _iterations_per_rollout(ctx) != 1:
-        raise ctx.refuse("max_steps", "with num_iterations or steps_per_generation, TRL counts "
-                         "optimizer steps and preftune counts rollouts; give preftune's "
-                         "--max-steps as a number of rollouts")
+        raise ctx.refuse(
+            "max_steps",
+            "with num_iterations or steps_per_generation, TRL counts "
+            "optimizer steps and preftune counts rollouts; give preftune's "
+            "--max-steps as a number of rollouts",
+        )
     return {"max_steps": value}
 
 
@@ -178,9 +184,13 @@ def _positive_count(name: str, target: str, *, none: int | None = None) -> Conve
         if value is None and none is not None:
             return {target: none}
         if isinstance(value, float) and 0 < value < 1:
-            raise ctx.refuse(name, f"{value} is a fraction of the total steps in transformers; "
-                             "preftune takes a number of steps")
+            raise ctx.refuse(
+                name,
+                f"{value} is a fraction of the total steps in transformers; "
+                "preftune takes a number of steps",
+            )
         return {target: value}
+
     return convert
 
 
@@ -188,8 +198,10 @@ def _report_to(value, ctx):
     items = value if isinstance(value, list) else [value]
     items = [str(i).strip() for item in items if item is not None for i in str(item).split(",")]
     if "all" in items:
-        raise ctx.refuse("report_to", "`all` means every tracker installed here; name them "
-                         "(tensorboard, wandb, mlflow)")
+        raise ctx.refuse(
+            "report_to",
+            "`all` means every tracker installed here; name them (tensorboard, wandb, mlflow)",
+        )
     return {"report_to": ",".join(i for i in items if i and i != "none")}
 
 
@@ -216,15 +228,22 @@ def _scheduler(value, ctx):
     if value == "constant_with_warmup":
         return {"lr_scheduler": "constant"}
     if value == "constant":
-        warm = any(ctx.aliases.get(n) or ctx.settings.get(n)
-                   for n in ("warmup_steps", "warmup_ratio"))
+        warm = any(
+            ctx.aliases.get(n) or ctx.settings.get(n) for n in ("warmup_steps", "warmup_ratio")
+        )
         if warm:
-            raise ctx.refuse("lr_scheduler_type", "transformers' `constant` skips the warmup "
-                             "you set; preftune's constant schedule warms up first: pass "
-                             "constant_with_warmup, or drop the warmup")
+            raise ctx.refuse(
+                "lr_scheduler_type",
+                "transformers' `constant` skips the warmup "
+                "you set; preftune's constant schedule warms up first: pass "
+                "constant_with_warmup, or drop the warmup",
+            )
         return {"lr_scheduler": "constant"}
-    raise ctx.refuse("lr_scheduler_type", f"{value!r} is not available; preftune has linear, "
-                     "cosine, constant and constant_with_warmup")
+    raise ctx.refuse(
+        "lr_scheduler_type",
+        f"{value!r} is not available; preftune has linear, "
+        "cosine, constant and constant_with_warmup",
+    )
 
 
 def _warmup_steps(value, ctx):
@@ -236,8 +255,10 @@ def _warmup_steps(value, ctx):
 def _optim(value, ctx):
     if value in ("adamw_torch", "adamw_torch_fused"):
         return {}  # preftune's optimizer is torch's AdamW (fused where the parameters allow)
-    raise ctx.refuse("optim", f"{value!r}: preftune trains with torch's AdamW only "
-                     "(adamw_torch / adamw_torch_fused)")
+    raise ctx.refuse(
+        "optim",
+        f"{value!r}: preftune trains with torch's AdamW only (adamw_torch / adamw_torch_fused)",
+    )
 
 
 def _adam_epsilon(value, ctx):
@@ -248,15 +269,19 @@ def _adam_epsilon(value, ctx):
 
 def _max_length(value, ctx):
     if value is None:
-        raise ctx.refuse("max_length", "null (no truncation) is not available; give a number "
-                         "of tokens")
+        raise ctx.refuse(
+            "max_length", "null (no truncation) is not available; give a number of tokens"
+        )
     return {"max_length": value}
 
 
 def _lora_targets(value, ctx):
     if value is None:
-        raise ctx.refuse("lora_target_modules", "null (peft's per-architecture default) is not "
-                         "available; name the modules or pass all-linear")
+        raise ctx.refuse(
+            "lora_target_modules",
+            "null (peft's per-architecture default) is not "
+            "available; name the modules or pass all-linear",
+        )
     items = value if isinstance(value, list) else [value]
     return {"lora_target_modules": ",".join(str(v) for v in items)}
 
@@ -289,16 +314,26 @@ def _text_field(value, ctx):
 def _eval_strategy(value, ctx):
     value = "no" if value is False else value  # YAML 1.1 reads `no` as false
     if value == "steps":  # transformers: eval_steps, else logging_steps
-        steps = ctx.aliases.get("eval_steps") or ctx.aliases.get("logging_steps") or \
-            ctx.settings.get("eval_steps") or ctx.settings.get("logging_steps")
+        steps = (
+            ctx.aliases.get("eval_steps")
+            or ctx.aliases.get("logging_steps")
+            or ctx.settings.get("eval_steps")
+            or ctx.settings.get("logging_steps")
+        )
         return {"eval_steps": steps}
     if value == "no":
         if ctx.settings.get("eval_data") or ctx.settings.get("eval_fraction"):
-            raise ctx.refuse("eval_strategy", "`no` with held-out data: preftune scores "
-                             "held-out data whenever it is given; drop eval_data/eval_fraction")
+            raise ctx.refuse(
+                "eval_strategy",
+                "`no` with held-out data: preftune scores "
+                "held-out data whenever it is given; drop eval_data/eval_fraction",
+            )
         return {}
-    raise ctx.refuse("eval_strategy", f"{value!r}: preftune evaluates every --eval-steps "
-                     "steps (TRL's `steps`), or only at the start and the end")
+    raise ctx.refuse(
+        "eval_strategy",
+        f"{value!r}: preftune evaluates every --eval-steps "
+        "steps (TRL's `steps`), or only at the start and the end",
+    )
 
 
 def _save_strategy(value, ctx):
@@ -307,8 +342,11 @@ def _save_strategy(value, ctx):
         return {}
     if value == "no":
         return {"save_steps": 0}  # no checkpoints; the final model is saved either way
-    raise ctx.refuse("save_strategy", f"{value!r}: preftune checkpoints every --save-steps "
-                     "steps (TRL's `steps`) or not at all (`no`)")
+    raise ctx.refuse(
+        "save_strategy",
+        f"{value!r}: preftune checkpoints every --save-steps "
+        "steps (TRL's `steps`) or not at all (`no`)",
+    )
 
 
 def _must_be(name: str, accepted: tuple, why: str) -> Convert:
@@ -316,6 +354,7 @@ def _must_be(name: str, accepted: tuple, why: str) -> Convert:
         if value in accepted:
             return {}
         raise ctx.refuse(name, f"{value!r}: {why}")
+
     return convert
 
 
@@ -324,9 +363,9 @@ def _must_be(name: str, accepted: tuple, why: str) -> Convert:
 DPO_LOSSES = {"sigmoid": "dpo", "hinge": "hinge", "robust": "robust"}
 DPO_LOSS_REFUSED = {
     "sigmoid_norm": "preftune has no length-normalised DPO with a reference; the "
-                    "reference-free simpo (--loss simpo) is the nearest",
+    "reference-free simpo (--loss simpo) is the nearest",
     "sft": "TRL's sft term is the mean NLL over all chosen tokens of the batch; preftune's "
-           "--sft-weight adds the mean per-token NLL of each pair (RPO)",
+    "--sft-weight adds the mean per-token NLL of each pair (RPO)",
 }
 
 
@@ -337,14 +376,20 @@ def _dpo_loss(value, ctx):
     if value == "ipo":  # TRL divides each log-ratio by its completion length
         return {"loss": "ipo", "ipo_length_norm": True}
     if value not in DPO_LOSSES:
-        raise ctx.refuse("loss_type", f"{value!r} is not available; TRL's sigmoid, hinge, ipo "
-                         "and robust are (preftune's own: --loss with dpo, ipo, cdpo, robust, "
-                         "hinge, simpo, orpo, cpo)")
+        raise ctx.refuse(
+            "loss_type",
+            f"{value!r} is not available; TRL's sigmoid, hinge, ipo "
+            "and robust are (preftune's own: --loss with dpo, ipo, cdpo, robust, "
+            "hinge, simpo, orpo, cpo)",
+        )
     smoothing = ctx.aliases.get("label_smoothing", ctx.settings.get("label_smoothing", 0.0))
     if value == "sigmoid" and smoothing:
-        raise ctx.refuse("label_smoothing", f"{smoothing} with loss_type sigmoid: TRL 1.x "
-                         "ignores it there and TRL 0.x made it conservative DPO. Pass "
-                         "--loss cdpo --label-smoothing for the latter, or drop it")
+        raise ctx.refuse(
+            "label_smoothing",
+            f"{smoothing} with loss_type sigmoid: TRL 1.x "
+            "ignores it there and TRL 0.x made it conservative DPO. Pass "
+            "--loss cdpo --label-smoothing for the latter, or drop it",
+        )
     return {"loss": DPO_LOSSES[value]}
 
 
@@ -361,9 +406,12 @@ GRPO_AGGREGATION = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
 
 def _grpo_loss(value, ctx):
     if value == "bnpo":
-        raise ctx.refuse("loss_type", "bnpo normalises by each process's own token count; "
-                         "preftune normalises over all processes (TRL's dapo: "
-                         "--loss_type dapo or --loss-aggregation token)")
+        raise ctx.refuse(
+            "loss_type",
+            "bnpo normalises by each process's own token count; "
+            "preftune normalises over all processes (TRL's dapo: "
+            "--loss_type dapo or --loss-aggregation token)",
+        )
     if value not in GRPO_AGGREGATION:
         raise ctx.refuse("loss_type", f"{value!r} is not available; grpo, dapo and dr_grpo are")
     return {"loss_aggregation": GRPO_AGGREGATION[value]}
@@ -374,21 +422,28 @@ def _scale_rewards(value, ctx):
         return {"scale_rewards": True}
     if value in (False, "none"):
         return {"scale_rewards": False}
-    raise ctx.refuse("scale_rewards", f"{value!r}: preftune scales by the group's std (group) "
-                     "or not at all (none)")
+    raise ctx.refuse(
+        "scale_rewards",
+        f"{value!r}: preftune scales by the group's std (group) or not at all (none)",
+    )
 
 
 # --- KL coefficients ---------------------------------------------------------------------------
 
+
 def _grpo_beta(value, ctx):
     if value and ctx.aliases.get("use_bias_correction_kl", True) is not False:
-        raise ctx.refuse("beta", "TRL 1.x multiplies GRPO's k3 KL term by the importance ratio "
-                         "(use_bias_correction_kl, default true), which changes its gradient; "
-                         "preftune's --kl-coef uses plain k3 (Shao et al. 2024, Eq. 4). Add "
-                         "--use_bias_correction_kl false to accept that form")
+        raise ctx.refuse(
+            "beta",
+            "TRL 1.x multiplies GRPO's k3 KL term by the importance ratio "
+            "(use_bias_correction_kl, default true), which changes its gradient; "
+            "preftune's --kl-coef uses plain k3 (Shao et al. 2024, Eq. 4). Add "
+            "--use_bias_correction_kl false to accept that form",
+        )
     if value and ctx.settings.get("kl_estimator", "k3") != "k3":
-        raise ctx.refuse("beta", "TRL's GRPO KL is k3; you chose kl_estimator "
-                         f"{ctx.settings['kl_estimator']}")
+        raise ctx.refuse(
+            "beta", f"TRL's GRPO KL is k3; you chose kl_estimator {ctx.settings['kl_estimator']}"
+        )
     return {"kl_coef": value}
 
 
@@ -398,16 +453,22 @@ def _bias_correction(value, ctx):
 
 def _rloo_beta(value, ctx):
     if value and ctx.settings.get("kl_estimator", "k1") != "k1":
-        raise ctx.refuse("beta", "TRL's RLOO subtracts β times the summed k1 log-ratio; you "
-                         f"chose kl_estimator {ctx.settings['kl_estimator']}")
+        raise ctx.refuse(
+            "beta",
+            "TRL's RLOO subtracts β times the summed k1 log-ratio; you "
+            f"chose kl_estimator {ctx.settings['kl_estimator']}",
+        )
     return {"kl_coef": value}
 
 
 def _rloo_iterations(value, ctx):
     if value != 1:
-        raise ctx.refuse("num_iterations", f"{value}: reusing a rollout, TRL's RLOO clips the "
-                         "ratio of whole sequences and preftune's rloo clips per token; use "
-                         "preftune's --ppo-epochs knowing that")
+        raise ctx.refuse(
+            "num_iterations",
+            f"{value}: reusing a rollout, TRL's RLOO clips the "
+            "ratio of whole sequences and preftune's rloo clips per token; use "
+            "preftune's --ppo-epochs knowing that",
+        )
     return {"ppo_epochs": 1}
 
 
@@ -417,8 +478,12 @@ def _online_dpo_beta(value, ctx):
 
 # --- batch sizes -------------------------------------------------------------------------------
 
-BATCH_ALIASES = ("per_device_train_batch_size", "gradient_accumulation_steps",
-                 "steps_per_generation", "generation_batch_size")
+BATCH_ALIASES = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "steps_per_generation",
+    "generation_batch_size",
+)
 
 
 def world_size() -> int:
@@ -447,9 +512,11 @@ def _online_batch(value, ctx):
     how large a rollout is."""
     a = ctx.aliases
     if ctx.command == "ppo":
-        raise ctx.refuse(next(n for n in BATCH_ALIASES if n in a),
-                         "TRL's PPO batch settings have no exact preftune equivalent; use "
-                         "--prompts-per-step, --num-minibatches and --batch-size")
+        raise ctx.refuse(
+            next(n for n in BATCH_ALIASES if n in a),
+            "TRL's PPO batch settings have no exact preftune equivalent; use "
+            "--prompts-per-step, --num-minibatches and --batch-size",
+        )
     per_device = a.get("per_device_train_batch_size", 8)
     accum = a.get("gradient_accumulation_steps", 1)
     procs = world_size()
@@ -459,27 +526,39 @@ def _online_batch(value, ctx):
                 raise ctx.refuse(name, "TRL's online DPO has no such setting")
         return {"prompts_per_step": per_device * procs * accum, "batch_size": per_device}
     if "steps_per_generation" in a and "generation_batch_size" in a:
-        raise ctx.refuse("generation_batch_size", "TRL refuses it together with "
-                         "steps_per_generation; give one")
+        raise ctx.refuse(
+            "generation_batch_size", "TRL refuses it together with steps_per_generation; give one"
+        )
     if a.get("generation_batch_size") is not None:
         gen = a["generation_batch_size"]
         if gen % (per_device * procs):
-            raise ctx.refuse("generation_batch_size", f"{gen} is not a multiple of "
-                             f"per_device_train_batch_size x processes = {per_device * procs}")
+            raise ctx.refuse(
+                "generation_batch_size",
+                f"{gen} is not a multiple of "
+                f"per_device_train_batch_size x processes = {per_device * procs}",
+            )
         steps = gen // (per_device * procs)
     else:
         steps = a.get("steps_per_generation") or accum
     generations = a.get("num_generations", ctx.settings.get("num_generations"))
     completions = per_device * procs * steps
     if completions % generations:
-        raise ctx.refuse("per_device_train_batch_size", f"a rollout of {completions} completions "
-                         f"(per device {per_device} x {procs} processes x {steps} steps per "
-                         f"generation) is not a multiple of num_generations={generations}")
+        raise ctx.refuse(
+            "per_device_train_batch_size",
+            f"a rollout of {completions} completions "
+            f"(per device {per_device} x {procs} processes x {steps} steps per "
+            f"generation) is not a multiple of num_generations={generations}",
+        )
     if steps % accum:
-        raise ctx.refuse("steps_per_generation", f"{steps} is not a multiple of "
-                         f"gradient_accumulation_steps={accum}")
-    return {"prompts_per_step": completions // generations, "batch_size": per_device,
-            "num_minibatches": steps // accum}
+        raise ctx.refuse(
+            "steps_per_generation",
+            f"{steps} is not a multiple of gradient_accumulation_steps={accum}",
+        )
+    return {
+        "prompts_per_step": completions // generations,
+        "batch_size": per_device,
+        "num_minibatches": steps // accum,
+    }
 
 
 def _offline_batch(target: str) -> Convert:
@@ -490,173 +569,478 @@ A = Alias
 ALIASES: tuple[Alias, ...] = (
     # --- model and data -----------------------------------------------------------------------
     A("model_name_or_path", "model", EVERY, "same", _same("model")),
-    A("dataset_name", "data", EVERY, "same (a hub name, or a local file or folder)",
-      _same("data")),
+    A("dataset_name", "data", EVERY, "same (a hub name, or a local file or folder)", _same("data")),
     A("dataset_train_split", "split", EVERY, "same", _same("split")),
-    A("dataset_text_field", "columns", frozenset({"sft"}),
-      "`X` becomes `--columns text=X` (`text` changes nothing)", _text_field),
+    A(
+        "dataset_text_field",
+        "columns",
+        frozenset({"sft"}),
+        "`X` becomes `--columns text=X` (`text` changes nothing)",
+        _text_field,
+    ),
     A("output_dir", "output_dir", EVERY, "same", _same("output_dir")),
     A("dtype", "dtype", EVERY, "same; null becomes `auto`", _dtype),
     A("torch_dtype", "dtype", EVERY, "the older name of `dtype`", _dtype),
-    A("chat_template_path", "chat_template", EVERY, "same for a Jinja file (a tokenizer "
-      "folder is not accepted)", _same("chat_template")),
+    A(
+        "chat_template_path",
+        "chat_template",
+        EVERY,
+        "same for a Jinja file (a tokenizer folder is not accepted)",
+        _same("chat_template"),
+    ),
     # --- batch and schedule --------------------------------------------------------------------
-    A("per_device_train_batch_size", "batch_size", OFFLINE,
-      "same: examples (pairs) per device per micro-batch", _offline_batch("batch_size")),
-    A("gradient_accumulation_steps", "grad_accum", OFFLINE, "same",
-      _offline_batch("grad_accum")),
-    A("per_device_train_batch_size", "prompts_per_step, batch_size, num_minibatches",
-      GROUPED | {"ppo"},
-      "translated with gradient_accumulation_steps, steps_per_generation, "
-      "generation_batch_size and num_generations: prompts per rollout = per_device x processes "
-      "x steps_per_generation / num_generations (online DPO: per_device x processes x "
-      "grad_accum), batch_size = per_device, num_minibatches = steps_per_generation / "
-      "grad_accum; refused for ppo", _online_batch),
-    A("gradient_accumulation_steps", "prompts_per_step, batch_size, num_minibatches",
-      GROUPED | {"ppo"},
-      "see per_device_train_batch_size", _online_batch),
-    A("steps_per_generation", "prompts_per_step, batch_size, num_minibatches",
-      frozenset({"grpo", "rloo"}), "see per_device_train_batch_size", _online_batch),
-    A("generation_batch_size", "prompts_per_step, batch_size, num_minibatches",
-      frozenset({"grpo", "rloo"}), "see per_device_train_batch_size", _online_batch),
+    A(
+        "per_device_train_batch_size",
+        "batch_size",
+        OFFLINE,
+        "same: examples (pairs) per device per micro-batch",
+        _offline_batch("batch_size"),
+    ),
+    A("gradient_accumulation_steps", "grad_accum", OFFLINE, "same", _offline_batch("grad_accum")),
+    A(
+        "per_device_train_batch_size",
+        "prompts_per_step, batch_size, num_minibatches",
+        GROUPED | {"ppo"},
+        "translated with gradient_accumulation_steps, steps_per_generation, "
+        "generation_batch_size and num_generations: prompts per rollout = per_device x processes "
+        "x steps_per_generation / num_generations (online DPO: per_device x processes x "
+        "grad_accum), batch_size = per_device, num_minibatches = steps_per_generation / "
+        "grad_accum; refused for ppo",
+        _online_batch,
+    ),
+    A(
+        "gradient_accumulation_steps",
+        "prompts_per_step, batch_size, num_minibatches",
+        GROUPED | {"ppo"},
+        "see per_device_train_batch_size",
+        _online_batch,
+    ),
+    A(
+        "steps_per_generation",
+        "prompts_per_step, batch_size, num_minibatches",
+        frozenset({"grpo", "rloo"}),
+        "see per_device_train_batch_size",
+        _online_batch,
+    ),
+    A(
+        "generation_batch_size",
+        "prompts_per_step, batch_size, num_minibatches",
+        frozenset({"grpo", "rloo"}),
+        "see per_device_train_batch_size",
+        _online_batch,
+    ),
     A("learning_rate", "lr", TRAINING, "same (AdamW peak learning rate)", _same("lr")),
     A("num_train_epochs", "epochs", TRAINING, "same", _same("epochs")),
-    A("max_steps", "max_steps", TRAINING, "same; -1 becomes 0 (use epochs). GRPO/RLOO with "
-      "num_iterations or steps_per_generation: refused (TRL counts optimizer steps, preftune "
-      "rollouts)", _max_steps),
-    A("warmup_ratio", "warmup_ratio", TRAINING, "same fraction; preftune rounds ratio x steps "
-      "down where transformers rounds up, and its ramp starts at lr/(w+1) instead of 0",
-      _same("warmup_ratio")),
-    A("warmup_steps", "warmup_steps", TRAINING, "same; a float below 1 is a ratio "
-      "(transformers 5), as warmup_ratio", _warmup_steps),
-    A("lr_scheduler_type", "lr_scheduler", TRAINING, "linear, cosine, constant_with_warmup "
-      "(preftune's constant); constant only without warmup; others refused", _scheduler),
+    A(
+        "max_steps",
+        "max_steps",
+        TRAINING,
+        "same; -1 becomes 0 (use epochs). GRPO/RLOO with "
+        "num_iterations or steps_per_generation: refused (TRL counts optimizer steps, preftune "
+        "rollouts)",
+        _max_steps,
+    ),
+    A(
+        "warmup_ratio",
+        "warmup_ratio",
+        TRAINING,
+        "same fraction; preftune rounds ratio x steps "
+        "down where transformers rounds up, and its ramp starts at lr/(w+1) instead of 0",
+        _same("warmup_ratio"),
+    ),
+    A(
+        "warmup_steps",
+        "warmup_steps",
+        TRAINING,
+        "same; a float below 1 is a ratio (transformers 5), as warmup_ratio",
+        _warmup_steps,
+    ),
+    A(
+        "lr_scheduler_type",
+        "lr_scheduler",
+        TRAINING,
+        "linear, cosine, constant_with_warmup "
+        "(preftune's constant); constant only without warmup; others refused",
+        _scheduler,
+    ),
     A("weight_decay", "weight_decay", TRAINING, "same", _same("weight_decay")),
     A("adam_beta1", "adam_beta1", TRAINING, "same", _same("adam_beta1")),
     A("adam_beta2", "adam_beta2", TRAINING, "same", _same("adam_beta2")),
-    A("adam_epsilon", "(AdamW eps)", TRAINING, "1e-8 (the value preftune uses) accepted; "
-      "others refused", _adam_epsilon),
-    A("optim", "(optimizer)", TRAINING, "adamw_torch and adamw_torch_fused accepted (preftune's "
-      "AdamW); others refused", _optim),
+    A(
+        "adam_epsilon",
+        "(AdamW eps)",
+        TRAINING,
+        "1e-8 (the value preftune uses) accepted; others refused",
+        _adam_epsilon,
+    ),
+    A(
+        "optim",
+        "(optimizer)",
+        TRAINING,
+        "adamw_torch and adamw_torch_fused accepted (preftune's AdamW); others refused",
+        _optim,
+    ),
     A("max_grad_norm", "max_grad_norm", TRAINING, "same", _same("max_grad_norm")),
     A("seed", "seed", EVERY, "same", _same("seed")),
-    A("bf16", "mixed_precision", TRAINING, "true: bf16; false (without fp16): no", _precision,
-      switch=True),
-    A("fp16", "mixed_precision", TRAINING, "true: fp16; both bf16 and fp16 true: refused",
-      _precision, switch=True),
-    A("gradient_checkpointing", "gradient_checkpointing", TRAINING, "same",
-      _same("gradient_checkpointing"), switch=True),
-    A("activation_checkpointing", "gradient_checkpointing", TRAINING, "transformers 5's name "
-      "of gradient_checkpointing", _same("gradient_checkpointing"), switch=True),
+    A(
+        "bf16",
+        "mixed_precision",
+        TRAINING,
+        "true: bf16; false (without fp16): no",
+        _precision,
+        switch=True,
+    ),
+    A(
+        "fp16",
+        "mixed_precision",
+        TRAINING,
+        "true: fp16; both bf16 and fp16 true: refused",
+        _precision,
+        switch=True,
+    ),
+    A(
+        "gradient_checkpointing",
+        "gradient_checkpointing",
+        TRAINING,
+        "same",
+        _same("gradient_checkpointing"),
+        switch=True,
+    ),
+    A(
+        "activation_checkpointing",
+        "gradient_checkpointing",
+        TRAINING,
+        "transformers 5's name of gradient_checkpointing",
+        _same("gradient_checkpointing"),
+        switch=True,
+    ),
     # --- logging and checkpoints -----------------------------------------------------------------
-    A("logging_steps", "logging_steps", TRAINING, "same; a fraction of the steps (< 1) "
-      "refused", _positive_count("logging_steps", "logging_steps")),
-    A("save_steps", "save_steps", TRAINING, "same; a fraction of the steps (< 1) refused",
-      _positive_count("save_steps", "save_steps")),
-    A("save_total_limit", "save_total_limit", TRAINING, "same; null (keep all) becomes 0",
-      _positive_count("save_total_limit", "save_total_limit", none=0)),
-    A("eval_steps", "eval_steps", OFFLINE, "same; null becomes 0 (at the end only)",
-      _positive_count("eval_steps", "eval_steps", none=0)),
-    A("eval_strategy", "eval_steps", OFFLINE, "steps: eval_steps (or logging_steps, as in "
-      "transformers); no: accepted without held-out data; epoch refused", _eval_strategy),
-    A("evaluation_strategy", "eval_steps", OFFLINE, "the older name of eval_strategy",
-      _eval_strategy),
-    A("save_strategy", "save_steps", TRAINING, "steps: save_steps; no: save_steps 0 (no "
-      "checkpoints; the final model is saved); epoch refused", _save_strategy),
-    A("logging_strategy", "(logging)", TRAINING, "steps accepted; others refused",
-      _must_be("logging_strategy", ("steps",), "preftune logs every --logging-steps steps")),
-    A("report_to", "report_to", TRAINING, "a list or comma-separated names; `none` becomes "
-      "empty; `all` refused (name the trackers)", _report_to),
+    A(
+        "logging_steps",
+        "logging_steps",
+        TRAINING,
+        "same; a fraction of the steps (< 1) refused",
+        _positive_count("logging_steps", "logging_steps"),
+    ),
+    A(
+        "save_steps",
+        "save_steps",
+        TRAINING,
+        "same; a fraction of the steps (< 1) refused",
+        _positive_count("save_steps", "save_steps"),
+    ),
+    A(
+        "save_total_limit",
+        "save_total_limit",
+        TRAINING,
+        "same; null (keep all) becomes 0",
+        _positive_count("save_total_limit", "save_total_limit", none=0),
+    ),
+    A(
+        "eval_steps",
+        "eval_steps",
+        OFFLINE,
+        "same; null becomes 0 (at the end only)",
+        _positive_count("eval_steps", "eval_steps", none=0),
+    ),
+    A(
+        "eval_strategy",
+        "eval_steps",
+        OFFLINE,
+        "steps: eval_steps (or logging_steps, as in "
+        "transformers); no: accepted without held-out data; epoch refused",
+        _eval_strategy,
+    ),
+    A(
+        "evaluation_strategy",
+        "eval_steps",
+        OFFLINE,
+        "the older name of eval_strategy",
+        _eval_strategy,
+    ),
+    A(
+        "save_strategy",
+        "save_steps",
+        TRAINING,
+        "steps: save_steps; no: save_steps 0 (no "
+        "checkpoints; the final model is saved); epoch refused",
+        _save_strategy,
+    ),
+    A(
+        "logging_strategy",
+        "(logging)",
+        TRAINING,
+        "steps accepted; others refused",
+        _must_be("logging_strategy", ("steps",), "preftune logs every --logging-steps steps"),
+    ),
+    A(
+        "report_to",
+        "report_to",
+        TRAINING,
+        "a list or comma-separated names; `none` becomes empty; `all` refused (name the trackers)",
+        _report_to,
+    ),
     # --- sequence lengths ----------------------------------------------------------------------
-    A("max_length", "max_length", EVERY, "same (prompt + completion tokens); null refused",
-      _max_length),
-    A("max_prompt_length", "max_prompt_length", EVERY, "same (TRL 0.x's DPO name)",
-      _same("max_prompt_length")),
-    A("max_completion_length", "max_new_tokens", SAMPLING, "same: most tokens sampled per "
-      "completion", _same("max_new_tokens")),
-    A("max_new_tokens", "max_new_tokens", SAMPLING, "same (TRL's online DPO name)",
-      _same("max_new_tokens")),
+    A(
+        "max_length",
+        "max_length",
+        EVERY,
+        "same (prompt + completion tokens); null refused",
+        _max_length,
+    ),
+    A(
+        "max_prompt_length",
+        "max_prompt_length",
+        EVERY,
+        "same (TRL 0.x's DPO name)",
+        _same("max_prompt_length"),
+    ),
+    A(
+        "max_completion_length",
+        "max_new_tokens",
+        SAMPLING,
+        "same: most tokens sampled per completion",
+        _same("max_new_tokens"),
+    ),
+    A(
+        "max_new_tokens",
+        "max_new_tokens",
+        SAMPLING,
+        "same (TRL's online DPO name)",
+        _same("max_new_tokens"),
+    ),
     # --- losses --------------------------------------------------------------------------------
     A("beta", "beta", frozenset({"dpo", "kto"}), "same (KL strength; orpo's λ)", _same("beta")),
-    A("beta", "beta", frozenset({"online-dpo"}), "same; TRL's list of one value accepted",
-      _online_dpo_beta),
-    A("beta", "kl_coef", frozenset({"grpo"}), "0: same; > 0 only with use_bias_correction_kl "
-      "false (TRL 1.x's default multiplies the KL term by the importance ratio)", _grpo_beta),
-    A("use_bias_correction_kl", "(checked with beta)", frozenset({"grpo"}), "false: TRL's KL "
-      "term without the ratio, preftune's", _bias_correction),
-    A("beta", "kl_coef", frozenset({"rloo"}), "same (β times the summed k1 log-ratio, "
-      "subtracted from the reward)", _rloo_beta),
-    A("loss_type", "loss", frozenset({"dpo"}), "sigmoid: dpo, hinge: hinge, robust: robust, "
-      "ipo: ipo with ipo_length_norm (TRL divides each log-ratio by its length; preftune's "
-      "own --loss ipo sums); sigmoid with label_smoothing refused (TRL 1.x ignores it, TRL "
-      "0.x meant cdpo); sigmoid_norm, sft, several losses and TRL's other losses refused",
-      _dpo_loss),
-    A("loss_type", "loss_type", frozenset({"online-dpo"}), "sigmoid: dpo; ipo: ipo (both sum "
-      "log-ratios, as preftune does)", _online_dpo_loss),
-    A("loss_type", "(the KTO loss)", frozenset({"kto"}), "kto accepted; others refused",
-      _must_be("loss_type", ("kto",), "preftune's KTO is the loss of Ethayarajh et al. 2024 "
-               "(TRL's `kto`) only")),
-    A("loss_type", "(the SFT loss)", frozenset({"sft"}), "nll accepted; others refused",
-      _must_be("loss_type", ("nll",), "preftune's SFT loss is the NLL (TRL's `nll`)")),
-    A("loss_type", "loss_aggregation", frozenset({"grpo"}), "grpo: sequence, dapo: token, "
-      "dr_grpo: constant; bnpo refused (per-process token count)", _grpo_loss),
-    A("label_smoothing", "label_smoothing", frozenset({"dpo", "online-dpo"}), "same ε "
-      "(robust; cdpo). See loss_type", _same("label_smoothing")),
-    A("desirable_weight", "desirable_weight", frozenset({"kto"}), "same",
-      _same("desirable_weight")),
-    A("undesirable_weight", "undesirable_weight", frozenset({"kto"}), "same",
-      _same("undesirable_weight")),
-    A("precompute_ref_log_probs", "precompute_ref", frozenset({"dpo"}), "same",
-      _same("precompute_ref"), switch=True),
-    A("center_rewards_coefficient", "center_coef", frozenset({"reward"}), "same: coef x "
-      "(r_chosen + r_rejected)² per pair; null becomes 0", _center),
-    A("completion_only_loss", "(SFT loss mask)", frozenset({"sft"}), "true or null accepted "
-      "(preftune's SFT loss is on completion tokens only); false refused",
-      _must_be("completion_only_loss", (True, None), "preftune's SFT loss is on completion "
-               "tokens only"), switch=True),
+    A(
+        "beta",
+        "beta",
+        frozenset({"online-dpo"}),
+        "same; TRL's list of one value accepted",
+        _online_dpo_beta,
+    ),
+    A(
+        "beta",
+        "kl_coef",
+        frozenset({"grpo"}),
+        "0: same; > 0 only with use_bias_correction_kl "
+        "false (TRL 1.x's default multiplies the KL term by the importance ratio)",
+        _grpo_beta,
+    ),
+    A(
+        "use_bias_correction_kl",
+        "(checked with beta)",
+        frozenset({"grpo"}),
+        "false: TRL's KL term without the ratio, preftune's",
+        _bias_correction,
+    ),
+    A(
+        "beta",
+        "kl_coef",
+        frozenset({"rloo"}),
+        "same (β times the summed k1 log-ratio, subtracted from the reward)",
+        _rloo_beta,
+    ),
+    A(
+        "loss_type",
+        "loss",
+        frozenset({"dpo"}),
+        "sigmoid: dpo, hinge: hinge, robust: robust, "
+        "ipo: ipo with ipo_length_norm (TRL divides each log-ratio by its length; preftune's "
+        "own --loss ipo sums); sigmoid with label_smoothing refused (TRL 1.x ignores it, TRL "
+        "0.x meant cdpo); sigmoid_norm, sft, several losses and TRL's other losses refused",
+        _dpo_loss,
+    ),
+    A(
+        "loss_type",
+        "loss_type",
+        frozenset({"online-dpo"}),
+        "sigmoid: dpo; ipo: ipo (both sum log-ratios, as preftune does)",
+        _online_dpo_loss,
+    ),
+    A(
+        "loss_type",
+        "(the KTO loss)",
+        frozenset({"kto"}),
+        "kto accepted; others refused",
+        _must_be(
+            "loss_type",
+            ("kto",),
+            "preftune's KTO is the loss of Ethayarajh et al. 2024 (TRL's `kto`) only",
+        ),
+    ),
+    A(
+        "loss_type",
+        "(the SFT loss)",
+        frozenset({"sft"}),
+        "nll accepted; others refused",
+        _must_be("loss_type", ("nll",), "preftune's SFT loss is the NLL (TRL's `nll`)"),
+    ),
+    A(
+        "loss_type",
+        "loss_aggregation",
+        frozenset({"grpo"}),
+        "grpo: sequence, dapo: token, dr_grpo: constant; bnpo refused (per-process token count)",
+        _grpo_loss,
+    ),
+    A(
+        "label_smoothing",
+        "label_smoothing",
+        frozenset({"dpo", "online-dpo"}),
+        "same ε (robust; cdpo). See loss_type",
+        _same("label_smoothing"),
+    ),
+    A(
+        "desirable_weight",
+        "desirable_weight",
+        frozenset({"kto"}),
+        "same",
+        _same("desirable_weight"),
+    ),
+    A(
+        "undesirable_weight",
+        "undesirable_weight",
+        frozenset({"kto"}),
+        "same",
+        _same("undesirable_weight"),
+    ),
+    A(
+        "precompute_ref_log_probs",
+        "precompute_ref",
+        frozenset({"dpo"}),
+        "same",
+        _same("precompute_ref"),
+        switch=True,
+    ),
+    A(
+        "center_rewards_coefficient",
+        "center_coef",
+        frozenset({"reward"}),
+        "same: coef x (r_chosen + r_rejected)² per pair; null becomes 0",
+        _center,
+    ),
+    A(
+        "completion_only_loss",
+        "(SFT loss mask)",
+        frozenset({"sft"}),
+        "true or null accepted (preftune's SFT loss is on completion tokens only); false refused",
+        _must_be(
+            "completion_only_loss", (True, None), "preftune's SFT loss is on completion tokens only"
+        ),
+        switch=True,
+    ),
     # --- sampling and RL -------------------------------------------------------------------------
-    A("num_generations", "num_generations", frozenset({"grpo", "rloo", "online-dpo", "ppo"}),
-      "same (completions per prompt)", _same("num_generations")),
+    A(
+        "num_generations",
+        "num_generations",
+        frozenset({"grpo", "rloo", "online-dpo", "ppo"}),
+        "same (completions per prompt)",
+        _same("num_generations"),
+    ),
     A("temperature", "temperature", SAMPLING, "same", _same("temperature")),
     A("top_p", "top_p", SAMPLING, "same", _same("top_p")),
-    A("epsilon", "clip_eps", frozenset({"grpo", "rloo"}), "same (ε of the clipped ratio)",
-      _same("clip_eps")),
-    A("num_iterations", "ppo_epochs", frozenset({"grpo"}), "same (μ: passes over each "
-      "rollout)", _same("ppo_epochs")),
-    A("num_iterations", "ppo_epochs", frozenset({"rloo"}), "1: same; > 1 refused (TRL's RLOO "
-      "clips the sequence's ratio, preftune's the tokens')", _rloo_iterations),
-    A("scale_rewards", "scale_rewards", frozenset({"grpo"}), "group/true: true; none/false: "
-      "false; batch refused", _scale_rewards),
-    A("normalize_advantages", "normalize_advantages", frozenset({"rloo"}), "same",
-      _same("normalize_advantages"), switch=True),
+    A(
+        "epsilon",
+        "clip_eps",
+        frozenset({"grpo", "rloo"}),
+        "same (ε of the clipped ratio)",
+        _same("clip_eps"),
+    ),
+    A(
+        "num_iterations",
+        "ppo_epochs",
+        frozenset({"grpo"}),
+        "same (μ: passes over each rollout)",
+        _same("ppo_epochs"),
+    ),
+    A(
+        "num_iterations",
+        "ppo_epochs",
+        frozenset({"rloo"}),
+        "1: same; > 1 refused (TRL's RLOO clips the sequence's ratio, preftune's the tokens')",
+        _rloo_iterations,
+    ),
+    A(
+        "scale_rewards",
+        "scale_rewards",
+        frozenset({"grpo"}),
+        "group/true: true; none/false: false; batch refused",
+        _scale_rewards,
+    ),
+    A(
+        "normalize_advantages",
+        "normalize_advantages",
+        frozenset({"rloo"}),
+        "same",
+        _same("normalize_advantages"),
+        switch=True,
+    ),
     A("reward_weights", "reward_weights", SAMPLING, "same", _same("reward_weights")),
-    A("reward_model_path", "reward_model", SAMPLING, "same (TRL's online DPO name)",
-      _same("reward_model")),
-    A("missing_eos_penalty", "missing_eos_penalty", SAMPLING, "same; null becomes 0",
-      _missing_eos),
-    A("use_vllm", "generator", SAMPLING, "true: vllm (colocated); false: hf", _use_vllm,
-      switch=True),
-    A("vllm_mode", "(generator)", SAMPLING, "colocate accepted; server refused",
-      _must_be("vllm_mode", ("colocate",), COLOCATED_ONLY)),
-    A("vllm_gpu_memory_utilization", "vllm_gpu_memory_utilization", SAMPLING, "same",
-      _same("vllm_gpu_memory_utilization")),
+    A(
+        "reward_model_path",
+        "reward_model",
+        SAMPLING,
+        "same (TRL's online DPO name)",
+        _same("reward_model"),
+    ),
+    A("missing_eos_penalty", "missing_eos_penalty", SAMPLING, "same; null becomes 0", _missing_eos),
+    A(
+        "use_vllm",
+        "generator",
+        SAMPLING,
+        "true: vllm (colocated); false: hf",
+        _use_vllm,
+        switch=True,
+    ),
+    A(
+        "vllm_mode",
+        "(generator)",
+        SAMPLING,
+        "colocate accepted; server refused",
+        _must_be("vllm_mode", ("colocate",), COLOCATED_ONLY),
+    ),
+    A(
+        "vllm_gpu_memory_utilization",
+        "vllm_gpu_memory_utilization",
+        SAMPLING,
+        "same",
+        _same("vllm_gpu_memory_utilization"),
+    ),
     # --- LoRA (TRL's ModelConfig) ----------------------------------------------------------------
     A("use_peft", "lora", TRAINING, "same", _same("lora"), switch=True),
     A("lora_r", "lora_r", TRAINING, "same", _same("lora_r")),
     A("lora_alpha", "lora_alpha", TRAINING, "same", _same("lora_alpha")),
     A("lora_dropout", "lora_dropout", TRAINING, "same", _same("lora_dropout")),
-    A("lora_target_modules", "lora_target_modules", TRAINING, "a list or comma-separated "
-      "names, or all-linear; null refused", _lora_targets),
+    A(
+        "lora_target_modules",
+        "lora_target_modules",
+        TRAINING,
+        "a list or comma-separated names, or all-linear; null refused",
+        _lora_targets,
+    ),
 )
 
 # Names, paths and splits: a flag's value is kept as typed (`--output_dir 007`).
-TEXT_ALIASES = frozenset({"model_name_or_path", "dataset_name", "dataset_train_split",
-                          "dataset_text_field", "output_dir", "chat_template_path",
-                          "reward_model_path"})
+TEXT_ALIASES = frozenset(
+    {
+        "model_name_or_path",
+        "dataset_name",
+        "dataset_train_split",
+        "dataset_text_field",
+        "output_dir",
+        "chat_template_path",
+        "reward_model_path",
+    }
+)
 
 # Applied before the others: the aliases whose translation reads other aliases' values.
-_FIRST = ("num_generations", "num_iterations", "use_bias_correction_kl", "label_smoothing",
-          "eval_steps", "logging_steps")
+_FIRST = (
+    "num_generations",
+    "num_iterations",
+    "use_bias_correction_kl",
+    "label_smoothing",
+    "eval_steps",
+    "logging_steps",
+)
 
 
 def command_of(cls: type) -> str:
@@ -664,11 +1048,19 @@ def command_of(cls: type) -> str:
     if cls.__module__ == "preftune.datatools.cli":  # the `preftune data` group: no TRL names
         return "data"
     names = {f.name for f in dataclasses.fields(cls)}
-    for command, marker in (("lab", "worlds"), ("plot", "runs"), ("eval-rm", "logprob_agg"),
-                            ("best-of-n", "prompts_per_batch"), ("ppo", "vf_coef"),
-                            ("grpo", "scale_rewards"), ("rloo", "normalize_advantages"),
-                            ("online-dpo", "prompts_per_step"), ("kto", "desirable_weight"),
-                            ("reward", "center_coef"), ("dpo", "simpo_gamma")):
+    for command, marker in (
+        ("lab", "worlds"),
+        ("plot", "runs"),
+        ("eval-rm", "logprob_agg"),
+        ("best-of-n", "prompts_per_batch"),
+        ("ppo", "vf_coef"),
+        ("grpo", "scale_rewards"),
+        ("rloo", "normalize_advantages"),
+        ("online-dpo", "prompts_per_step"),
+        ("kto", "desirable_weight"),
+        ("reward", "center_coef"),
+        ("dpo", "simpo_gamma"),
+    ):
         if marker in names:
             return command
     return "sft"
@@ -703,15 +1095,22 @@ def add_alias_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             spellings.append("--" + name.replace("_", "-"))
         spellings = [s for s in dict.fromkeys(spellings) if s not in parser._option_string_actions]
         if spellings:
-            parser.add_argument(*spellings, dest=_dest(name), nargs="*",
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            parser.add_argument(
+                *spellings,
+                dest=_dest(name),
+                nargs="*",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
     parser.epilog = ((parser.epilog + "\n") if parser.epilog else "") + (
         "TRL and transformers names are accepted too (e.g. --learning_rate, "
-        "--per_device_train_batch_size); see the README's table.")
+        "--per_device_train_batch_size); see the README's table."
+    )
 
 
 def _cli_value(tokens: list[str], alias: Alias | None, text: bool = False) -> Any:
     """A flag's tokens as a value: numbers, true/false, null; `text`: strings as given."""
+
     def parse(token: str) -> Any:
         if text:
             return token
@@ -728,6 +1127,7 @@ def _cli_value(tokens: list[str], alias: Alias | None, text: bool = False) -> An
         if low in ("null", "~"):
             return None
         return token
+
     if not tokens:
         return True if alias is None or alias.switch else None
     values = [parse(t) for t in tokens]
@@ -736,7 +1136,9 @@ def _cli_value(tokens: list[str], alias: Alias | None, text: bool = False) -> An
 
 def _numeric(value: Any) -> Any:
     """`5e-7` is a string to YAML 1.1 (PyYAML); TRL recipes write it so."""
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+    if isinstance(value, str) and re.fullmatch(
+        r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()
+    ):
         return float(value)
     return value
 
@@ -762,14 +1164,23 @@ def _refuse_unknown(name: str, cls: type, where: str) -> PreftuneError:
     reason = REFUSAL_REASONS.get(name)
     if reason is None:
         elsewhere = sorted({c for a in ALIASES if a.name == name for c in a.commands})
-        reason = (f"it applies to preftune {', '.join(elsewhere)} only" if elsewhere
-                  else "preftune has no such setting")
-    return PreftuneError(f"{where}: {name} is a TRL option that preftune {command} does not "
-                         f"have ({reason})")
+        reason = (
+            f"it applies to preftune {', '.join(elsewhere)} only"
+            if elsewhere
+            else "preftune has no such setting"
+        )
+    return PreftuneError(
+        f"{where}: {name} is a TRL option that preftune {command} does not have ({reason})"
+    )
 
 
-def _translate(given: dict[str, Any], preftune_given: dict[str, Any], cls: type,
-               known: dict[str, Any], where: str) -> dict[str, Any]:
+def _translate(
+    given: dict[str, Any],
+    preftune_given: dict[str, Any],
+    cls: type,
+    known: dict[str, Any],
+    where: str,
+) -> dict[str, Any]:
     """Preftune settings from the TRL aliases given in one place."""
     table = aliases_for(cls)
     for name in given:
@@ -783,14 +1194,20 @@ def _translate(given: dict[str, Any], preftune_given: dict[str, Any], cls: type,
         alias = table[name]
         for target, value in alias.convert(given[name], ctx).items():
             if target in preftune_given and target == name:
-                raise PreftuneError(f"{where}: {name} was given twice, in preftune's spelling "
-                                    "and in TRL's: give it once")
+                raise PreftuneError(
+                    f"{where}: {name} was given twice, in preftune's spelling "
+                    "and in TRL's: give it once"
+                )
             if target in preftune_given:
-                raise PreftuneError(f"{where}: {name} and {target} were both given; {name} is "
-                                    f"TRL's name for preftune's {target}: give one of them")
+                raise PreftuneError(
+                    f"{where}: {name} and {target} were both given; {name} is "
+                    f"TRL's name for preftune's {target}: give one of them"
+                )
             if target in out and out[target] != value:
-                raise PreftuneError(f"{where}: {source[target]} and {name} both set {target} "
-                                    f"({out[target]!r} vs {value!r}); give one of them")
+                raise PreftuneError(
+                    f"{where}: {source[target]} and {name} both set {target} "
+                    f"({out[target]!r} vs {value!r}); give one of them"
+                )
             out[target] = value
             source[target] = name
             ctx.settings[target] = value
@@ -833,9 +1250,15 @@ def resolve_yaml(raw: dict, cls: type, where: str) -> dict[str, Any]:
     return {**normalised, **_translate(trl_given, normalised, cls, known, where)}
 
 
-def resolve_namespace(given: dict[str, Any], cls: type, earlier: dict[str, Any],
-                      coerce: Callable[[Any, str], Any], *, tokens: bool = True,
-                      where: str = "command line") -> dict[str, Any]:
+def resolve_namespace(
+    given: dict[str, Any],
+    cls: type,
+    earlier: dict[str, Any],
+    coerce: Callable[[Any, str], Any],
+    *,
+    tokens: bool = True,
+    where: str = "command line",
+) -> dict[str, Any]:
     """The parsed flags with the TRL ones (`trl:<name>` destinations) turned into preftune's.
 
     `earlier` holds the settings from the YAML file; `coerce(value, name)` converts a value to
@@ -846,7 +1269,7 @@ def resolve_namespace(given: dict[str, Any], cls: type, earlier: dict[str, Any],
     trl_given = {}
     for key, value in given.items():
         if key.startswith("trl:"):
-            name = key[len("trl:"):]
+            name = key[len("trl:") :]
             alias = table.get(name)
             if not tokens:
                 trl_given[name] = _numeric(value)
@@ -858,18 +1281,25 @@ def resolve_namespace(given: dict[str, Any], cls: type, earlier: dict[str, Any],
     if not trl_given:
         return plain
     known = {**_defaults(cls), **earlier, **plain}
-    translated = _translate(trl_given, {k: v for k, v in plain.items() if k != "config"}, cls,
-                            known, where)
+    translated = _translate(
+        trl_given, {k: v for k, v in plain.items() if k != "config"}, cls, known, where
+    )
     return {**plain, **{k: coerce(v, k) for k, v in translated.items()}}
 
 
 def markdown_table() -> str:
     """The README's alias table, one row per (TRL name, commands)."""
-    rows = ["| TRL / transformers name | preftune setting | commands | how |",
-            "| --- | --- | --- | --- |"]
+    rows = [
+        "| TRL / transformers name | preftune setting | commands | how |",
+        "| --- | --- | --- | --- |",
+    ]
     for a in ALIASES:
-        commands = ("training commands" if a.commands == TRAINING else
-                    "training commands, best-of-n, eval-rm" if a.commands == EVERY else
-                    ", ".join(sorted(a.commands)))
+        commands = (
+            "training commands"
+            if a.commands == TRAINING
+            else "training commands, best-of-n, eval-rm"
+            if a.commands == EVERY
+            else ", ".join(sorted(a.commands))
+        )
         rows.append(f"| `{a.name}` | `{a.target}` | {commands} | {a.meaning} |")
     return "\n".join(rows)

@@ -69,8 +69,9 @@ def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> d
     batch: dict = pad_sequences(seqs, pad_id)
     if pack:
         n = len(features)
-        packed = pack_sequences(seqs, [[i, n + i] for i in range(n)], pad_id=pad_id,
-                                padding_free=True)
+        packed = pack_sequences(
+            seqs, [[i, n + i] for i in range(n)], pad_id=pad_id, padding_free=True
+        )
         if fewer_tokens(packed, batch["input_ids"]):
             batch["packed"] = packed
     batch["num_pairs"] = len(features)

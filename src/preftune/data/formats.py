@@ -53,8 +53,15 @@ FORMATS: dict[str, tuple[str, ...]] = {
 ASSISTANT_MARKERS = ("Assistant:",)  # HH layout "\n\nHuman: ...\n\nAssistant: ..."
 # Arena `winner` values: preftune's a/b/tie, and Chatbot Arena's own (lmsys arena conversation
 # dumps: model_a, model_b, tie, "tie (bothbad)"); matched case-insensitively.
-ARENA_WINNERS = {"a": "a", "b": "b", "tie": "tie", "model_a": "a", "model_b": "b",
-                 "tie (bothbad)": "tie", "tie_bothbad": "tie"}
+ARENA_WINNERS = {
+    "a": "a",
+    "b": "b",
+    "tie": "tie",
+    "model_a": "a",
+    "model_b": "b",
+    "tie (bothbad)": "tie",
+    "tie_bothbad": "tie",
+}
 TIE_MODES = ("drop", "keep")
 
 
@@ -118,8 +125,10 @@ class DataReport:
         if self.n_examples != self.n_kept:
             text += f" ({self.n_examples} examples)"
         if self.n_ties and self.ties == "drop":
-            text += (f"; {self.n_ties} tied pairs dropped (Bradley-Terry and DPO have no tie "
-                     "outcome; reward --loss rao-kupper, davidson or three-way learns from them)")
+            text += (
+                f"; {self.n_ties} tied pairs dropped (Bradley-Terry and DPO have no tie "
+                "outcome; reward --loss rao-kupper, davidson or three-way learns from them)"
+            )
         elif self.n_ties:
             text += f"; {self.n_ties} of the pairs are ties"
         if self.skipped:
@@ -281,8 +290,9 @@ def _check_tie(value: Any) -> bool:
     try:
         return _check_label(value)
     except _BadRow:
-        raise _BadRow("bad_tie", f"field 'tie' must be a boolean (true/false, 1/0), got "
-                      f"{_short(value)}") from None
+        raise _BadRow(
+            "bad_tie", f"field 'tie' must be a boolean (true/false, 1/0), got {_short(value)}"
+        ) from None
 
 
 def _read_arena(row: dict, has_margin: bool) -> Pair:
@@ -293,10 +303,14 @@ def _read_arena(row: dict, has_margin: bool) -> Pair:
     winner = _get(row, "winner")
     key = winner.strip().lower() if isinstance(winner, str) else None
     if key not in ARENA_WINNERS:
-        raise _BadRow("bad_winner", f"field 'winner' must be one of {', '.join(ARENA_WINNERS)}, "
-                      f"got {_short(winner)}")
+        raise _BadRow(
+            "bad_winner",
+            f"field 'winner' must be one of {', '.join(ARENA_WINNERS)}, got {_short(winner)}",
+        )
     if a == b:
-        raise _BadRow("chosen_equals_rejected", "fields 'response_a' and 'response_b' are identical")
+        raise _BadRow(
+            "chosen_equals_rejected", "fields 'response_a' and 'response_b' are identical"
+        )
     margin = _check_number(_get(row, "margin"), "margin") if has_margin else None
     subset = row.get("subset")
     if subset is not None and not isinstance(subset, str):
@@ -370,8 +384,9 @@ def _ranked_to_pairs(ex: Ranked, mode: str, subset: str | None) -> list[Pair]:
                 "chosen_equals_rejected",
                 f"fields 'completions[{hi}]' and 'completions[{lo}]' are identical",
             )
-        pairs.append(Pair(ex.prompt, ex.completions[hi], ex.completions[lo], subset=subset,
-                          tie=tie))
+        pairs.append(
+            Pair(ex.prompt, ex.completions[hi], ex.completions[lo], subset=subset, tie=tie)
+        )
     if not pairs:
         raise _BadRow("bad_ranking", "fields 'completions': all completions are the same text")
     return pairs
@@ -457,7 +472,11 @@ def to_sft(rows, source: str, *, on_bad_row: str = "error") -> tuple[list[SFTExa
 
 
 def to_pairs(
-    rows, source: str, *, on_bad_row: str = "error", ranked_pairs: str = "all",
+    rows,
+    source: str,
+    *,
+    on_bad_row: str = "error",
+    ranked_pairs: str = "all",
     ties: str = "drop",
 ) -> tuple[list[Pair], DataReport]:
     """Rows -> preference pairs (arena, paired, implicit_paired, or ranked expanded to pairs).
@@ -490,13 +509,21 @@ def to_pairs(
         return pairs
 
     try:
-        out, report = _convert(rows, source, on_bad_row, "preference pairs",
-                               ("arena", "paired", "implicit_paired", "ranked"), make)
+        out, report = _convert(
+            rows,
+            source,
+            on_bad_row,
+            "preference pairs",
+            ("arena", "paired", "implicit_paired", "ranked"),
+            make,
+        )
     except PreftuneError as e:
         if n_ties and ties == "drop":
-            raise PreftuneError(f"{e}; all {n_ties} usable pairs are ties, which Bradley-Terry "
-                                "and DPO cannot learn from (use reward --loss rao-kupper, "
-                                "davidson or three-way)") from None
+            raise PreftuneError(
+                f"{e}; all {n_ties} usable pairs are ties, which Bradley-Terry "
+                "and DPO cannot learn from (use reward --loss rao-kupper, "
+                "davidson or three-way)"
+            ) from None
         raise
     report.n_ties, report.ties = n_ties, ties
     return out, report

@@ -145,7 +145,7 @@ def _read_text(path: Path, label: str) -> str:
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise PreftuneError(
-            f"{label}, line {line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+            f"{label}, line {line}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column "
             f"{column}); save the file as UTF-8"
         ) from None
 

@@ -273,8 +273,10 @@ class _Encoder:
             )
         except PromptTooLong as exc:
             where = f"{origin} (example {self.index})" if origin else f"example {self.index}"
-            raise PreftuneError(f"{where}: {exc} (prompt_truncation=error; use "
-                                "keep_end or keep_start to truncate instead)") from None
+            raise PreftuneError(
+                f"{where}: {exc} (prompt_truncation=error; use "
+                "keep_end or keep_start to truncate instead)"
+            ) from None
         self.report.n_prompt_truncated += prompt_cut
         features, any_cut = [], False
         for text in completion_texts:
@@ -321,7 +323,9 @@ def tokenize_pairs(tokenizer, examples: list[Pair], trunc: TruncationConfig, pro
     enc = _Encoder(tokenizer, trunc, report)
     features = []
     for ex in _progress(examples, progress, "tokenize"):
-        chosen, rejected = enc.sequences(ex.prompt, [ex.chosen, ex.rejected], getattr(ex, "origin", None))
+        chosen, rejected = enc.sequences(
+            ex.prompt, [ex.chosen, ex.rejected], getattr(ex, "origin", None)
+        )
         if chosen is None or rejected is None:
             report.drop("no_completion_tokens")
             continue

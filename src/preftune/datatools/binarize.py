@@ -100,9 +100,16 @@ class BinarizeReport:
     bad_rating_examples: list = field(default_factory=list)
 
 
-def binarize(rows: Iterable[dict], *, rating: str = "overall", pairs: str = "best-vs-random",
-             min_margin: float = 0.0, seed: int = 0, source: str | None = None,
-             bad_ratings: list | None = None) -> tuple[Iterator[dict], BinarizeReport]:
+def binarize(
+    rows: Iterable[dict],
+    *,
+    rating: str = "overall",
+    pairs: str = "best-vs-random",
+    min_margin: float = 0.0,
+    seed: int = 0,
+    source: str | None = None,
+    bad_ratings: list | None = None,
+) -> tuple[Iterator[dict], BinarizeReport]:
     """Rated rows -> paired rows {prompt, chosen, rejected, margin, chosen_rating,
     rejected_rating}. Returns a generator and a report complete once it is exhausted;
     `bad_ratings` receives one record per rating that is not a number.
@@ -136,24 +143,35 @@ def binarize(rows: Iterable[dict], *, rating: str = "overall", pairs: str = "bes
                 bad_row("no_completions")
                 continue
             scores = row.get("scores")
-            if scores is not None and (not isinstance(scores, list) or len(scores) != len(completions)):
+            if scores is not None and (
+                not isinstance(scores, list) or len(scores) != len(completions)
+            ):
                 bad_row("scores_do_not_match_completions")
                 continue
             if scores is None and any(not isinstance(c, dict) for c in completions):
                 bad_row("no_ratings")  # plain completions need a `scores` list
                 continue
             if scores is not None and rating != "overall":
-                raise PreftuneError(f"{where(origin)}: rating={rating!r} needs per-aspect "
-                                    "annotations, but this row has a `scores` list; use "
-                                    "--rating overall")
+                raise PreftuneError(
+                    f"{where(origin)}: rating={rating!r} needs per-aspect "
+                    "annotations, but this row has a `scores` list; use "
+                    "--rating overall"
+                )
             rated = []  # (index, text, rating, completion)
             for i, completion in enumerate(completions):
                 value, field_name, raw = completion_rating(
-                    completion, None if scores is None else scores[i], rating)
+                    completion, None if scores is None else scores[i], rating
+                )
                 if value is None:
                     report.bad_ratings += 1
-                    record = {"row": where(origin), "completion": i, "field": field_name,
-                              "value": raw if isinstance(raw, (str, int, float, type(None))) else repr(raw)}
+                    record = {
+                        "row": where(origin),
+                        "completion": i,
+                        "field": field_name,
+                        "value": raw
+                        if isinstance(raw, (str, int, float, type(None)))
+                        else repr(raw),
+                    }
                     if len(report.bad_rating_examples) < EXAMPLES:
                         report.bad_rating_examples.append(record)
                     if bad_ratings is not None:
@@ -177,8 +195,14 @@ def binarize(rows: Iterable[dict], *, rating: str = "overall", pairs: str = "bes
                     report.below_min_margin_dropped += 1
                     continue
                 made += 1
-                out = {"prompt": prompt, "chosen": hi[1], "rejected": lo[1], "margin": margin,
-                       "chosen_rating": hi[2], "rejected_rating": lo[2]}
+                out = {
+                    "prompt": prompt,
+                    "chosen": hi[1],
+                    "rejected": lo[1],
+                    "margin": margin,
+                    "chosen_rating": hi[2],
+                    "rejected_rating": lo[2],
+                }
                 for key in ("model",):  # which system wrote each reply, when the data says
                     if isinstance(hi[3], dict) and key in hi[3]:
                         out[f"chosen_{key}"], out[f"rejected_{key}"] = hi[3][key], lo[3].get(key)

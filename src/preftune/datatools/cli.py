@@ -26,28 +26,41 @@ from preftune.utils import atomic_output, to_jsonable
 class DataToolConfig:
     """Settings shared by every `preftune data` command."""
 
-    data: str = arg("", "The data: a JSONL/JSON/Parquet/CSV file or folder, a save_to_disk "
-                    "folder, or a dataset name for `datasets.load_dataset` (also the first "
-                    "positional argument).")
-    split: str = arg("train", "Dataset split to read when `data` is a hub dataset name or a "
-                     "save_to_disk DatasetDict.")
-    columns: str = arg("", "Column mapping from your names to preftune's, e.g. "
-                       "`prompt=question,chosen=good,rejected=bad`.")
-    output_dir: str = arg("", "Where the outputs and report.json go (default: "
-                          "runs/data-<command>).")
+    data: str = arg(
+        "",
+        "The data: a JSONL/JSON/Parquet/CSV file or folder, a save_to_disk "
+        "folder, or a dataset name for `datasets.load_dataset` (also the first "
+        "positional argument).",
+    )
+    split: str = arg(
+        "train",
+        "Dataset split to read when `data` is a hub dataset name or a save_to_disk DatasetDict.",
+    )
+    columns: str = arg(
+        "",
+        "Column mapping from your names to preftune's, e.g. "
+        "`prompt=question,chosen=good,rejected=bad`.",
+    )
+    output_dir: str = arg(
+        "", "Where the outputs and report.json go (default: runs/data-<command>)."
+    )
     overwrite: bool = arg(False, "Replace the outputs already in `output_dir`.")
 
     command = ""  # set by each subclass: the name after `preftune data`
 
     def validate(self) -> None:
         if not self.data:
-            raise PreftuneError(f"data: no data given; pass it as `preftune data {self.command} "
-                                "DATA` or --data DATA")
+            raise PreftuneError(
+                f"data: no data given; pass it as `preftune data {self.command} "
+                "DATA` or --data DATA"
+            )
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise PreftuneError(f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
-                                    f"{', '.join(map(str, choices))}")
+                raise PreftuneError(
+                    f"{f.name}: got {getattr(self, f.name)!r}, expected one of "
+                    f"{', '.join(map(str, choices))}"
+                )
 
     def out(self) -> Path:
         return Path(self.output_dir or f"runs/data-{self.command}")
@@ -63,8 +76,10 @@ class WritingConfig(DataToolConfig):
 def _prepare_output(cfg: DataToolConfig) -> Path:
     out = cfg.out()
     if (out / "report.json").exists() and not cfg.overwrite:
-        raise PreftuneError(f"output_dir {out} already holds a report.json; pass --overwrite to "
-                            "replace it or choose another --output-dir")
+        raise PreftuneError(
+            f"output_dir {out} already holds a report.json; pass --overwrite to "
+            "replace it or choose another --output-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -123,8 +138,12 @@ def _filter_and_write(cfg, out: Path, side_file: str, side_key: str, run) -> tup
         sink.close(ok=False)
         raise
     _write_through(cfg, out, rows, sink)
-    result = {**dataclasses.asdict(report), "output": f"data.{cfg.format}",
-              side_key: side_file, "config": dataclasses.asdict(cfg)}
+    result = {
+        **dataclasses.asdict(report),
+        "output": f"data.{cfg.format}",
+        side_key: side_file,
+        "config": dataclasses.asdict(cfg),
+    }
     write_report(result, out / "report.json")
     return report, result
 
@@ -137,10 +156,15 @@ def _reward(cfg) -> object | None:
     from preftune.rewards.sources import parse_reward_spec
 
     device = "cuda" if torch.cuda.is_available() else None
-    return parse_reward_spec(cfg.reward_model or None, [cfg.reward_fn] if cfg.reward_fn else None,
-                             None, batch_size=cfg.batch_size, device=device,
-                             ensemble_agg=getattr(cfg, "ensemble_agg", "mean"),
-                             ensemble_coef=getattr(cfg, "ensemble_coef", 1.0))
+    return parse_reward_spec(
+        cfg.reward_model or None,
+        [cfg.reward_fn] if cfg.reward_fn else None,
+        None,
+        batch_size=cfg.batch_size,
+        device=device,
+        ensemble_agg=getattr(cfg, "ensemble_agg", "mean"),
+        ensemble_coef=getattr(cfg, "ensemble_coef", 1.0),
+    )
 
 
 def _print(lines: list[str]) -> None:
@@ -154,22 +178,37 @@ def _print(lines: list[str]) -> None:
 class InspectConfig(DataToolConfig):
     """Settings of `preftune data inspect`."""
 
-    tokenizer: str = arg("", "Measure lengths in tokens of this tokenizer (a local folder, a hub "
-                         "name in the offline cache, or `tiny`); characters when empty.")
-    reward_model: str = arg("", "Reward model folder (a sequence classifier with one output) "
-                            "whose agreement with the labels is measured.")
-    reward_fn: str = arg("", "Reward function `module:function` or `file.py:function`, called "
-                         "as fn(prompts, completions), whose agreement with the labels is measured.")
+    tokenizer: str = arg(
+        "",
+        "Measure lengths in tokens of this tokenizer (a local folder, a hub "
+        "name in the offline cache, or `tiny`); characters when empty.",
+    )
+    reward_model: str = arg(
+        "",
+        "Reward model folder (a sequence classifier with one output) "
+        "whose agreement with the labels is measured.",
+    )
+    reward_fn: str = arg(
+        "",
+        "Reward function `module:function` or `file.py:function`, called "
+        "as fn(prompts, completions), whose agreement with the labels is measured.",
+    )
     batch_size: int = arg(32, "Texts scored per forward pass of the reward model.")
-    near_duplicates: bool = arg(True, "Look for near-duplicate prompts and pairs (MinHash LSH); "
-                                "--no-near-duplicates counts exact duplicates only (faster).")
-    threshold: float = arg(0.8, "Jaccard similarity of word shingles at which two texts are "
-                           "near duplicates.")
+    near_duplicates: bool = arg(
+        True,
+        "Look for near-duplicate prompts and pairs (MinHash LSH); "
+        "--no-near-duplicates counts exact duplicates only (faster).",
+    )
+    threshold: float = arg(
+        0.8, "Jaccard similarity of word shingles at which two texts are near duplicates."
+    )
     num_perm: int = arg(128, "MinHash permutations (more: a closer Jaccard estimate, slower).")
     shingle: int = arg(3, "Words per shingle.")
     confidence: float = arg(0.95, "Confidence level of the Wilson intervals.")
-    top_disagreements: int = arg(100, "Pairs the reward source disagrees with most confidently, "
-                                 "written to disagreements.jsonl.")
+    top_disagreements: int = arg(
+        100,
+        "Pairs the reward source disagrees with most confidently, written to disagreements.jsonl.",
+    )
 
     command = "inspect"
 
@@ -177,8 +216,12 @@ class InspectConfig(DataToolConfig):
         super().validate()
         _require(0 < self.threshold <= 1, "threshold", self.threshold, "a number in (0, 1]")
         _require(0 < self.confidence < 1, "confidence", self.confidence, "a number in (0, 1)")
-        _require(self.top_disagreements >= 0, "top_disagreements", self.top_disagreements,
-                 "an integer >= 0")
+        _require(
+            self.top_disagreements >= 0,
+            "top_disagreements",
+            self.top_disagreements,
+            "an integer >= 0",
+        )
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
 
 
@@ -193,10 +236,18 @@ def run_inspect(cfg: InspectConfig) -> dict:
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     reward = _reward(cfg)
-    report = inspect(rows, tokenizer=tokenizer, reward=reward, near_duplicates=cfg.near_duplicates,
-                     threshold=cfg.threshold, num_perm=cfg.num_perm, shingle=cfg.shingle,
-                     confidence=cfg.confidence, top_disagreements=cfg.top_disagreements,
-                     progress=lambda it: progress(it, desc="inspect"))
+    report = inspect(
+        rows,
+        tokenizer=tokenizer,
+        reward=reward,
+        near_duplicates=cfg.near_duplicates,
+        threshold=cfg.threshold,
+        num_perm=cfg.num_perm,
+        shingle=cfg.shingle,
+        confidence=cfg.confidence,
+        top_disagreements=cfg.top_disagreements,
+        progress=lambda it: progress(it, desc="inspect"),
+    )
     arrays = report.pop("_arrays")
     disagreements = report.pop("_disagreements", None)
     report["plots"] = plot_lengths(arrays, report["length_unit"], out)
@@ -211,11 +262,15 @@ def run_inspect(cfg: InspectConfig) -> dict:
         Path(tmp).write_text(render_markdown(report), encoding="utf-8")
     write_report(report, out / "report.json")
     lb = report["length_bias"]
-    _print([f"{report['source']}: {report['rows']:,} rows, format {report['format']}, "
+    _print(
+        [
+            f"{report['source']}: {report['rows']:,} rows, format {report['format']}, "
             f"{report['pairs']:,} pairs, {report['bad_rows']['total']:,} bad rows",
             f"chosen longer in {100 * lb['fraction_chosen_longer']:.1f}% of pairs "
             f"({100 * lb['ci_low']:.1f}% to {100 * lb['ci_high']:.1f}%)",
-            f"report: {out / 'report.md'}"])
+            f"report: {out / 'report.md'}",
+        ]
+    )
     return report
 
 
@@ -226,12 +281,17 @@ def run_inspect(cfg: InspectConfig) -> dict:
 class DedupConfig(WritingConfig):
     """Settings of `preftune data dedup`."""
 
-    on: str = arg("pair", "Compare whole examples (prompt and replies) or prompts only.",
-                  choices=("pair", "prompt"))
-    near: bool = arg(True, "Also remove near duplicates (MinHash LSH); --no-near removes exact "
-                     "duplicates only.")
-    threshold: float = arg(0.8, "Jaccard similarity of word shingles at which two texts are "
-                           "near duplicates.")
+    on: str = arg(
+        "pair",
+        "Compare whole examples (prompt and replies) or prompts only.",
+        choices=("pair", "prompt"),
+    )
+    near: bool = arg(
+        True, "Also remove near duplicates (MinHash LSH); --no-near removes exact duplicates only."
+    )
+    threshold: float = arg(
+        0.8, "Jaccard similarity of word shingles at which two texts are near duplicates."
+    )
     num_perm: int = arg(128, "MinHash permutations (more: a closer Jaccard estimate, slower).")
     shingle: int = arg(3, "Words per shingle.")
 
@@ -249,13 +309,28 @@ def run_dedup(cfg: DedupConfig) -> dict:
 
     out = _prepare_output(cfg)
     report, result = _filter_and_write(
-        cfg, out, "removed.jsonl", "removed_file",
-        lambda sink: dedup(_open(cfg), on=cfg.on, threshold=cfg.threshold, num_perm=cfg.num_perm,
-                           shingle=cfg.shingle, near=cfg.near, removed=sink,
-                           progress=lambda it: progress(it, desc="find duplicates")))
-    _print([f"{report.source}: {report.n_rows:,} rows -> {report.n_kept:,} kept; removed "
+        cfg,
+        out,
+        "removed.jsonl",
+        "removed_file",
+        lambda sink: dedup(
+            _open(cfg),
+            on=cfg.on,
+            threshold=cfg.threshold,
+            num_perm=cfg.num_perm,
+            shingle=cfg.shingle,
+            near=cfg.near,
+            removed=sink,
+            progress=lambda it: progress(it, desc="find duplicates"),
+        ),
+    )
+    _print(
+        [
+            f"{report.source}: {report.n_rows:,} rows -> {report.n_kept:,} kept; removed "
             f"{report.exact_duplicates:,} exact and {report.near_duplicates:,} near duplicates",
-            f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}"])
+            f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}",
+        ]
+    )
     return result
 
 
@@ -266,10 +341,15 @@ def run_dedup(cfg: DedupConfig) -> dict:
 class DecontaminateConfig(WritingConfig):
     """Settings of `preftune data decontaminate`."""
 
-    against: list[str] = arg([], "Evaluation sets (files, folders or dataset names; every text "
-                             "field of every item counts).")
-    ngram: int = arg(13, "Words in the shared n-gram that marks a row as contaminated (13 as in "
-                     "GPT-3's and open-instruct's decontamination).")
+    against: list[str] = arg(
+        [],
+        "Evaluation sets (files, folders or dataset names; every text field of every item counts).",
+    )
+    ngram: int = arg(
+        13,
+        "Words in the shared n-gram that marks a row as contaminated (13 as in "
+        "GPT-3's and open-instruct's decontamination).",
+    )
     responses: bool = arg(False, "Check the replies too, not only the prompt.")
     against_split: str = arg("train", "Split to read of evaluation sets that are dataset names.")
 
@@ -292,14 +372,20 @@ def run_decontaminate(cfg: DecontaminateConfig) -> dict:
 
         index.add_eval_set(name, RowStream(resolve_data_source(name), split=cfg.against_split))
     report, result = _filter_and_write(
-        cfg, out, "removed.jsonl", "removed_file",
-        lambda sink: decontaminate(_open(cfg), index, responses=cfg.responses, removed=sink))
-    lines = [f"{report.source}: {report.n_rows:,} rows -> {report.n_kept:,} kept; removed "
-             f"{report.n_removed:,} sharing a {cfg.ngram}-gram with an evaluation set"]
+        cfg,
+        out,
+        "removed.jsonl",
+        "removed_file",
+        lambda sink: decontaminate(_open(cfg), index, responses=cfg.responses, removed=sink),
+    )
+    lines = [
+        f"{report.source}: {report.n_rows:,} rows -> {report.n_kept:,} kept; removed "
+        f"{report.n_removed:,} sharing a {cfg.ngram}-gram with an evaluation set"
+    ]
     for name, entry in report.eval_sets.items():
         lines.append(f"  {name}: {entry['items']:,} items, {entry['rows_matched']:,} rows matched")
         for ex in entry["examples"][:2]:
-            lines.append(f"    {ex['row']}: \"{ex['span'][:100]}\"")
+            lines.append(f'    {ex["row"]}: "{ex["span"][:100]}"')
     _print(lines + [f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}"])
     return result
 
@@ -311,13 +397,22 @@ def run_decontaminate(cfg: DecontaminateConfig) -> dict:
 class BinarizeConfig(WritingConfig):
     """Settings of `preftune data binarize`."""
 
-    rating: str = arg("overall", "The rating of a completion: `overall` (overall_score, or the "
-                      "`scores` list), `mean` (mean of the per-aspect ratings) or an aspect "
-                      "name (e.g. helpfulness).")
-    pairs: str = arg("best-vs-random", "Which pairs to make of each prompt's rated completions.",
-                     choices=("best-vs-random", "best-vs-worst", "all"))
-    min_margin: float = arg(0.0, "Drop pairs whose rating difference is below this (pairs with "
-                            "equal ratings are always dropped).")
+    rating: str = arg(
+        "overall",
+        "The rating of a completion: `overall` (overall_score, or the "
+        "`scores` list), `mean` (mean of the per-aspect ratings) or an aspect "
+        "name (e.g. helpfulness).",
+    )
+    pairs: str = arg(
+        "best-vs-random",
+        "Which pairs to make of each prompt's rated completions.",
+        choices=("best-vs-random", "best-vs-worst", "all"),
+    )
+    min_margin: float = arg(
+        0.0,
+        "Drop pairs whose rating difference is below this (pairs with "
+        "equal ratings are always dropped).",
+    )
     seed: int = arg(0, "Seed of the random rejected completion of best-vs-random.")
 
     command = "binarize"
@@ -332,14 +427,28 @@ def run_binarize(cfg: BinarizeConfig) -> dict:
 
     out = _prepare_output(cfg)
     report, result = _filter_and_write(
-        cfg, out, "bad_ratings.jsonl", "bad_ratings_file",
-        lambda sink: binarize(_open(cfg), rating=cfg.rating, pairs=cfg.pairs,
-                              min_margin=cfg.min_margin, seed=cfg.seed, bad_ratings=sink))
-    _print([f"{report.source}: {report.n_rows:,} rows -> {report.n_pairs:,} pairs "
+        cfg,
+        out,
+        "bad_ratings.jsonl",
+        "bad_ratings_file",
+        lambda sink: binarize(
+            _open(cfg),
+            rating=cfg.rating,
+            pairs=cfg.pairs,
+            min_margin=cfg.min_margin,
+            seed=cfg.seed,
+            bad_ratings=sink,
+        ),
+    )
+    _print(
+        [
+            f"{report.source}: {report.n_rows:,} rows -> {report.n_pairs:,} pairs "
             f"({cfg.pairs}, rating {cfg.rating}); dropped {report.ties_dropped:,} ties and "
             f"{report.below_min_margin_dropped:,} below the minimum margin; "
             f"{report.bad_ratings:,} ratings that are not numbers (bad_ratings.jsonl)",
-            f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}"])
+            f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}",
+        ]
+    )
     return result
 
 
@@ -351,31 +460,44 @@ class RelabelConfig(WritingConfig):
     """Settings of `preftune data relabel`."""
 
     reward_model: str = arg("", "Reward model folder (a sequence classifier with one output).")
-    reward_fn: str = arg("", "Reward function `module:function` or `file.py:function`, called "
-                         "as fn(prompts, completions).")
-    keep_agreement: bool = arg(False, "Drop the pairs the reward source disagrees with instead "
-                               "of flipping them.")
+    reward_fn: str = arg(
+        "",
+        "Reward function `module:function` or `file.py:function`, called "
+        "as fn(prompts, completions).",
+    )
+    keep_agreement: bool = arg(
+        False, "Drop the pairs the reward source disagrees with instead of flipping them."
+    )
     batch_size: int = arg(32, "Texts scored per forward pass of the reward model.")
-    ensemble_agg: str = arg("mean", "How the members of a reward-model ensemble (a folder from "
-                            "`preftune reward --ensemble K`) are combined (Coste et al. 2023): "
-                            "mean; min (worst case); mean-minus-std or mean-minus-var.",
-                            choices=("mean", "min", "mean-minus-std", "mean-minus-var"))
-    ensemble_coef: float = arg(1.0, "The multiple of the members' std (or variance) that "
-                               "mean-minus-std (mean-minus-var) subtracts.")
+    ensemble_agg: str = arg(
+        "mean",
+        "How the members of a reward-model ensemble (a folder from "
+        "`preftune reward --ensemble K`) are combined (Coste et al. 2023): "
+        "mean; min (worst case); mean-minus-std or mean-minus-var.",
+        choices=("mean", "min", "mean-minus-std", "mean-minus-var"),
+    )
+    ensemble_coef: float = arg(
+        1.0,
+        "The multiple of the members' std (or variance) that "
+        "mean-minus-std (mean-minus-var) subtracts.",
+    )
 
     command = "relabel"
 
     def validate(self) -> None:
         super().validate()
         if bool(self.reward_model) == bool(self.reward_fn):
-            raise PreftuneError("relabel needs exactly one reward source: --reward-model PATH or "
-                                "--reward-fn module:function")
+            raise PreftuneError(
+                "relabel needs exactly one reward source: --reward-model PATH or "
+                "--reward-fn module:function"
+            )
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         # Imported here: preftune.rewards imports torch; `preftune data --help` need not.
         from preftune.rewards.sources import check_ensemble_settings, is_ensemble
 
-        check_ensemble_settings(self.ensemble_agg, self.ensemble_coef,
-                                is_ensemble(self.reward_model), self.reward_model)
+        check_ensemble_settings(
+            self.ensemble_agg, self.ensemble_coef, is_ensemble(self.reward_model), self.reward_model
+        )
 
 
 def run_relabel(cfg: RelabelConfig) -> dict:
@@ -384,13 +506,20 @@ def run_relabel(cfg: RelabelConfig) -> dict:
     out = _prepare_output(cfg)
     pairs, report = relabel(_open(cfg), _reward(cfg), keep_agreement=cfg.keep_agreement)
     _write_through(cfg, out, pairs)
-    result = {**dataclasses.asdict(report), "output": f"data.{cfg.format}",
-              "config": dataclasses.asdict(cfg)}
+    result = {
+        **dataclasses.asdict(report),
+        "output": f"data.{cfg.format}",
+        "config": dataclasses.asdict(cfg),
+    }
     write_report(result, out / "report.json")
     action = "dropped" if cfg.keep_agreement else "flipped"
-    _print([f"{report.source}: {report.n_pairs:,} pairs; the reward source agreed with "
+    _print(
+        [
+            f"{report.source}: {report.n_pairs:,} pairs; the reward source agreed with "
             f"{report.agreed:,}, {action} {report.flipped:,}, ties {report.ties:,}",
-            f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}"])
+            f"wrote {out / ('data.' + cfg.format)} and {out / 'report.json'}",
+        ]
+    )
     return result
 
 
@@ -401,18 +530,23 @@ def run_relabel(cfg: RelabelConfig) -> dict:
 class SplitConfig(WritingConfig):
     """Settings of `preftune data split`."""
 
-    test_fraction: float = arg(0.1, "Fraction of prompts (or rows, with --by row) that go to "
-                               "the test side.")
-    by: str = arg("prompt", "Split by prompt (every row of a prompt on one side) or by row.",
-                  choices=("prompt", "row"))
+    test_fraction: float = arg(
+        0.1, "Fraction of prompts (or rows, with --by row) that go to the test side."
+    )
+    by: str = arg(
+        "prompt",
+        "Split by prompt (every row of a prompt on one side) or by row.",
+        choices=("prompt", "row"),
+    )
     seed: int = arg(0, "Seed of the split.")
 
     command = "split"
 
     def validate(self) -> None:
         super().validate()
-        _require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction,
-                 "a number in (0, 1)")
+        _require(
+            0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)"
+        )
 
 
 def run_split(cfg: SplitConfig) -> dict:
@@ -420,18 +554,32 @@ def run_split(cfg: SplitConfig) -> dict:
 
     out = _prepare_output(cfg)
     sides, report = split(_open(cfg), test_fraction=cfg.test_fraction, by=cfg.by, seed=cfg.seed)
-    with RowWriter(out / f"train.{cfg.format}", cfg.format) as train, \
-            RowWriter(out / f"test.{cfg.format}", cfg.format) as test:
+    with (
+        RowWriter(out / f"train.{cfg.format}", cfg.format) as train,
+        RowWriter(out / f"test.{cfg.format}", cfg.format) as test,
+    ):
         for side, row in progress(sides, desc="split"):
             (test if side == "test" else train).write(row)
-    result = {**dataclasses.asdict(report), "outputs": [f"train.{cfg.format}", f"test.{cfg.format}"],
-              "config": dataclasses.asdict(cfg)}
+    result = {
+        **dataclasses.asdict(report),
+        "outputs": [f"train.{cfg.format}", f"test.{cfg.format}"],
+        "config": dataclasses.asdict(cfg),
+    }
     write_report(result, out / "report.json")
-    _print([f"{report.source}: {report.n_rows:,} rows -> train {report.n_train:,}, test "
-            f"{report.n_test:,}" + (f" ({report.prompts['train']:,} and {report.prompts['test']:,} "
-                                    "distinct prompts, none on both sides)" if report.prompts else ""),
+    _print(
+        [
+            f"{report.source}: {report.n_rows:,} rows -> train {report.n_train:,}, test "
+            f"{report.n_test:,}"
+            + (
+                f" ({report.prompts['train']:,} and {report.prompts['test']:,} "
+                "distinct prompts, none on both sides)"
+                if report.prompts
+                else ""
+            ),
             f"wrote {out / ('train.' + cfg.format)}, {out / ('test.' + cfg.format)} and "
-            f"{out / 'report.json'}"])
+            f"{out / 'report.json'}",
+        ]
+    )
     return result
 
 
@@ -439,21 +587,37 @@ def run_split(cfg: SplitConfig) -> dict:
 
 # name -> (config class, run function, one-line description)
 SUBCOMMANDS = {
-    "inspect": (InspectConfig, run_inspect,
-                "Report what is in the data: bad rows, turns, lengths, length bias, duplicates, "
-                "margins, subsets, agreement with a reward source."),
-    "dedup": (DedupConfig, run_dedup, "Remove exact and near-duplicate rows (MinHash LSH), "
-              "keeping the first."),
-    "decontaminate": (DecontaminateConfig, run_decontaminate,
-                      "Remove rows sharing a long n-gram with an evaluation set."),
-    "binarize": (BinarizeConfig, run_binarize,
-                 "Rated completions (scores or UltraFeedback annotations) -> pairs with a margin."),
-    "relabel": (RelabelConfig, run_relabel,
-                "Reorder every pair as a reward source prefers it (AI feedback), counting flips."),
+    "inspect": (
+        InspectConfig,
+        run_inspect,
+        "Report what is in the data: bad rows, turns, lengths, length bias, duplicates, "
+        "margins, subsets, agreement with a reward source.",
+    ),
+    "dedup": (
+        DedupConfig,
+        run_dedup,
+        "Remove exact and near-duplicate rows (MinHash LSH), keeping the first.",
+    ),
+    "decontaminate": (
+        DecontaminateConfig,
+        run_decontaminate,
+        "Remove rows sharing a long n-gram with an evaluation set.",
+    ),
+    "binarize": (
+        BinarizeConfig,
+        run_binarize,
+        "Rated completions (scores or UltraFeedback annotations) -> pairs with a margin.",
+    ),
+    "relabel": (
+        RelabelConfig,
+        run_relabel,
+        "Reorder every pair as a reward source prefers it (AI feedback), counting flips.",
+    ),
     "split": (SplitConfig, run_split, "Train/test split that never puts one prompt on both sides."),
 }
-DESCRIPTION = ("Understand and clean preference data: inspect, dedup, decontaminate, binarize, "
-               "relabel, split.")
+DESCRIPTION = (
+    "Understand and clean preference data: inspect, dedup, decontaminate, binarize, relabel, split."
+)
 
 
 def run_data(cfg: DataToolConfig) -> dict:
@@ -462,9 +626,11 @@ def run_data(cfg: DataToolConfig) -> dict:
         if type(cfg) is config_cls:
             cfg.validate()
             return run(cfg)
-    raise PreftuneError(f"run_data: expected the config of a data command "
-                        f"({', '.join(c.__name__ for c, _, _ in SUBCOMMANDS.values())}), "
-                        f"got {type(cfg).__name__}")
+    raise PreftuneError(
+        f"run_data: expected the config of a data command "
+        f"({', '.join(c.__name__ for c, _, _ in SUBCOMMANDS.values())}), "
+        f"got {type(cfg).__name__}"
+    )
 
 
 def build_parser(argv: list[str]):
@@ -472,9 +638,11 @@ def build_parser(argv: list[str]):
     SUB, the group's own parser answers (help, or an error naming the subcommands)."""
     if not argv or argv[0] not in SUBCOMMANDS:
         group = argparse.ArgumentParser(
-            prog="preftune data", description=DESCRIPTION,
+            prog="preftune data",
+            description=DESCRIPTION,
             epilog="`preftune data COMMAND --help` lists a command's options; every command "
-                   "accepts --config FILE.yaml, and flags given on the command line win.")
+            "accepts --config FILE.yaml, and flags given on the command line win.",
+        )
         subs = group.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
         for name, (_, _, desc) in SUBCOMMANDS.items():
             subs.add_parser(name, help=desc, add_help=False)
@@ -482,8 +650,13 @@ def build_parser(argv: list[str]):
         raise AssertionError("unreachable: argparse exits above")
     config_cls, run, desc = SUBCOMMANDS[argv[0]]
     parser = argparse.ArgumentParser(prog=f"preftune data {argv[0]}", description=desc)
-    parser.add_argument("data", nargs="?", metavar="DATA", default=argparse.SUPPRESS,
-                        help="The data (same as --data).")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        metavar="DATA",
+        default=argparse.SUPPRESS,
+        help="The data (same as --data).",
+    )
     add_config_arguments(parser, config_cls)
     return parser, config_cls, run
 

@@ -62,7 +62,7 @@ class NgramIndex:
             for text in eval_texts(row):
                 tokens = [m.group().lower() for m in _tokens(text)]
                 for i in range(len(tokens) - self.n + 1):
-                    self.grams.setdefault(tuple(tokens[i:i + self.n]), (name, count))
+                    self.grams.setdefault(tuple(tokens[i : i + self.n]), (name, count))
         self.items[name] = count
 
     def longest_match(self, text: str) -> tuple[str, str, int] | None:
@@ -73,7 +73,9 @@ class NgramIndex:
         best = None  # (number of n-grams, start, end, hit)
         run_start, run_hit = None, None
         for i in range(len(tokens) - self.n + 2):
-            hit = self.grams.get(tuple(tokens[i:i + self.n])) if i <= len(tokens) - self.n else None
+            hit = (
+                self.grams.get(tuple(tokens[i : i + self.n])) if i <= len(tokens) - self.n else None
+            )
             if hit is not None and run_start is None:
                 run_start, run_hit = i, hit
             elif hit is None and run_start is not None:
@@ -83,7 +85,7 @@ class NgramIndex:
         if best is None:
             return None
         _, start, end, (name, item) = best
-        return text[matches[start].start():matches[end].end()], name, item
+        return text[matches[start].start() : matches[end].end()], name, item
 
 
 @dataclass
@@ -125,9 +127,14 @@ def row_texts(row: dict, fmt: str, responses: bool) -> list[str]:
     return texts
 
 
-def decontaminate(rows: Iterable[dict], index: NgramIndex, *, responses: bool = False,
-                  source: str | None = None, removed: list | None = None,
-                  ) -> tuple[Iterator[dict], DecontaminationReport]:
+def decontaminate(
+    rows: Iterable[dict],
+    index: NgramIndex,
+    *,
+    responses: bool = False,
+    source: str | None = None,
+    removed: list | None = None,
+) -> tuple[Iterator[dict], DecontaminationReport]:
     """Drop rows whose prompt (and with `responses`, replies) shares an n-gram with `index`.
 
     Returns a generator of the kept rows and a report complete once it is exhausted; `removed`
@@ -136,7 +143,9 @@ def decontaminate(rows: Iterable[dict], index: NgramIndex, *, responses: bool = 
     import itertools
 
     fmt = detect_format(list(itertools.islice(iter(rows), DETECT_ROWS)), source)
-    report = DecontaminationReport(source, index.n, "prompt and responses" if responses else "prompt")
+    report = DecontaminationReport(
+        source, index.n, "prompt and responses" if responses else "prompt"
+    )
     for name, n_items in index.items.items():
         report.eval_sets[name] = {"items": n_items, "rows_matched": 0, "examples": []}
 

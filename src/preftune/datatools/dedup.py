@@ -55,15 +55,18 @@ class NearDuplicateFinder:
     Use as a context manager (the signatures live in a temporary file until `close`).
     """
 
-    def __init__(self, threshold: float = 0.8, *, num_perm: int = 128, shingle: int = 3,
-                 seed: int = 1):
+    def __init__(
+        self, threshold: float = 0.8, *, num_perm: int = 128, shingle: int = 3, seed: int = 1
+    ):
         try:
             from datasketch import MinHash
             from datasketch.lsh import _optimal_param
         except ImportError:
-            raise PreftuneError("near-duplicate search needs datasketch >= 2.0: pip install "
-                                "'preftune[data]' (or look for exact duplicates only: "
-                                "dedup --no-near, inspect --no-near-duplicates)") from None
+            raise PreftuneError(
+                "near-duplicate search needs datasketch >= 2.0: pip install "
+                "'preftune[data]' (or look for exact duplicates only: "
+                "dedup --no-near, inspect --no-near-duplicates)"
+            ) from None
 
         if not 0.0 < threshold <= 1.0:
             raise PreftuneError(f"threshold: got {threshold}, expected a number in (0, 1]")
@@ -88,10 +91,14 @@ class NearDuplicateFinder:
     def signature(self, text: str) -> np.ndarray:
         tokens = words(text)
         k = self.shingle
-        shingles = ({" ".join(tokens[i:i + k]) for i in range(len(tokens) - k + 1)}
-                    if len(tokens) >= k else {" ".join(tokens)})
-        m = self._MinHash(num_perm=self.num_perm, permutations=self._permutations,
-                          scheme=self._scheme)
+        shingles = (
+            {" ".join(tokens[i : i + k]) for i in range(len(tokens) - k + 1)}
+            if len(tokens) >= k
+            else {" ".join(tokens)}
+        )
+        m = self._MinHash(
+            num_perm=self.num_perm, permutations=self._permutations, scheme=self._scheme
+        )
         m.update_batch([s.encode("utf-8") for s in shingles])
         return m.hashvalues.astype(np.uint32)
 
@@ -132,9 +139,9 @@ class NearDuplicateFinder:
             starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
             sizes = np.diff(np.r_[starts, sk.size])
             for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-                group = order[start:start + size]
+                group = order[start : start + size]
                 for pos in range(1, size):
-                    for prev in group[max(0, pos - GROUP_CAP):pos]:
+                    for prev in group[max(0, pos - GROUP_CAP) : pos]:
                         earlier.append(prev)
                         later.append(group[pos])
         if not later:
@@ -142,9 +149,9 @@ class NearDuplicateFinder:
         pairs = np.unique(np.stack([np.asarray(later), np.asarray(earlier)], axis=1), axis=0)
         sims = np.empty(len(pairs))
         for s in range(0, len(pairs), 65536):
-            chunk = pairs[s:s + 65536]
+            chunk = pairs[s : s + 65536]
             # Estimated Jaccard = the fraction of equal MinHash values (Broder 1997).
-            sims[s:s + 65536] = (sigs[chunk[:, 0]] == sigs[chunk[:, 1]]).mean(axis=1)
+            sims[s : s + 65536] = (sigs[chunk[:, 0]] == sigs[chunk[:, 1]]).mean(axis=1)
         keep = sims >= self.threshold
         duplicates: dict[int, tuple[int, float]] = {}
         # Pairs are sorted by later id, then earlier id: decide ids in order (keep the first).
@@ -175,7 +182,13 @@ def key_text(row: dict, fmt: str, on: str) -> str:
             except (ValueError, TypeError, AttributeError):
                 return text_of(row.get("chosen") or "")
         value = row.get("prompt", row.get("messages", row.get("text")))
-        return "" if value is None else text_of(value) if isinstance(value, (str, list)) else str(value)
+        return (
+            ""
+            if value is None
+            else text_of(value)
+            if isinstance(value, (str, list))
+            else str(value)
+        )
     parts = []
     for column in FORMATS[fmt]:
         value = row.get(column)
@@ -221,9 +234,17 @@ class DedupReport:
     examples: list = field(default_factory=list)  # the first EXAMPLES removed rows
 
 
-def find_duplicates(rows: Iterable[dict], *, on: str = "pair", threshold: float = 0.8,
-                    num_perm: int = 128, shingle: int = 3, near: bool = True,
-                    source: str | None = None, progress=None) -> tuple[dict, DedupReport, Origins]:
+def find_duplicates(
+    rows: Iterable[dict],
+    *,
+    on: str = "pair",
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: int = 3,
+    near: bool = True,
+    source: str | None = None,
+    progress=None,
+) -> tuple[dict, DedupReport, Origins]:
     """One pass: {row position: record} for every duplicate row (exact or near) of an earlier
     kept row, with the report so far and where every row came from."""
     if on not in DEDUP_KEYS:
@@ -238,8 +259,9 @@ def find_duplicates(rows: Iterable[dict], *, on: str = "pair", threshold: float 
     stream = located_rows(rows, source)
     if progress is not None:
         stream = progress(stream)
-    with (NearDuplicateFinder(threshold, num_perm=num_perm, shingle=shingle) if near
-          else _NoFinder()) as finder:
+    with (
+        NearDuplicateFinder(threshold, num_perm=num_perm, shingle=shingle) if near else _NoFinder()
+    ) as finder:
         for position, (row, origin) in enumerate(stream):
             origins.append(origin)
             text = key_text(row, fmt, on)
@@ -255,14 +277,20 @@ def find_duplicates(rows: Iterable[dict], *, on: str = "pair", threshold: float 
     report.n_rows = len(origins.numbers)
     duplicates: dict[int, dict] = {}
     for position, first in exact.items():
-        duplicates[position] = {"row": origins.where(position),
-                                "duplicate_of": origins.where(first), "kind": "exact",
-                                "similarity": 1.0}
+        duplicates[position] = {
+            "row": origins.where(position),
+            "duplicate_of": origins.where(first),
+            "kind": "exact",
+            "similarity": 1.0,
+        }
     for j, (i, sim) in near_hits.items():
         position, first = finder_rows[j], finder_rows[i]
-        duplicates[position] = {"row": origins.where(position),
-                                "duplicate_of": origins.where(first), "kind": "near",
-                                "similarity": round(sim, 4)}
+        duplicates[position] = {
+            "row": origins.where(position),
+            "duplicate_of": origins.where(first),
+            "kind": "near",
+            "similarity": round(sim, 4),
+        }
     # An exact copy of a row that is itself a near duplicate goes with it (its text is the same).
     for position, first in exact.items():
         if first in duplicates and duplicates[first]["kind"] == "near":
@@ -283,9 +311,18 @@ class _NoFinder:
         return None
 
 
-def dedup(rows: Iterable[dict], *, on: str = "pair", threshold: float = 0.8, num_perm: int = 128,
-          shingle: int = 3, near: bool = True, source: str | None = None,
-          removed: list | None = None, progress=None) -> tuple[Iterator[dict], DedupReport]:
+def dedup(
+    rows: Iterable[dict],
+    *,
+    on: str = "pair",
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: int = 3,
+    near: bool = True,
+    source: str | None = None,
+    removed: list | None = None,
+    progress=None,
+) -> tuple[Iterator[dict], DedupReport]:
     """Drop exact and near-duplicate rows, keeping the first occurrence.
 
     `rows` is a re-iterable list, `datasets.Dataset` or `RowStream` (read twice: once to find
@@ -294,9 +331,16 @@ def dedup(rows: Iterable[dict], *, on: str = "pair", threshold: float = 0.8, num
     row it duplicates, exact or near, estimated Jaccard).
     """
     source = source or source_name(rows)
-    duplicates, report, _ = find_duplicates(rows, on=on, threshold=threshold, num_perm=num_perm,
-                                            shingle=shingle, near=near, source=source,
-                                            progress=progress)
+    duplicates, report, _ = find_duplicates(
+        rows,
+        on=on,
+        threshold=threshold,
+        num_perm=num_perm,
+        shingle=shingle,
+        near=near,
+        source=source,
+        progress=progress,
+    )
     if removed is not None:
         for record in duplicates.values():
             removed.append(record)

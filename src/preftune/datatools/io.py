@@ -105,8 +105,9 @@ def _resolve(source: str, split: str) -> list[tuple[str, object, str]]:
     if path.is_dir():
         if any((path / m).is_file() for m in _SAVE_TO_DISK_MARKERS):
             return [("disk", path, source)]
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES))
+        files = sorted(
+            p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES)
+        )
         if not files:
             raise PreftuneError(
                 f"{source}: folder has no data files ({', '.join(FILE_SUFFIXES)}) and is not a "
@@ -184,8 +185,10 @@ def _stream_arrow(kind: str, target, label: str, split: str) -> Iterator[tuple[d
             ds = datasets.load_dataset(str(target), split=split)
     except Exception as e:  # network, missing dataset, missing split, corrupt folder, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PreftuneError(f"could not load dataset {label!r} (split {split!r}): {reason}; "
-                            "pass a local file or folder") from None
+        raise PreftuneError(
+            f"could not load dataset {label!r} (split {split!r}): {reason}; "
+            "pass a local file or folder"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise PreftuneError(f"{label}: no split {split!r}; the folder has splits {sorted(ds)}")
@@ -198,16 +201,20 @@ def _stream_arrow(kind: str, target, label: str, split: str) -> Iterator[tuple[d
 def _check_column_map(column_map: dict[str, str], row: dict, origin: Origin) -> None:
     missing = [c for c in column_map if c not in row]
     if missing:
-        raise PreftuneError(f"{where(origin)}: column map names column(s) {missing} that are not "
-                            f"in the data; columns present: {sorted(row)}")
+        raise PreftuneError(
+            f"{where(origin)}: column map names column(s) {missing} that are not "
+            f"in the data; columns present: {sorted(row)}"
+        )
 
 
 def _rename(row: dict, column_map: dict[str, str], origin: Origin) -> dict:
     out = {k: v for k, v in row.items() if k not in column_map}
     for src, dst in column_map.items():
         if dst in out:
-            raise PreftuneError(f"{where(origin)}: column map renames {src!r} to {dst!r}, but the "
-                                f"data already has a {dst!r} column; map that one away too")
+            raise PreftuneError(
+                f"{where(origin)}: column map renames {src!r} to {dst!r}, but the "
+                f"data already has a {dst!r} column; map that one away too"
+            )
         if src in row:
             out[dst] = row[src]
     return out
@@ -254,8 +261,10 @@ class RowWriter:
             else:
                 table = pa.Table.from_pylist(self._batch, schema=self._parquet.schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise PreftuneError(f"{self.path}: rows do not fit one Parquet schema ({e}); "
-                                "write JSON lines instead (--format jsonl)") from None
+            raise PreftuneError(
+                f"{self.path}: rows do not fit one Parquet schema ({e}); "
+                "write JSON lines instead (--format jsonl)"
+            ) from None
         self._parquet.write_table(table)
         self._batch = []
 
@@ -305,5 +314,11 @@ def progress(iterable, *, total: int | None = None, desc: str = ""):
     """A tqdm bar on an interactive terminal; nothing when stderr is a file or a pipe."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=" rows", disable=not sys.stderr.isatty(),
-                mininterval=1.0)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=" rows",
+        disable=not sys.stderr.isatty(),
+        mininterval=1.0,
+    )

@@ -28,7 +28,9 @@ DETECT_ROWS = 1000  # rows read to detect the format of a stream
 BadRow = _BadRow
 
 
-def detect_stream_format(rows: Iterable[dict], source: str, accepted=PAIR_FORMATS) -> tuple[str, set]:
+def detect_stream_format(
+    rows: Iterable[dict], source: str, accepted=PAIR_FORMATS
+) -> tuple[str, set]:
     """(format, columns) of the first `DETECT_ROWS` rows (training looks at all rows; a stream
     cannot afford a pass just for this), refused unless the format is one of `accepted`.
     `rows` must be re-iterable (a list, a Dataset, a RowStream): this reads its head."""
@@ -44,7 +46,9 @@ def detect_stream_format(rows: Iterable[dict], source: str, accepted=PAIR_FORMAT
     return fmt, columns
 
 
-def row_pairs(row: dict, fmt: str, *, has_margin: bool = False, ranked_pairs: str = "all") -> list[Pair]:
+def row_pairs(
+    row: dict, fmt: str, *, has_margin: bool = False, ranked_pairs: str = "all"
+) -> list[Pair]:
     """The pairs training would make of one row; raises BadRow (with `.reason`) otherwise."""
     if fmt == "ranked":
         subset = row.get("subset") if isinstance(row.get("subset"), str) else None

@@ -25,11 +25,12 @@ def score_pairs(reward, pairs: list) -> tuple[list[float], list[float]]:
     prompts = [p.prompt for p in pairs] * 2
     completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     scores = reward(prompts, completions).tolist()
-    return scores[: len(pairs)], scores[len(pairs):]
+    return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def scored_pairs(rows: Iterable[dict], reward, *, source: str, bad: dict,
-                 batch_size: int = BATCH) -> Iterator[tuple[object, str, float, float]]:
+def scored_pairs(
+    rows: Iterable[dict], reward, *, source: str, bad: dict, batch_size: int = BATCH
+) -> Iterator[tuple[object, str, float, float]]:
     """(Pair, where, chosen score, rejected score) for every pair training would use; rows it
     would skip are counted in `bad` by reason."""
     fmt, columns = detect_stream_format(rows, source)
@@ -62,17 +63,23 @@ class RelabelReport:
     bad_rows: dict | None = None
 
 
-def relabel(rows: Iterable[dict], reward, *, keep_agreement: bool = False,
-            source: str | None = None, batch_size: int = BATCH,
-            ) -> tuple[Iterator[dict], RelabelReport]:
+def relabel(
+    rows: Iterable[dict],
+    reward,
+    *,
+    keep_agreement: bool = False,
+    source: str | None = None,
+    batch_size: int = BATCH,
+) -> tuple[Iterator[dict], RelabelReport]:
     """Pairs in the order `reward` prefers, with its margin. Returns a generator of paired
     rows and a report complete once it is exhausted."""
     source = source or source_name(rows)
     report = RelabelReport(source, getattr(reward, "name", "reward"), keep_agreement, bad_rows={})
 
     def generate() -> Iterator[dict]:
-        for pair, location, c, r in scored_pairs(rows, reward, source=source,
-                                                 bad=report.bad_rows, batch_size=batch_size):
+        for pair, location, c, r in scored_pairs(
+            rows, reward, source=source, bad=report.bad_rows, batch_size=batch_size
+        ):
             report.n_pairs += 1
             row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
             if c > r:

@@ -58,8 +58,14 @@ class SplitReport:
     prompts: dict = field(default_factory=dict)  # side -> distinct prompts
 
 
-def split(rows: Iterable[dict], *, test_fraction: float, by: str = "prompt", seed: int = 0,
-          source: str | None = None) -> tuple[Iterator[tuple[str, dict]], SplitReport]:
+def split(
+    rows: Iterable[dict],
+    *,
+    test_fraction: float,
+    by: str = "prompt",
+    seed: int = 0,
+    source: str | None = None,
+) -> tuple[Iterator[tuple[str, dict]], SplitReport]:
     """Yields ("train" | "test", row). Rows without a prompt (which training would skip too)
     are dropped and counted when splitting by prompt."""
     if not 0.0 < test_fraction < 1.0:
@@ -90,6 +96,8 @@ def split(rows: Iterable[dict], *, test_fraction: float, by: str = "prompt", see
             else:
                 report.n_train += 1
             yield side, row
-        report.prompts = {side: len(h) for side, h in prompt_hashes.items()} if by == "prompt" else {}
+        report.prompts = (
+            {side: len(h) for side, h in prompt_hashes.items()} if by == "prompt" else {}
+        )
 
     return generate(), report

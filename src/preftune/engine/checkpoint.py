@@ -52,12 +52,16 @@ class DiskError(PreftuneError):
 def disk_error(exc: OSError, what: str, folder: Path | str) -> DiskError:
     """A user-facing message for an OSError met while writing `what` into `folder`."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskError(f"the disk is full (no space left on device) while writing {what} in "
-                         f"{folder}; free some space (or lower --save-total-limit) and rerun "
-                         "the same command with --resume")
+        return DiskError(
+            f"the disk is full (no space left on device) while writing {what} in "
+            f"{folder}; free some space (or lower --save-total-limit) and rerun "
+            "the same command with --resume"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return DiskError(f"cannot write {what} in {folder}: {os.strerror(exc.errno)}; choose "
-                         "a writable --output-dir")
+        return DiskError(
+            f"cannot write {what} in {folder}: {os.strerror(exc.errno)}; choose "
+            "a writable --output-dir"
+        )
     return DiskError(f"could not write {what} in {folder}: {exc.strerror or exc}")
 
 
@@ -167,8 +171,13 @@ class Checkpoints:
         """Committed checkpoints (step-N with a manifest, or a pre-manifest state file), newest first."""
         if not self.root.is_dir():
             return []
-        done = [p for p in self.root.glob("step-*") if p.is_dir() and step_of(p) >= 0
-                and ((p / MANIFEST_FILE).is_file() or (p / STATE_FILE).is_file())]
+        done = [
+            p
+            for p in self.root.glob("step-*")
+            if p.is_dir()
+            and step_of(p) >= 0
+            and ((p / MANIFEST_FILE).is_file() or (p / STATE_FILE).is_file())
+        ]
         return sorted(done, key=step_of, reverse=True)
 
     def save(self, step: int, state: dict[str, Any] | None = None) -> Path:
@@ -194,8 +203,12 @@ class Checkpoints:
             raise self._failed(error, tmp, step)
         if engine.is_main:
             try:
-                trainer_state = {"step": step, "total_steps": engine.total_steps,
-                                 "data_fingerprint": engine.data_fingerprint, **(state or {})}
+                trainer_state = {
+                    "step": step,
+                    "total_steps": engine.total_steps,
+                    "data_fingerprint": engine.data_fingerprint,
+                    **(state or {}),
+                }
                 (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
                 write_manifest(tmp)
                 old = self.root / f".old-step-{step}"  # the same step written again (resume)
@@ -220,8 +233,10 @@ class Checkpoints:
         if self.engine.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         if error is None:  # another process failed; its own message names the cause
-            return DiskError(f"writing checkpoint step-{step} failed on another process; "
-                             f"see its message (output folder {self.engine.output_dir})")
+            return DiskError(
+                f"writing checkpoint step-{step} failed on another process; "
+                f"see its message (output folder {self.engine.output_dir})"
+            )
         return disk_error(error, f"checkpoint step-{step}", self.root)
 
     def prune(self) -> None:
@@ -248,15 +263,19 @@ class Checkpoints:
                 state, problem = self._load(ckpt)
             if problem is None:
                 if damaged:
-                    engine.print(f"--resume: falling back to {ckpt.name}, the newest intact "
-                                 "checkpoint; the damaged ones are kept as step-N.damaged")
-                    self._set_aside(candidates[:len(damaged)])
+                    engine.print(
+                        f"--resume: falling back to {ckpt.name}, the newest intact "
+                        "checkpoint; the damaged ones are kept as step-N.damaged"
+                    )
+                    self._set_aside(candidates[: len(damaged)])
                 return state
             damaged.append(f"{ckpt.name} ({problem})")
             engine.print(f"--resume: checkpoint {ckpt} is damaged: {problem}")
         raise PreftuneError(
-            f"--resume: no intact checkpoint in {self.root}: " + "; ".join(damaged)
-            + ". Start again with --overwrite (or another --output-dir)")
+            f"--resume: no intact checkpoint in {self.root}: "
+            + "; ".join(damaged)
+            + ". Start again with --overwrite (or another --output-dir)"
+        )
 
     def _set_aside(self, folders: list[Path]) -> None:
         """Rename damaged checkpoints out of the way (kept for inspection, never loaded or
@@ -280,8 +299,9 @@ class Checkpoints:
             engine.accelerator.load_state(str(ckpt))
         except Exception as exc:  # noqa: BLE001  (a damaged file shows up as any of a dozen types)
             problem = f"it cannot be loaded ({type(exc).__name__}: {str(exc)[:200]})"
-        if problem is None and not all(bool(torch.isfinite(p).all())
-                                       for p in engine.model.parameters()):
+        if problem is None and not all(
+            bool(torch.isfinite(p).all()) for p in engine.model.parameters()
+        ):
             problem = "it holds non-finite (NaN or inf) weights"
         if engine.any_rank(problem is not None):
             return None, problem or "it cannot be loaded on another process"

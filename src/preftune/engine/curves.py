@@ -63,7 +63,7 @@ def _series(rows: list[dict], name: str) -> tuple[list[float], list[float]]:
 
 def panels_for(runs: list[list[dict]], metrics: list[str] | None = None) -> list[tuple[str, str]]:
     """(metric, title) of every panel that has data in at least one run."""
-    wanted = ([(m, m) for m in metrics] if metrics else list(KEY_METRICS))
+    wanted = [(m, m) for m in metrics] if metrics else list(KEY_METRICS)
     present = set()
     for rows in runs:
         for row in rows:
@@ -71,8 +71,13 @@ def panels_for(runs: list[list[dict]], metrics: list[str] | None = None) -> list
     return [(m, title) for m, title in wanted if m in present or f"eval/{m}" in present]
 
 
-def plot_runs(run_dirs: list[str | os.PathLike], path: str | os.PathLike, *,
-              labels: list[str] | None = None, metrics: list[str] | None = None) -> Path:
+def plot_runs(
+    run_dirs: list[str | os.PathLike],
+    path: str | os.PathLike,
+    *,
+    labels: list[str] | None = None,
+    metrics: list[str] | None = None,
+) -> Path:
     """One figure with a panel per metric, each run in its own colour, held-out dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -86,8 +91,10 @@ def plot_runs(run_dirs: list[str | os.PathLike], path: str | os.PathLike, *,
     panels = panels_for(runs, metrics)
     if not panels:
         wanted = ", ".join(metrics) if metrics else "loss, lr, grad_norm or a method metric"
-        raise PreftuneError(f"{', '.join(map(str, run_dirs))}: no {wanted} logged in "
-                            f"{METRICS_FILE}; nothing to plot")
+        raise PreftuneError(
+            f"{', '.join(map(str, run_dirs))}: no {wanted} logged in "
+            f"{METRICS_FILE}; nothing to plot"
+        )
     cols = min(3, len(panels))
     rows_n = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.2 * cols, 2.9 * rows_n))
@@ -99,25 +106,38 @@ def plot_runs(run_dirs: list[str | os.PathLike], path: str | os.PathLike, *,
         for rows, label, color in zip(runs, labels, colors):
             steps, values = _series(rows, metric)
             if steps:
-                ax.plot(steps, values, color=color, linewidth=1.4,
-                        label=f"{label} train" if several else "train")
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    linewidth=1.4,
+                    label=f"{label} train" if several else "train",
+                )
             steps, values = _series(rows, f"eval/{metric}")
             if steps:
-                ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=3,
-                        label=f"{label} held-out" if several else "held-out")
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    linestyle="--",
+                    marker="o",
+                    markersize=3,
+                    label=f"{label} held-out" if several else "held-out",
+                )
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.locator_params(axis="x", nbins=5, integer=True)
         ax.grid(alpha=0.3)
         if i == 0:  # one legend: the same runs and line styles in every panel
             ax.legend(fontsize=6)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.supxlabel("optimizer step (online: rollout)", fontsize=8)
     # Fixed margins rather than tight_layout, which draws the figure once more to measure it.
     height = 2.9 * rows_n
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.55 / height, top=1 - 0.3 / height,
-                        wspace=0.3, hspace=0.45)
+    fig.subplots_adjust(
+        left=0.07, right=0.98, bottom=0.55 / height, top=1 - 0.3 / height, wspace=0.3, hspace=0.45
+    )
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     return Path(path)
@@ -133,16 +153,19 @@ def write_curves(output_dir: str | os.PathLike) -> Path | None:
 
 # --- `preftune plot` ---------------------------------------------------------------------------
 
+
 @dataclass
 class PlotConfig:
     """Settings of `preftune plot`: overlay the curves of several runs."""
 
-    runs: list[str] = arg([], "Run folders (each with metrics.jsonl) to overlay.",
-                          positional=True)
+    runs: list[str] = arg([], "Run folders (each with metrics.jsonl) to overlay.", positional=True)
     output: str = arg("curves-comparison.png", "The PNG file to write.")
     labels: list[str] = arg([], "One label per run (default: the folder names).")
-    metrics: list[str] = arg([], "Metrics to plot, e.g. loss rewards/margins (default: loss, "
-                             "lr, grad_norm and each method's key metrics the runs logged).")
+    metrics: list[str] = arg(
+        [],
+        "Metrics to plot, e.g. loss rewards/margins (default: loss, "
+        "lr, grad_norm and each method's key metrics the runs logged).",
+    )
 
     def validate(self) -> None:
         if not self.runs:
@@ -151,15 +174,16 @@ class PlotConfig:
             if not (Path(run) / METRICS_FILE).is_file():
                 raise PreftuneError(f"{run}: no {METRICS_FILE} (is it a preftune run folder?)")
         if self.labels and len(self.labels) != len(self.runs):
-            raise PreftuneError(f"labels: got {len(self.labels)} for {len(self.runs)} runs; give "
-                                "one per run, in the same order")
+            raise PreftuneError(
+                f"labels: got {len(self.labels)} for {len(self.runs)} runs; give "
+                "one per run, in the same order"
+            )
         if not self.output.endswith(".png"):
             raise PreftuneError(f"output: got {self.output!r}, expected a .png file name")
 
 
 def run_plot(cfg: PlotConfig) -> Path:
     cfg.validate()
-    path = plot_runs(cfg.runs, cfg.output, labels=cfg.labels or None,
-                     metrics=cfg.metrics or None)
+    path = plot_runs(cfg.runs, cfg.output, labels=cfg.labels or None, metrics=cfg.metrics or None)
     print(f"wrote {path}")
     return path

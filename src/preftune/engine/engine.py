@@ -52,10 +52,23 @@ from preftune.utils import atomic_write_json, file_mode, fsync_dir
 # Settings that may differ between a run and its resumption without changing the result.
 # The data paths may change (a moved folder, another working directory): the data's
 # fingerprint, checked on resume, says whether the data itself changed.
-RESUMABLE_DIFFERENCES = {"resume", "overwrite", "report_to", "logging_steps", "max_steps",
-                         "epochs", "save_steps", "save_total_limit", "eval_steps", "output_dir",
-                         "data", "eval_data", "nan_policy", "allow_data_change",
-                         "reward_timeout"}
+RESUMABLE_DIFFERENCES = {
+    "resume",
+    "overwrite",
+    "report_to",
+    "logging_steps",
+    "max_steps",
+    "epochs",
+    "save_steps",
+    "save_total_limit",
+    "eval_steps",
+    "output_dir",
+    "data",
+    "eval_data",
+    "nan_policy",
+    "allow_data_change",
+    "reward_timeout",
+}
 # --nan-policy skip-step gives up after this many non-finite steps in a row.
 MAX_SKIPPED_IN_A_ROW = 10
 
@@ -130,8 +143,10 @@ def _resolve_mixed_precision(setting: str) -> str:
 def _check_mixed_precision(setting: str) -> None:
     if setting == "fp16" and not torch.cuda.is_available():
         # accelerate would run fp16 autocast on the CPU without a word, or fail deep inside
-        raise PreftuneError("mixed_precision=fp16 needs a CUDA GPU, and none is available; "
-                            "use --mixed-precision no (or bf16) on the CPU")
+        raise PreftuneError(
+            "mixed_precision=fp16 needs a CUDA GPU, and none is available; "
+            "use --mixed-precision no (or bf16) on the CPU"
+        )
 
 
 class Engine:
@@ -216,8 +231,9 @@ class Engine:
     def _prepare_output_dir_main(self) -> None:
         cfg, out = self.cfg, self.output_dir
         if out.exists() and not out.is_dir():
-            raise PreftuneError(f"output_dir {out} is a file, not a folder; choose another "
-                                "--output-dir")
+            raise PreftuneError(
+                f"output_dir {out} is a file, not a folder; choose another --output-dir"
+            )
         try:
             out.mkdir(parents=True, exist_ok=True)
             self._lock = rundir.RunLock(out)
@@ -230,9 +246,11 @@ class Engine:
             if rundir.run_started(out):
                 raise PreftuneError(
                     f"output directory {out} already holds a run (config.yaml): pass --resume "
-                    "to continue it, --overwrite to replace it, or another --output-dir")
-            self.print(f"{out} holds a run that stopped before its first training step; "
-                       "starting it again")
+                    "to continue it, --overwrite to replace it, or another --output-dir"
+                )
+            self.print(
+                f"{out} holds a run that stopped before its first training step; starting it again"
+            )
         if cfg.resume and (out / "config.yaml").exists():
             self._check_resumable(out / "config.yaml")
         foreign = rundir.foreign_entries(out)
@@ -240,12 +258,14 @@ class Engine:
             raise PreftuneError(
                 f"--overwrite: {out} holds files no preftune run wrote ("
                 f"{rundir.name_list(foreign)}); --overwrite removes only a run's own files, "
-                "so move those away or choose another --output-dir")
+                "so move those away or choose another --output-dir"
+            )
         collisions = sorted(set(foreign) & set(rundir.RUN_FILES + rundir.MODEL_FILES))
         if collisions:
             raise PreftuneError(
                 f"output_dir {out} holds {rundir.name_list(collisions)}, not written by "
-                "preftune, which this run would overwrite; choose another --output-dir")
+                "preftune, which this run would overwrite; choose another --output-dir"
+            )
         try:
             if cfg.overwrite:
                 rundir.remove_owned(out)
@@ -266,8 +286,10 @@ class Engine:
             raise PreftuneError(f"--resume: {path} is not a run's config")
         saved_command = saved.pop("command", self.command)
         if saved_command != self.command:
-            raise PreftuneError(f"--resume: {self.output_dir} holds a `{saved_command}` run, "
-                                f"not a `{self.command}` run")
+            raise PreftuneError(
+                f"--resume: {self.output_dir} holds a `{saved_command}` run, "
+                f"not a `{self.command}` run"
+            )
         now = config_to_dict(self.cfg)
         for key, value in saved.items():
             if key in RESUMABLE_DIFFERENCES or key not in now:
@@ -275,7 +297,8 @@ class Engine:
             if now[key] != value:
                 raise PreftuneError(
                     f"--resume: setting {key} was {value!r} in the run in {self.output_dir}, "
-                    f"now {now[key]!r}; resume with the same settings or start a new run")
+                    f"now {now[key]!r}; resume with the same settings or start a new run"
+                )
 
     def claim(self, *names: str) -> None:
         """Record top-level entries of the output folder as this run's (for `--overwrite`)."""
@@ -299,8 +322,9 @@ class Engine:
 
     # --- model and optimizer -------------------------------------------------------------
 
-    def setup(self, model: torch.nn.Module, total_steps: int,
-              schedule_steps: int | None = None) -> torch.nn.Module:
+    def setup(
+        self, model: torch.nn.Module, total_steps: int, schedule_steps: int | None = None
+    ) -> torch.nn.Module:
         """Create AdamW and the schedule for the trainable parameters and prepare them.
 
         `total_steps` counts the engine's steps (progress, checkpoints, resume); the
@@ -317,16 +341,22 @@ class Engine:
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
             # One fused kernel over all parameters (CPU and CUDA) instead of a Python loop.
-            fused=_fused_adam_ok(params))
+            fused=_fused_adam_ok(params),
+        )
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * schedule_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _schedule(cfg.lr_scheduler, warmup, schedule_steps))
+            optimizer, _schedule(cfg.lr_scheduler, warmup, schedule_steps)
+        )
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
-            model, optimizer, scheduler)
+            model, optimizer, scheduler
+        )
         return self.model
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -350,7 +380,8 @@ class Engine:
             raise PreftuneError(
                 f"the training data has {n_examples} examples, fewer than one global batch of "
                 f"{self.global_batch_size} (batch_size x grad_accum x processes): lower "
-                "batch_size or grad_accum, or add data")
+                "batch_size or grad_accum, or add data"
+            )
         return steps
 
     def planned_steps(self, n_examples: int) -> int:
@@ -377,9 +408,11 @@ class Engine:
                 order = torch.randperm(n_examples, generator=generator).tolist()
                 order_epoch = epoch
             start = position * self.global_batch_size + self.rank * per_process
-            mine = order[start:start + per_process]
-            micro = [mine[i:i + self.cfg.batch_size]
-                     for i in range(0, per_process, self.cfg.batch_size)]
+            mine = order[start : start + per_process]
+            micro = [
+                mine[i : i + self.cfg.batch_size]
+                for i in range(0, per_process, self.cfg.batch_size)
+            ]
             yield StepBatches(step=step, epoch=epoch, micro_batches=micro)
 
     # --- the optimisation step -----------------------------------------------------------
@@ -434,15 +467,18 @@ class Engine:
             if self.cfg.nan_policy == "skip-step":
                 self._skipped_in_a_row += 1
                 if self._skipped_in_a_row <= MAX_SKIPPED_IN_A_ROW:
-                    self.print(f"{where}: {what} is not finite (NaN or inf); skipped this "
-                               "update (--nan-policy skip-step)")
+                    self.print(
+                        f"{where}: {what} is not finite (NaN or inf); skipped this "
+                        "update (--nan-policy skip-step)"
+                    )
                     self.scheduler.step()
                     return norm
             raise TrainingDiverged(
                 f"{where}: {what} is not finite (NaN or inf)"
                 + (f", {MAX_SKIPPED_IN_A_ROW + 1} steps in a row" if self._skipped_in_a_row else "")
                 + "; the run stopped without saving a model (the checkpoints written so far are "
-                "intact). Lower --lr, check the data, or set --max-grad-norm")
+                "intact). Lower --lr, check the data, or set --max-grad-norm"
+            )
         self._skipped_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
@@ -452,8 +488,10 @@ class Engine:
     def _describe_step(self, opt_step: int) -> str:
         per_iteration = self.schedule_steps // max(self.total_steps, 1)
         if per_iteration > 1:
-            return (f"optimizer step {opt_step} (training iteration "
-                    f"{math.ceil(opt_step / per_iteration)})")
+            return (
+                f"optimizer step {opt_step} (training iteration "
+                f"{math.ceil(opt_step / per_iteration)})"
+            )
         return f"step {opt_step}"
 
     @property
@@ -467,12 +505,17 @@ class Engine:
         names = sorted(sums)
         if not names:
             return {}
-        t = torch.tensor([[sums[n], counts[n]] for n in names], dtype=torch.float64,
-                         device=self.accelerator.device)
+        t = torch.tensor(
+            [[sums[n], counts[n]] for n in names],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
         if self.world_size > 1:
             t = self.accelerator.reduce(t, reduction="sum")
-        return {n: (float(t[i, 0] / t[i, 1]) if t[i, 1] > 0 else float("nan"))
-                for i, n in enumerate(names)}
+        return {
+            n: (float(t[i, 0] / t[i, 1]) if t[i, 1] > 0 else float("nan"))
+            for i, n in enumerate(names)
+        }
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one line to metrics.jsonl (main process) and send it to the trackers."""
@@ -489,8 +532,13 @@ class Engine:
 
     def progress(self, start_step: int, desc: str | None = None):
         """A progress bar over optimizer steps; quiet when stderr is not a terminal."""
-        self._progress = tqdm(total=self.total_steps, initial=start_step, desc=desc or self.command,
-                              disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        self._progress = tqdm(
+            total=self.total_steps,
+            initial=start_step,
+            desc=desc or self.command,
+            disable=not (self.is_main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
         return self._progress
 
     def print(self, *args) -> None:
@@ -515,7 +563,11 @@ class Engine:
         return path
 
     def should_save(self, step: int) -> bool:
-        return bool(self.cfg.save_steps) and step % self.cfg.save_steps == 0 and step < self.total_steps
+        return (
+            bool(self.cfg.save_steps)
+            and step % self.cfg.save_steps == 0
+            and step < self.total_steps
+        )
 
     def step_done(self, step: int, state: dict[str, Any] | None = None) -> None:
         """The end of training step `step`: checkpoint every `save_steps`, and stop here with a
@@ -535,7 +587,10 @@ class Engine:
         name = preemption.signal.Signals(signum).name
         raise preemption.Preempted(
             f"stopped by {name} after step {step} of {self.total_steps}; checkpoint {saved} "
-            "written", signum, resumable=True)
+            "written",
+            signum,
+            resumable=True,
+        )
 
     def maybe_resume(self) -> dict[str, Any]:
         """Load the newest intact checkpoint when `--resume` was given; return its trainer
@@ -556,12 +611,17 @@ class Engine:
                     f"--resume: the training data differs from the data checkpoint step-"
                     f"{state['step']} was trained on ({_examples(saved_fp)} then, "
                     f"{_examples(now_fp)} now, different contents); resume with the same data, "
-                    "or pass --allow-data-change to continue on the new data")
-            self.print("--resume: the training data changed since the checkpoint; continuing "
-                       "on the new data (--allow-data-change)")
+                    "or pass --allow-data-change to continue on the new data"
+                )
+            self.print(
+                "--resume: the training data changed since the checkpoint; continuing "
+                "on the new data (--allow-data-change)"
+            )
         self._repair_metrics(int(state["step"]))
-        self.print(f"resumed from {self.checkpoint_root / ('step-' + str(state['step']))} "
-                   f"(step {state['step']})")
+        self.print(
+            f"resumed from {self.checkpoint_root / ('step-' + str(state['step']))} "
+            f"(step {state['step']})"
+        )
         return state
 
     def _repair_metrics(self, step: int) -> None:
@@ -575,8 +635,9 @@ class Engine:
 
     # --- final model ---------------------------------------------------------------------
 
-    def save_pretrained(self, model: torch.nn.Module, tokenizer=None, *, prefix: str = "",
-                        subdir: str = "") -> Path:
+    def save_pretrained(
+        self, model: torch.nn.Module, tokenizer=None, *, prefix: str = "", subdir: str = ""
+    ) -> Path:
         """Save the final model (safetensors) and tokenizer with `save_pretrained`.
 
         `model` is the Hugging Face model inside the prepared module; `prefix` is its
@@ -587,7 +648,9 @@ class Engine:
         target = self.output_dir / subdir if subdir else self.output_dir
         state_dict = self.accelerator.get_state_dict(self.model)
         if prefix:
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            state_dict = {
+                k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+            }
         error: OSError | None = None
         if self.is_main:
             tmp = self.output_dir / ".tmp-final"
@@ -605,8 +668,9 @@ class Engine:
                 for item in tmp.rglob("*"):
                     if item.is_file():
                         os.chmod(item, mode)
-                self.claim(*([subdir.split("/")[0]] if subdir
-                             else [item.name for item in tmp.iterdir()]))
+                self.claim(
+                    *([subdir.split("/")[0]] if subdir else [item.name for item in tmp.iterdir()])
+                )
                 target.mkdir(parents=True, exist_ok=True)
                 for item in tmp.iterdir():
                     dest = target / item.name
@@ -619,8 +683,11 @@ class Engine:
                 shutil.rmtree(tmp, ignore_errors=True)
                 error = exc
         if self.any_rank(error is not None):
-            raise disk_error(error, "the final model", target) if error else DiskError(
-                "saving the final model failed on the main process")
+            raise (
+                disk_error(error, "the final model", target)
+                if error
+                else DiskError("saving the final model failed on the main process")
+            )
         return target
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -628,9 +695,12 @@ class Engine:
         if self.is_main:
             try:
                 from preftune.engine.model_card import write_run_outputs  # curves.png, README.md
+
                 write_run_outputs(self.output_dir, self.command, self.cfg, summary)
-                atomic_write_json(self.output_dir / "run_complete.json",
-                                  {"command": self.command, "finished_at": time.time(), **summary})
+                atomic_write_json(
+                    self.output_dir / "run_complete.json",
+                    {"command": self.command, "finished_at": time.time(), **summary},
+                )
             except OSError as exc:
                 raise disk_error(exc, "run_complete.json", self.output_dir) from None
             self._claim_new_entries()
@@ -653,8 +723,11 @@ def _fused_adam_ok(params) -> bool:
 def _has_accelerator_device() -> bool:
     xpu = getattr(torch, "xpu", None)
     mps = getattr(torch.backends, "mps", None)
-    return bool(torch.cuda.is_available() or (xpu is not None and xpu.is_available())
-                or (mps is not None and mps.is_available()))
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
 
 
 def _schedule(name: str, warmup: int, total: int):
@@ -668,6 +741,7 @@ def _schedule(name: str, warmup: int, total: int):
         if name == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
     return factor
 
 

@@ -23,8 +23,9 @@ class Objective(Protocol):
     def units(self, batch: dict[str, Any]) -> float:
         """Loss units in this batch (tokens or examples); the loss is their global mean."""
 
-    def __call__(self, module: torch.nn.Module, batch: dict[str, Any]
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, module: torch.nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(summed loss over the batch's units, per-example detached metrics)."""
 
 
@@ -61,8 +62,10 @@ class MetricWindow:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, (torch.Tensor, PackedBatch)) else v)
-            for k, v in batch.items()}
+    return {
+        k: (v.to(device) if isinstance(v, (torch.Tensor, PackedBatch)) else v)
+        for k, v in batch.items()
+    }
 
 
 def _count_tokens(batch: dict[str, Any]) -> int:
@@ -70,10 +73,16 @@ def _count_tokens(batch: dict[str, Any]) -> int:
     return int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
 
 
-def train_offline(engine: Engine, module: torch.nn.Module, train_set: Sequence[Any],
-                  collate: Callable[[list[Any]], dict[str, Any]], objective: Objective, *,
-                  eval_set: Sequence[Any] | None = None,
-                  eval_fn: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+def train_offline(
+    engine: Engine,
+    module: torch.nn.Module,
+    train_set: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, Any]],
+    objective: Objective,
+    *,
+    eval_set: Sequence[Any] | None = None,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, float]:
     """Run the optimisation; return the last logged training and evaluation metrics."""
     cfg = engine.cfg
     device = engine.accelerator.device
@@ -100,8 +109,9 @@ def train_offline(engine: Engine, module: torch.nn.Module, train_set: Sequence[A
             engine.log(0, ev)
     for sb in engine.batches(len(train_set), start):
         t0 = time.perf_counter()
-        batches = [to_device(collate([train_set[i] for i in mb]), device)
-                   for mb in sb.micro_batches]
+        batches = [
+            to_device(collate([train_set[i] for i in mb]), device) for mb in sb.micro_batches
+        ]
         global_units = engine.global_sum(sum(objective.units(b) for b in batches))
         module.train()
         for i, batch in enumerate(batches):
@@ -123,13 +133,15 @@ def train_offline(engine: Engine, module: torch.nn.Module, train_set: Sequence[A
             logged = window.reduce(engine)
             tokens = engine.global_sum(window_tokens)
             examples = engine.global_sum(window_examples)
-            logged.update({
-                "lr": engine.lr,
-                "epoch": sb.epoch + 1,
-                "tokens_per_s": tokens / max(window_time, 1e-9),
-                "examples_per_s": examples / max(window_time, 1e-9),
-                "step_time_s": window_time / max(window_steps, 1),
-            })
+            logged.update(
+                {
+                    "lr": engine.lr,
+                    "epoch": sb.epoch + 1,
+                    "tokens_per_s": tokens / max(window_time, 1e-9),
+                    "examples_per_s": examples / max(window_time, 1e-9),
+                    "step_time_s": window_time / max(window_steps, 1),
+                }
+            )
             engine.log(step, logged)
             last = logged
             bar.set_postfix(loss=f"{logged.get('loss', math.nan):.4f}")
@@ -150,9 +162,14 @@ def train_offline(engine: Engine, module: torch.nn.Module, train_set: Sequence[A
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, module: torch.nn.Module, eval_set: Sequence[Any],
-             collate: Callable[[list[Any]], dict[str, Any]], objective: Objective,
-             prefix: str = "eval/") -> dict[str, float]:
+def evaluate(
+    engine: Engine,
+    module: torch.nn.Module,
+    eval_set: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, Any]],
+    objective: Objective,
+    prefix: str = "eval/",
+) -> dict[str, float]:
     """Loss and metrics on held-out data, sharded over processes.
 
     Every process runs the same number of forward passes (a process with fewer examples
@@ -166,7 +183,7 @@ def evaluate(engine: Engine, module: torch.nn.Module, eval_set: Sequence[Any],
     module.eval()
     window = MetricWindow()
     for b in range(n_batches):
-        idx = mine[b * bs:(b + 1) * bs]
+        idx = mine[b * bs : (b + 1) * bs]
         real = bool(idx)
         batch = to_device(collate([eval_set[i] for i in (idx or mine[:bs] or [0])]), device)
         loss_sum, metrics = objective(module, batch)

@@ -71,14 +71,21 @@ class SignalWatch:
                     raise KeyboardInterrupt
                 raise StoppedBeforeTraining
             if _is_main_rank():
-                print(f"preftune: {name} received: finishing the current step and writing a "
-                      "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+                print(
+                    f"preftune: {name} received: finishing the current step and writing a "
+                    "checkpoint (send it again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         if now - self.first_at < REPEAT_WINDOW_S:
             return
         if _is_main_rank():
-            print(f"preftune: second {name}: stopping at once without a checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                f"preftune: second {name}: stopping at once without a checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         os._exit(EXIT_CODES.get(signum, 128 + signum))
 
 

@@ -29,16 +29,37 @@ from preftune.utils import atomic_write_json
 OWNED_FILE = ".preftune-files.json"
 LOCK_FILE = ".preftune.lock"
 # Names every run writes (or may write) at the top of its folder.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "run_complete.json", ".tmp-final",
-             OWNED_FILE, LOCK_FILE)
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoints",
+    "run_complete.json",
+    ".tmp-final",
+    OWNED_FILE,
+    LOCK_FILE,
+)
 # What a model/tokenizer save writes: claimed when saved; used to recognise the folder of a run
 # written before `OWNED_FILE` existed, and refused as collisions in a folder that is not a run.
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json",
-               "generation_config.json", "adapter_model.safetensors", "adapter_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
-               "tokenizer.model", "ref_logps.safetensors", "summary.json", "README.md",
-               "curves.png")
+MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+    "ref_logps.safetensors",
+    "summary.json",
+    "README.md",
+    "curves.png",
+)
 
 _HELD: dict[str, RunLock] = {}  # locks this process holds, by folder
 
@@ -68,7 +89,8 @@ class RunLock:
                 raise PreftuneError(
                     f"output folder {self.folder} is in use by another preftune run "
                     f"({_describe(holder)}): wait for it to finish or stop it, or choose another "
-                    "--output-dir") from None
+                    "--output-dir"
+                ) from None
             # The file may have been removed (by a finishing run) between open and flock.
             if not _same_file(fd, self.path):
                 os.close(fd)
@@ -79,18 +101,32 @@ class RunLock:
                 raise PreftuneError(
                     f"output folder {self.folder} is locked by a preftune run on another machine "
                     f"({_describe(holder)}); if that run is over, delete {self.path} and run "
-                    "again")
+                    "again"
+                )
             if holder:
-                note = (f"output folder {self.folder}: taking over the lock of preftune process "
-                        f"{holder.get('pid')}, which is no longer running")
+                note = (
+                    f"output folder {self.folder}: taking over the lock of preftune process "
+                    f"{holder.get('pid')}, which is no longer running"
+                )
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+            os.pwrite(
+                fd,
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    }
+                ).encode(),
+                0,
+            )
             self.fd = fd
             _HELD[key] = self
             return note
-        raise PreftuneError(f"could not lock output folder {self.folder}: the lock file keeps "
-                            "changing; is another run starting there?")
+        raise PreftuneError(
+            f"could not lock output folder {self.folder}: the lock file keeps "
+            "changing; is another run starting there?"
+        )
 
     def release(self) -> None:
         if self.fd is None:
@@ -130,11 +166,11 @@ def _read_holder(fd: int) -> dict:
 def _describe(holder: dict) -> str:
     if not holder:
         return "no details recorded"
-    return (f"PID {holder.get('pid')} on host {holder.get('host')}, started "
-            f"{holder.get('started')}")
+    return f"PID {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
 
 
 # --- ownership ---------------------------------------------------------------------------------
+
 
 def owned_names(folder: Path) -> set[str]:
     """Top-level names in `folder` that a preftune run wrote."""
@@ -187,10 +223,13 @@ def _is_owned(name: str, owned: set[str]) -> bool:
     engine's writers, `.NAME.<random>.tmp` of `utils.atomic_output`)."""
     if name in owned:
         return True
-    if name.startswith(".tmp-") and name[len(".tmp-"):] in owned:
+    if name.startswith(".tmp-") and name[len(".tmp-") :] in owned:
         return True
-    return (name.startswith(".") and name.endswith(".tmp")
-            and any(name.startswith(f".{o}.") for o in owned))
+    return (
+        name.startswith(".")
+        and name.endswith(".tmp")
+        and any(name.startswith(f".{o}.") for o in owned)
+    )
 
 
 def foreign_entries(folder: Path) -> list[str]:

@@ -51,7 +51,7 @@ def expected_best_of_k(select: np.ndarray, gold: np.ndarray, k: int) -> float:
         end = start
         while end + 1 < n and s[end + 1] == s[start]:
             end += 1
-        value += p[start:end + 1].sum() * g[start:end + 1].mean()
+        value += p[start : end + 1].sum() * g[start : end + 1].mean()
         start = end + 1
     return float(value)
 
@@ -63,17 +63,29 @@ def _gold_scores(cfg, rows: list[dict], log) -> list[np.ndarray]:
         source = FunctionReward.from_spec(cfg.gold_fn)
         out = []
         for row in rows:
-            columns = {k: [v] * len(row["completions"]) for k, v in row.items()
-                       if k not in ("prompt", "completions")}
-            out.append(source([row["prompt"]] * len(row["completions"]), row["completions"],
-                              **columns).double().numpy())
+            columns = {
+                k: [v] * len(row["completions"])
+                for k, v in row.items()
+                if k not in ("prompt", "completions")
+            }
+            out.append(
+                source([row["prompt"]] * len(row["completions"]), row["completions"], **columns)
+                .double()
+                .numpy()
+            )
         return out
     if any("answer" not in row for row in rows):
-        raise PreftuneError(f"{cfg.data}: best_of_k needs a gold source: an `answer` column in "
-                            "every row, or --gold-fn module:function")
+        raise PreftuneError(
+            f"{cfg.data}: best_of_k needs a gold source: an `answer` column in "
+            "every row, or --gold-fn module:function"
+        )
     log("gold: 1 when a completion, stripped, equals the row's `answer`, else 0")
-    return [np.array([float(_text(c).strip() == str(row["answer"]).strip())
-                      for c in row["completions"]]) for row in rows]
+    return [
+        np.array(
+            [float(_text(c).strip() == str(row["answer"]).strip()) for c in row["completions"]]
+        )
+        for row in rows
+    ]
 
 
 def _text(completion) -> str:
@@ -94,8 +106,10 @@ def read_rows(cfg) -> list[dict]:
         at = where(i) if where else f"{cfg.data}, row {i + 1}"
         prompt, completions = row.get("prompt"), row.get("completions")
         if prompt is None or not isinstance(completions, list) or len(completions) < 2:
-            raise PreftuneError(f"{at}: best_of_k needs `prompt` and a `completions` list of at "
-                                f"least 2, got columns {sorted(row)}")
+            raise PreftuneError(
+                f"{at}: best_of_k needs `prompt` and a `completions` list of at "
+                f"least 2, got columns {sorted(row)}"
+            )
         out.append(row)
     if not out:
         raise PreftuneError(f"{cfg.data}: no rows")
@@ -114,27 +128,37 @@ def _score_classifier(cfg, path: str, rows: list[dict], log) -> list[np.ndarray]
     sub = replace(cfg, model=path, ensemble_agg="mean", ensemble_coef=1.0)
     model, tokenizer, name = load_classifier(sub)
     if getattr(model.config, "preftune_head", None) == "three-way":
-        raise PreftuneError(f"{path!r} is a three-way pair classifier with no reward per "
-                            "completion; best_of_k needs a reward model")
+        raise PreftuneError(
+            f"{path!r} is a three-way pair classifier with no reward per "
+            "completion; best_of_k needs a reward model"
+        )
     trunc = resolve_truncation(sub, name, log)
     device = _device(cfg)
     model.to(device)
     features = []
     for row in rows:
-        feats, _ = tokenize_sft(tokenizer, [SFTExample(row["prompt"], c) for c in row["completions"]],
-                                trunc, progress=False)
+        feats, _ = tokenize_sft(
+            tokenizer,
+            [SFTExample(row["prompt"], c) for c in row["completions"]],
+            trunc,
+            progress=False,
+        )
         if len(feats) != len(row["completions"]):
-            raise PreftuneError(f"{cfg.data}: a completion of prompt {_text(row['prompt'])[:40]!r} "
-                                "has no token left after truncation; raise --max-length")
+            raise PreftuneError(
+                f"{cfg.data}: a completion of prompt {_text(row['prompt'])[:40]!r} "
+                "has no token left after truncation; raise --max-length"
+            )
         features += feats
     scores = np.empty(len(features))
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     with torch.no_grad():
         for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            idx = order[start : start + cfg.batch_size]
             batch = pad_sequences([features[i] for i in idx], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits
             scores[idx] = logits.float().reshape(-1).cpu().numpy()
     return _split(scores, rows)
 
@@ -142,7 +166,7 @@ def _score_classifier(cfg, path: str, rows: list[dict], log) -> list[np.ndarray]
 def _split(flat: np.ndarray, rows: list[dict]) -> list[np.ndarray]:
     out, start = [], 0
     for row in rows:
-        out.append(flat[start:start + len(row["completions"])])
+        out.append(flat[start : start + len(row["completions"])])
         start += len(row["completions"])
     return out
 
@@ -157,15 +181,24 @@ def score_rows(cfg, kind: str, rows: list[dict], log) -> tuple[list[np.ndarray],
 
     if kind == "function":
         source = FunctionReward.from_spec(cfg.model)
-        return [source([row["prompt"]] * len(row["completions"]), row["completions"]).double().numpy()
-                for row in rows], None
+        return [
+            source([row["prompt"]] * len(row["completions"]), row["completions"]).double().numpy()
+            for row in rows
+        ], None
     if kind == "ensemble":
-        members = [np.concatenate(_score_classifier(cfg, p, rows, log))
-                   for p in ensemble_members(cfg.model)]
-        total, std = aggregate_ensemble(torch.tensor(np.stack(members)), cfg.ensemble_agg,
-                                        cfg.ensemble_coef)
-        info = {"members": len(members), "agg": cfg.ensemble_agg, "coef": cfg.ensemble_coef,
-                "mean_member_std": float(std.mean())}
+        members = [
+            np.concatenate(_score_classifier(cfg, p, rows, log))
+            for p in ensemble_members(cfg.model)
+        ]
+        total, std = aggregate_ensemble(
+            torch.tensor(np.stack(members)), cfg.ensemble_agg, cfg.ensemble_coef
+        )
+        info = {
+            "members": len(members),
+            "agg": cfg.ensemble_agg,
+            "coef": cfg.ensemble_coef,
+            "mean_member_std": float(std.mean()),
+        }
         return _split(total.numpy(), rows), info
     return _score_classifier(cfg, cfg.model, rows, log), None
 
@@ -176,21 +209,29 @@ def run_best_of_k(cfg, log) -> dict:
 
     out = Path(cfg.output_dir or "runs/eval-rm")
     if not cfg.overwrite and any((out / f).exists() for f in RESULT_FILES):
-        raise PreftuneError(f"output directory {out} already holds best-of-K results: pass "
-                            "--overwrite to replace them, or another --output-dir")
+        raise PreftuneError(
+            f"output directory {out} already holds best-of-K results: pass "
+            "--overwrite to replace them, or another --output-dir"
+        )
     kind = cfg.reward_kind
     rows = read_rows(cfg)
     gold = _gold_scores(cfg, rows, log)
     scores, ensemble = score_rows(cfg, kind, rows, log)
     for row, s in zip(rows, scores):
         if not np.all(np.isfinite(s)):
-            raise PreftuneError(f"{kind} reward {cfg.model!r} gave a non-finite score for a "
-                                f"completion of prompt {_text(row['prompt'])[:40]!r}")
+            raise PreftuneError(
+                f"{kind} reward {cfg.model!r} gave a non-finite score for a "
+                f"completion of prompt {_text(row['prompt'])[:40]!r}"
+            )
     n_min = min(len(row["completions"]) for row in rows)
-    ks = sorted(set(cfg.k_values)) or sorted({2 ** i for i in range(int(math.log2(n_min)) + 1)} | {n_min})
+    ks = sorted(set(cfg.k_values)) or sorted(
+        {2**i for i in range(int(math.log2(n_min)) + 1)} | {n_min}
+    )
     if ks[-1] > n_min:
-        raise PreftuneError(f"k_values: K={ks[-1]} exceeds the {n_min} completions of the "
-                            "prompt with the fewest; lower it")
+        raise PreftuneError(
+            f"k_values: K={ks[-1]} exceeds the {n_min} completions of the "
+            "prompt with the fewest; lower it"
+        )
     z = _z(cfg.confidence)
     m = len(rows)
 
@@ -204,26 +245,39 @@ def run_best_of_k(cfg, log) -> dict:
         rm = np.array([expected_best_of_k(s, g, k) for s, g in zip(scores, gold)])
         oracle = np.array([expected_best_of_k(g, g, k) for g in gold])
         random_pick = np.array([g.mean() for g in gold])  # any one of K: the mean, exactly
-        curve.append({"k": k, "reward_pick": summarise(rm), "oracle_pick": summarise(oracle),
-                      "random_pick": summarise(random_pick),
-                      "reward_minus_random": summarise(rm - random_pick),
-                      "reward_minus_oracle": summarise(rm - oracle)})  # paired, per prompt
-    results = {"model": cfg.model, "reward_kind": kind, "data": cfg.data, "prompts": m,
-               "completions_per_prompt": {"min": n_min,
-                                          "max": max(len(r["completions"]) for r in rows)},
-               "gold": cfg.gold_fn or "answer column (exact match)", "confidence": cfg.confidence,
-               "curve": curve, "ensemble": ensemble}
+        curve.append(
+            {
+                "k": k,
+                "reward_pick": summarise(rm),
+                "oracle_pick": summarise(oracle),
+                "random_pick": summarise(random_pick),
+                "reward_minus_random": summarise(rm - random_pick),
+                "reward_minus_oracle": summarise(rm - oracle),
+            }
+        )  # paired, per prompt
+    results = {
+        "model": cfg.model,
+        "reward_kind": kind,
+        "data": cfg.data,
+        "prompts": m,
+        "completions_per_prompt": {"min": n_min, "max": max(len(r["completions"]) for r in rows)},
+        "gold": cfg.gold_fn or "answer column (exact match)",
+        "confidence": cfg.confidence,
+        "curve": curve,
+        "ensemble": ensemble,
+    }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "best_of_k.json", results, strict=True)
     _plot(curve, out / "best_of_k.png", cfg.confidence)
     save_config(cfg, out / "config.yaml", extra={"command": "eval-rm"})
-    print(f"best-of-K over {m} prompts (gold: {results['gold']}; mean ± {cfg.confidence:.0%} "
-          "interval over prompts)")
+    print(
+        f"best-of-K over {m} prompts (gold: {results['gold']}; mean ± {cfg.confidence:.0%} "
+        "interval over prompts)"
+    )
     names = ("reward_pick", "oracle_pick", "random_pick", "reward_minus_oracle")
     print(f"{'K':>4}  " + "  ".join(f"{n.replace('_', ' '):>24}" for n in names))
     for c in curve:
-        cells = [f"{c[n]['mean']:.3f} [{c[n]['ci_low']:.3f}, {c[n]['ci_high']:.3f}]"
-                 for n in names]
+        cells = [f"{c[n]['mean']:.3f} [{c[n]['ci_low']:.3f}, {c[n]['ci_high']:.3f}]" for n in names]
         print(f"{c['k']:>4}  " + "  ".join(f"{x:>24}" for x in cells))
     print(f"wrote {out / 'best_of_k.json'} and best_of_k.png", file=sys.stderr)
     return results
@@ -237,12 +291,16 @@ def _plot(curve: list[dict], path: Path, confidence: float) -> None:
     fig = Figure(figsize=(5.5, 4.0))
     ax = fig.subplots()
     ks = [c["k"] for c in curve]
-    for name, label in (("oracle_pick", "oracle pick"), ("reward_pick", "reward's pick"),
-                        ("random_pick", "random pick")):
+    for name, label in (
+        ("oracle_pick", "oracle pick"),
+        ("reward_pick", "reward's pick"),
+        ("random_pick", "random pick"),
+    ):
         mean = [c[name]["mean"] for c in curve]
         ax.plot(ks, mean, marker="o", label=label)
-        ax.fill_between(ks, [c[name]["ci_low"] for c in curve],
-                        [c[name]["ci_high"] for c in curve], alpha=0.2)
+        ax.fill_between(
+            ks, [c[name]["ci_low"] for c in curve], [c[name]["ci_high"] for c in curve], alpha=0.2
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K (completions to choose from)")
     ax.set_ylabel("gold score of the pick")

@@ -31,16 +31,33 @@ def reliability_diagram(cal: Calibration, path: str | os.PathLike) -> None:
     width = np.diff(cal.edges)
     filled = cal.counts > 0
 
-    top.bar(left[filled], cal.accuracy[filled], width=width[filled], align="edge",
-            edgecolor="black", color="tab:blue", alpha=0.8, label="accuracy")
+    top.bar(
+        left[filled],
+        cal.accuracy[filled],
+        width=width[filled],
+        align="edge",
+        edgecolor="black",
+        color="tab:blue",
+        alpha=0.8,
+        label="accuracy",
+    )
     top.plot([0.5, 1.0], [0.5, 1.0], "--", color="gray", label="perfect calibration")
     # The gap between a bar's top and its red tick is that bin's |accuracy − confidence|.
-    top.plot((left + width / 2)[filled], cal.confidence[filled], "_", color="tab:red",
-             markersize=14, markeredgewidth=2, label="mean confidence")
+    top.plot(
+        (left + width / 2)[filled],
+        cal.confidence[filled],
+        "_",
+        color="tab:red",
+        markersize=14,
+        markeredgewidth=2,
+        label="mean confidence",
+    )
     top.set_xlim(0.5, 1.0)
     top.set_ylim(0.0, 1.0)
     top.set_ylabel("accuracy (chosen ranked higher)")
-    top.set_title(f"Reliability of σ(r_chosen − r_rejected)\nECE = {cal.ece:.3f}, n = {cal.n} pairs")
+    top.set_title(
+        f"Reliability of σ(r_chosen − r_rejected)\nECE = {cal.ece:.3f}, n = {cal.n} pairs"
+    )
     top.legend(loc="upper left", fontsize="small")
 
     bottom.bar(left, cal.counts, width=width, align="edge", edgecolor="black", color="tab:gray")

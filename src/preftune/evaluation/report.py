@@ -24,7 +24,9 @@ def format_table(rows: Sequence[Row], *, confidence: float = 0.95) -> str:
         if row.warning:
             name += "*"
             notes.append(f"* {row.name}: {row.warning}")
-        body.append([name, str(row.n), _pct(row.accuracy), f"[{_pct(row.ci_low)}, {_pct(row.ci_high)}]"])
+        body.append(
+            [name, str(row.n), _pct(row.accuracy), f"[{_pct(row.ci_low)}, {_pct(row.ci_high)}]"]
+        )
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -31,7 +31,9 @@ def check_finite(name: str, values) -> np.ndarray:
     """
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
-        raise PreftuneError(f"{name}: expected one score per pair (a 1-D array), got shape {arr.shape}")
+        raise PreftuneError(
+            f"{name}: expected one score per pair (a 1-D array), got shape {arr.shape}"
+        )
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if bad.size > 5 else "")
@@ -173,7 +175,9 @@ def _weighted_row(by_subset: dict[str, Row], weights: dict[str, float], confiden
     for name, value in weights.items():
         value = float(value)
         if not math.isfinite(value) or value < 0:
-            raise PreftuneError(f"section_weights[{name!r}]={value}: weights must be finite and >= 0")
+            raise PreftuneError(
+                f"section_weights[{name!r}]={value}: weights must be finite and >= 0"
+            )
         w[name] = value
     total = sum(w.values())
     if total <= 0:
@@ -182,16 +186,26 @@ def _weighted_row(by_subset: dict[str, Row], weights: dict[str, float], confiden
     used = [name for name in sorted(w) if w[name] > 0]
     acc = sum(w[s] / total * by_subset[s].accuracy for s in used)
     # Var(Σ ŵ_i p̂_i) = Σ ŵ_i² p_i(1−p_i)/n_i for independent subsets (normal approximation).
-    var = sum((w[s] / total) ** 2 * by_subset[s].accuracy * (1 - by_subset[s].accuracy) / by_subset[s].n
-              for s in used)
+    var = sum(
+        (w[s] / total) ** 2 * by_subset[s].accuracy * (1 - by_subset[s].accuracy) / by_subset[s].n
+        for s in used
+    )
     half = _z(confidence) * math.sqrt(var)
     warning = None
     if any(by_subset[s].n == 1 for s in used):
         warning = "a weighted subset has only 1 example: interval is uninformative"
     elif var == 0.0:
-        warning = "every weighted subset is at 0% or 100%: the normal-approximation interval is a point"
-    return Row("weighted", sum(by_subset[s].n for s in used), acc,
-               max(0.0, acc - half), min(1.0, acc + half), warning)
+        warning = (
+            "every weighted subset is at 0% or 100%: the normal-approximation interval is a point"
+        )
+    return Row(
+        "weighted",
+        sum(by_subset[s].n for s in used),
+        acc,
+        max(0.0, acc - half),
+        min(1.0, acc + half),
+        warning,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +280,9 @@ def _split_stats(o: np.ndarray, confidence: float) -> dict:
     return {"n": int(o.size), "accuracy": float(o.mean()), "ci_low": low, "ci_high": high}
 
 
-def length_bias(r_chosen, r_rejected, len_chosen, len_rejected, outcomes, *,
-                confidence: float = 0.95) -> dict:
+def length_bias(
+    r_chosen, r_rejected, len_chosen, len_rejected, outcomes, *, confidence: float = 0.95
+) -> dict:
     """Does the reward prefer longer responses?
 
     Accuracy (with n and Wilson interval) split by whether chosen is longer, shorter or as long

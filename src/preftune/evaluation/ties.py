@@ -60,7 +60,9 @@ def fit_margin_threshold(diff, tied, max_candidates: int = 200) -> MarginThresho
     d = np.asarray(diff, dtype=np.float64)
     t = np.asarray(tied, dtype=bool)
     if d.size < 2:
-        raise PreftuneError(f"fitting the tie threshold needs at least 2 validation pairs, got {d.size}")
+        raise PreftuneError(
+            f"fitting the tie threshold needs at least 2 validation pairs, got {d.size}"
+        )
     a = np.sort(np.abs(d))
     mids = (a[1:] + a[:-1]) / 2
     if mids.size > max_candidates:
@@ -103,8 +105,9 @@ def three_way_metrics(probs, labels, *, n_bins: int = 10, confidence: float = 0.
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=int)
     if p.ndim != 2 or p.shape[1] != 3 or p.shape[0] != y.size or y.size == 0:
-        raise PreftuneError(f"three_way_metrics: need probabilities [N, 3] and N labels, got "
-                            f"{p.shape} and {y.size}")
+        raise PreftuneError(
+            f"three_way_metrics: need probabilities [N, 3] and N labels, got {p.shape} and {y.size}"
+        )
     if not np.all(np.isfinite(p)):
         raise PreftuneError("three_way_metrics: non-finite probabilities")
     predicted = p.argmax(-1)
@@ -124,10 +127,19 @@ def three_way_metrics(probs, labels, *, n_bins: int = 10, confidence: float = 0.
             freq = np.bincount(idx, weights=(sy == c).astype(float), minlength=n_bins) / counts
         filled = counts > 0
         ece = float(np.sum(counts[filled] / sy.size * np.abs(freq[filled] - conf[filled])))
-        calibration[name] = {"ece": ece, "bins": [
-            {"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(counts[b]),
-             "mean_probability": None if not filled[b] else float(conf[b]),
-             "frequency": None if not filled[b] else float(freq[b])} for b in range(n_bins)]}
+        calibration[name] = {
+            "ece": ece,
+            "bins": [
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "count": int(counts[b]),
+                    "mean_probability": None if not filled[b] else float(conf[b]),
+                    "frequency": None if not filled[b] else float(freq[b]),
+                }
+                for b in range(n_bins)
+            ],
+        }
     n_pred_tie = int((predicted == 1).sum())
     return {
         "n": int(y.size),
@@ -158,8 +170,12 @@ def reliability_plot(metrics: dict, path) -> None:
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=0.8, label="perfect calibration")
     for name in CLASSES:
         bins = [b for b in metrics["calibration"][name]["bins"] if b["count"]]
-        ax.plot([b["mean_probability"] for b in bins], [b["frequency"] for b in bins],
-                marker="o", label=f"P({name}), ECE {metrics['ece'][name]:.3f}")
+        ax.plot(
+            [b["mean_probability"] for b in bins],
+            [b["frequency"] for b in bins],
+            marker="o",
+            label=f"P({name}), ECE {metrics['ece'][name]:.3f}",
+        )
     ax.set_xlabel("predicted probability")
     ax.set_ylabel("observed frequency")
     ax.set_title(f"win / tie / lose calibration\n({metrics['n']} pairs, seen from both sides)")

@@ -6,4 +6,11 @@
 from preftune.generation.sampling import Rollout, SamplingConfig, generate, sample_next_token
 from preftune.generation.vllm_backend import VLLMGenerator, vllm_available
 
-__all__ = ["Rollout", "SamplingConfig", "VLLMGenerator", "generate", "sample_next_token", "vllm_available"]
+__all__ = [
+    "Rollout",
+    "SamplingConfig",
+    "VLLMGenerator",
+    "generate",
+    "sample_next_token",
+    "vllm_available",
+]

@@ -40,7 +40,9 @@ class SamplingConfig:
 
     def validate(self) -> "SamplingConfig":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise PreftuneError(f"sampling max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise PreftuneError(
+                f"sampling max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
+            )
         if not self.temperature > 0:
             raise PreftuneError(
                 f"sampling temperature must be > 0, got {self.temperature!r} "
@@ -49,7 +51,9 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise PreftuneError(f"sampling top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise PreftuneError(f"sampling top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            raise PreftuneError(
+                f"sampling top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"
+            )
         return self
 
 
@@ -86,7 +90,11 @@ class Rollout:
             input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
             attention_mask[i, :n] = 1
             completion_mask[i, len(p) : n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+        }
 
 
 def sample_next_token(
@@ -123,7 +131,11 @@ def _filtered_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Ten
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # A CPU generator can drive sampling for a GPU model: draw on the generator's device.
     if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+        return (
+            torch.multinomial(probs.to(generator.device), 1, generator=generator)
+            .squeeze(-1)
+            .to(probs.device)
+        )
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -172,7 +184,9 @@ def generate(
                 finished += chunk_finished
     finally:
         model.train(was_training)
-    return Rollout(prompt_ids=rows, completion_ids=completions, finished=finished, num_samples=num_samples)
+    return Rollout(
+        prompt_ids=rows, completion_ids=completions, finished=finished, num_samples=num_samples
+    )
 
 
 def _sample_chunk(model, prompts, sampling, eos_ids, pad_id, generator):
@@ -191,7 +205,9 @@ def _sample_chunk(model, prompts, sampling, eos_ids, pad_id, generator):
     logits = step(input_ids, attention_mask, position_ids)
     next_position = position_ids[:, -1:] + 1
 
-    tokens = torch.full((len(prompts), sampling.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    tokens = torch.full(
+        (len(prompts), sampling.max_new_tokens), pad_id, dtype=torch.long, device=device
+    )
     lengths = torch.zeros(len(prompts), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for t in range(sampling.max_new_tokens):
@@ -203,7 +219,9 @@ def _sample_chunk(model, prompts, sampling, eos_ids, pad_id, generator):
             done |= torch.isin(token, eos)
         if t + 1 == sampling.max_new_tokens or bool(done.all()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=1)
+        attention_mask = torch.cat(
+            [attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=1
+        )
         logits = step(token[:, None], attention_mask, next_position)
         next_position = next_position + 1
 
@@ -299,10 +317,18 @@ class _FastDecoder:
     def supports(model) -> bool:
         if not FAST_DECODE:
             return False
-        hf = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+        hf = (
+            model.get_base_model()
+            if hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+            else model
+        )
         cfg = getattr(hf, "config", None)
         inner = getattr(hf, "model", None)
-        if cfg is None or getattr(cfg, "model_type", None) not in _FAST_MODEL_TYPES or inner is None:
+        if (
+            cfg is None
+            or getattr(cfg, "model_type", None) not in _FAST_MODEL_TYPES
+            or inner is None
+        ):
             return False
         if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
             return False
@@ -315,26 +341,45 @@ class _FastDecoder:
         if layers is None or len(layers) == 0 or not all(hasattr(inner, a) for a in needed):
             return False
         attn = layers[0].self_attn
-        return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling",
-                                              "head_dim")) and not hasattr(attn, "q_norm")
+        return all(
+            hasattr(attn, a)
+            for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
+        ) and not hasattr(attn, "q_norm")
 
     def __init__(self, model):
         import sys
 
-        hf = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+        hf = (
+            model.get_base_model()
+            if hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+            else model
+        )
         self.inner, self.head = hf.model, hf.get_output_embeddings()
         self.layers = list(self.inner.layers)
         self.rope = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        self.cache_kwarg = "cache" if "cache" in _forward_parameters(self.inner) else "past_key_values"
+        self.cache_kwarg = (
+            "cache" if "cache" in _forward_parameters(self.inner) else "past_key_values"
+        )
 
-    def prefill(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
-                row_of: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        row_of: torch.Tensor,
+        max_new_tokens: int,
+    ) -> torch.Tensor:
         """Run the distinct prompts [d, width] through the model's own backbone, fill the
         buffer of the batch rows (row i is prompt `row_of[i]`), and return the next-token
         logits [rows, vocab]. The head runs on the batch rows, as the model's forward would."""
         cache = _new_cache(self.inner)
-        out = self.inner(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_kwarg: cache})
+        out = self.inner(
+            input_ids=input_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kwarg: cache},
+        )
         for name in ("cache", "past_key_values"):  # the attribute follows the kwarg's rename
             if getattr(out, name, None) is not None:
                 cache = getattr(out, name)
@@ -379,8 +424,13 @@ class _FastDecoder:
             kb[:, :, col : col + 1] = k
             vb[:, :, col : col + 1] = v
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, kb[:, :, : self.length], vb[:, :, : self.length], attn_mask=mask,
-                scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+                q,
+                kb[:, :, : self.length],
+                vb[:, :, : self.length],
+                attn_mask=mask,
+                scale=attn.scaling,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
             x = x + attn.o_proj(o.transpose(1, 2).reshape(rows, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.head(self.inner.norm(x[:, -1]))
@@ -401,7 +451,9 @@ class _CachedForward:
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self.keep_last_only:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
         returned = getattr(out, "cache", None)
         if returned is None:
             returned = getattr(out, "past_key_values", None)
@@ -412,7 +464,9 @@ class _CachedForward:
 
 def _forward_parameters(model) -> set[str]:
     params = set(inspect.signature(model.forward).parameters)
-    base = getattr(model, "get_base_model", None)  # e.g. a PEFT wrapper with forward(*args, **kwargs)
+    base = getattr(
+        model, "get_base_model", None
+    )  # e.g. a PEFT wrapper with forward(*args, **kwargs)
     if "input_ids" not in params and callable(base):
         params |= set(inspect.signature(base().forward).parameters)
     return params
@@ -456,10 +510,16 @@ def _check_inputs(model, prompt_ids, num_samples, batch_size) -> None:
         raise PreftuneError(f"generate: batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
         raise PreftuneError("generate: prompt_ids must be a non-empty list of token-id lists")
-    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    vocab = (
+        model.get_input_embeddings().num_embeddings
+        if hasattr(model, "get_input_embeddings")
+        else None
+    )
     for i, p in enumerate(prompt_ids):
         if not isinstance(p, (list, tuple)) or len(p) == 0:
-            raise PreftuneError(f"generate: prompt {i} must be a non-empty list of token ids, got {p!r}")
+            raise PreftuneError(
+                f"generate: prompt {i} must be a non-empty list of token ids, got {p!r}"
+            )
         if vocab is not None and (min(p) < 0 or max(p) >= vocab):
             raise PreftuneError(
                 f"generate: prompt {i} has token ids outside the model's vocabulary [0, {vocab}): "

@@ -45,7 +45,9 @@ class VLLMGenerator:
                 "(pip install 'preftune[vllm]'); or use the default HF generation"
             )
         if not 0 < gpu_memory_utilization <= 1:
-            raise PreftuneError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+            raise PreftuneError(
+                f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}"
+            )
         self.sampling = sampling.validate()
         # The V1 engine runs the model in a subprocess by default; weight sync needs it in-process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -94,7 +96,12 @@ class VLLMGenerator:
                 prompts.append(list(p))
                 completions.append(tokens)
                 finished.append(stopped_at_eos)
-        return Rollout(prompt_ids=prompts, completion_ids=completions, finished=finished, num_samples=num_samples)
+        return Rollout(
+            prompt_ids=prompts,
+            completion_ids=completions,
+            finished=finished,
+            num_samples=num_samples,
+        )
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load the trainer's current weights (a plain HF causal LM: unwrapped, LoRA merged)."""
@@ -118,7 +125,9 @@ class VLLMGenerator:
             # vLLM <= 0.6
             lambda: engine.model_executor.driver_worker.model_runner.model,
             # V1 with an in-process engine core
-            lambda: engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model,
+            lambda: (
+                engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
+            ),
         )
         for path in paths:
             try:

@@ -46,8 +46,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 def sample(model, tokenizer, prompt_ids, max_new_tokens: int, seed: int, num_samples: int = 1):
     """Completions at temperature 1 with a seeded generator: (rollout, decoded texts)."""
     generator = torch.Generator().manual_seed(seed)
-    rollout = generate(model, tokenizer, prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens),
-                       num_samples=num_samples, generator=generator)
+    rollout = generate(
+        model,
+        tokenizer,
+        prompt_ids,
+        SamplingConfig(max_new_tokens=max_new_tokens),
+        num_samples=num_samples,
+        generator=generator,
+    )
     texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     return rollout, texts
 
@@ -58,12 +64,15 @@ def sequence_logps(model, rollout, pad_id: int, batch_size: int = 64) -> list[fl
     out: list[float] = []
     for start in range(0, len(rollout), batch_size):
         rows = range(start, min(start + batch_size, len(rollout)))
-        chunk = type(rollout)(prompt_ids=[rollout.prompt_ids[i] for i in rows],
-                              completion_ids=[rollout.completion_ids[i] or [pad_id] for i in rows],
-                              finished=[rollout.finished[i] for i in rows])
+        chunk = type(rollout)(
+            prompt_ids=[rollout.prompt_ids[i] for i in rows],
+            completion_ids=[rollout.completion_ids[i] or [pad_id] for i in rows],
+            finished=[rollout.finished[i] for i in rows],
+        )
         batch = chunk.to_batch(pad_id)
-        lp = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                 batch["completion_mask"])
+        lp = completion_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
         out += lp.seq_logps.tolist()
     return out
 
@@ -79,8 +88,9 @@ def _part_means(values: Sequence[float], parts: dict[str, tuple[int, int]], name
     return out
 
 
-def evaluate_policy(policy, base, tokenizer, world, ps: PromptSet, proxy, *, seed: int,
-                    keep_texts: bool = False) -> dict:
+def evaluate_policy(
+    policy, base, tokenizer, world, ps: PromptSet, proxy, *, seed: int, keep_texts: bool = False
+) -> dict:
     """Sample one completion per prompt from `policy` and measure it (module docstring).
     `base` is the base policy (the KL's reference); `proxy` a reward source or None."""
     t0 = time.perf_counter()
@@ -93,17 +103,23 @@ def evaluate_policy(policy, base, tokenizer, world, ps: PromptSet, proxy, *, see
         lp = sequence_logps(policy, rollout, pad_id)
         lp_base = sequence_logps(base, rollout, pad_id)
         log_ratios = [a - b for a, b in zip(lp, lp_base)]
-    result = {"n_prompts": len(ps.prompts), **_part_means(gold, ps.parts, "gold"),
-              **stats.kl_estimates(log_ratios)}
+    result = {
+        "n_prompts": len(ps.prompts),
+        **_part_means(gold, ps.parts, "gold"),
+        **stats.kl_estimates(log_ratios),
+    }
     result["gold_se"] = stats.mean_se(gold)[1]
     if proxy is not None:
         result["proxy"] = stats.mean_se(proxy(ps.prompts, texts).tolist())[0]
-    result["length"] = stats.mean_se([float(_completion_length(c, tokenizer.eos_token_id))
-                                      for c in rollout.completion_ids])[0]
+    result["length"] = stats.mean_se(
+        [float(_completion_length(c, tokenizer.eos_token_id)) for c in rollout.completion_ids]
+    )[0]
     result["eval_time_s"] = time.perf_counter() - t0
     result["tokens_generated"] = sum(len(c) for c in rollout.completion_ids)
-    result["samples"] = [{"prompt": p, "completion": c, "gold": g}
-                         for p, c, g in list(zip(ps.prompts, texts, gold))[:3]]
+    result["samples"] = [
+        {"prompt": p, "completion": c, "gold": g}
+        for p, c, g in list(zip(ps.prompts, texts, gold))[:3]
+    ]
     if keep_texts:
         result["texts"] = texts
     return result
@@ -121,31 +137,45 @@ class BestOfNSamples:
     time_s: float
 
 
-def sample_best_of_n(base, tokenizer, world, ps: PromptSet, m: int, *, seed: int
-                     ) -> BestOfNSamples:
+def sample_best_of_n(base, tokenizer, world, ps: PromptSet, m: int, *, seed: int) -> BestOfNSamples:
     t0 = time.perf_counter()
-    rollout, texts = sample(base, tokenizer, ps.prompt_ids, world.max_new_tokens, seed,
-                            num_samples=m)
+    rollout, texts = sample(
+        base, tokenizer, ps.prompt_ids, world.max_new_tokens, seed, num_samples=m
+    )
     prompts = [p for p in ps.prompts for _ in range(m)]
-    return BestOfNSamples(ps, m, texts, world.gold_reward(prompts, texts),
-                          [len(c) for c in rollout.completion_ids], time.perf_counter() - t0)
+    return BestOfNSamples(
+        ps,
+        m,
+        texts,
+        world.gold_reward(prompts, texts),
+        [len(c) for c in rollout.completion_ids],
+        time.perf_counter() - t0,
+    )
 
 
-def best_of_n(samples: BestOfNSamples, scores: list[float], ns: Sequence[int],
-              proxy_scores: list[float] | None) -> list[dict]:
+def best_of_n(
+    samples: BestOfNSamples,
+    scores: list[float],
+    ns: Sequence[int],
+    proxy_scores: list[float] | None,
+) -> list[dict]:
     """One point per N: the pick of the first N samples that `scores` ranks highest (the first
     one wins a tie), its gold (and proxy) reward, and its KL bound and plug-in estimate."""
     m, ps = samples.m, samples.ps
-    per_prompt = [scores[i * m:(i + 1) * m] for i in range(len(ps.prompts))]
+    per_prompt = [scores[i * m : (i + 1) * m] for i in range(len(ps.prompts))]
     out = []
     for n in sorted(set(ns)):
         picks = [i * m + max(range(n), key=lambda j: row[j]) for i, row in enumerate(per_prompt)]
-        point = {"value": n, **_part_means([samples.gold[r] for r in picks], ps.parts, "gold"),
-                 "kl_bound": stats.bon_kl_bound(n),
-                 "kl_plugin": stats.bon_kl_plugin(per_prompt, n),
-                 "tokens_generated": sum(samples.tokens[i * m + j]
-                                         for i in range(len(ps.prompts)) for j in range(n)),
-                 "eval_time_s": samples.time_s * n / m}
+        point = {
+            "value": n,
+            **_part_means([samples.gold[r] for r in picks], ps.parts, "gold"),
+            "kl_bound": stats.bon_kl_bound(n),
+            "kl_plugin": stats.bon_kl_plugin(per_prompt, n),
+            "tokens_generated": sum(
+                samples.tokens[i * m + j] for i in range(len(ps.prompts)) for j in range(n)
+            ),
+            "eval_time_s": samples.time_s * n / m,
+        }
         if proxy_scores is not None:
             point["proxy"] = stats.mean_se([proxy_scores[r] for r in picks])[0]
         out.append(point)
@@ -154,8 +184,10 @@ def best_of_n(samples: BestOfNSamples, scores: list[float], ns: Sequence[int],
 
 # --- implicit reward of an offline policy -----------------------------------------------------
 
-def implicit_rewards(policy, reference, rollout, pad_id: int, beta: float, kind: str
-                     ) -> list[float]:
+
+def implicit_rewards(
+    policy, reference, rollout, pad_id: int, beta: float, kind: str
+) -> list[float]:
     """The reward an offline method's loss pushes apart, per row of `rollout`, as `eval-rm`
     scores a policy: `ratio`: β·(log π(y|x) − log π_ref(y|x)) (Rafailov et al. 2023, Eq. 5);
     `sum`: β·log π(y|x) (CPO, reference-free); `mean`: β·log π(y|x)/|y| (SimPO, Meng et al.
@@ -172,8 +204,7 @@ def implicit_rewards(policy, reference, rollout, pad_id: int, beta: float, kind:
     raise ValueError(f"implicit reward kind {kind!r}: expected ratio, sum or mean")
 
 
-def gold_order_accuracy(gold: Sequence[float], scores: Sequence[float]) -> tuple[float | None,
-                                                                                  int]:
+def gold_order_accuracy(gold: Sequence[float], scores: Sequence[float]) -> tuple[float | None, int]:
     """Pairs are rows (2i, 2i+1). Of the pairs whose gold rewards differ, the fraction that
     `scores` orders the same way (a score tie counts as preferring the second), and how many
     pairs that is."""

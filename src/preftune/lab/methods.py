@@ -51,8 +51,9 @@ class Method:
         that are not trained on the pairs."""
         if self.kind != OFFLINE:
             return ""
-        return {"simpo": "mean", "orpo": "mean", "cpo": "sum"}.get(self.fixed.get("loss", ""),
-                                                                   "ratio")
+        return {"simpo": "mean", "orpo": "mean", "cpo": "sum"}.get(
+            self.fixed.get("loss", ""), "ratio"
+        )
 
     def available(self) -> bool:
         if not self.module:
@@ -65,9 +66,21 @@ class Method:
 
 
 def _dpo(name: str, label: str, loss: str, grid, quick, **kw) -> Method:
-    return Method(name, label, OFFLINE, "preftune.trainers.dpo", "DPOConfig", "run_dpo", "beta",
-                  {"loss": loss}, grid, quick, kw.pop("lrs", (1e-4, 5e-4)),
-                  kw.pop("quick_lrs", (5e-4,)), **kw)
+    return Method(
+        name,
+        label,
+        OFFLINE,
+        "preftune.trainers.dpo",
+        "DPOConfig",
+        "run_dpo",
+        "beta",
+        {"loss": loss},
+        grid,
+        quick,
+        kw.pop("lrs", (1e-4, 5e-4)),
+        kw.pop("quick_lrs", (5e-4,)),
+        **kw,
+    )
 
 
 # Learning rates: the tiny policy needs far larger ones than the trainers' defaults (which suit
@@ -75,54 +88,175 @@ def _dpo(name: str, label: str, loss: str, grid, quick, **kw) -> Method:
 # length-normalised reward (its paper uses 2-2.5); ORPO's β is λ, its odds-ratio weight.
 # Online methods sample 32 completions per rollout.
 _ONLINE_LRS = (5e-4,)
-METHODS: dict[str, Method] = {m.name: m for m in (
-    _dpo("dpo", "DPO", "dpo", (0.5, 5.0), (1.0,)),
-    _dpo("ipo", "IPO", "ipo", (0.1, 1.0), (0.3,)),
-    _dpo("cdpo", "cDPO", "cdpo", (0.1, 1.0), (0.1,)),
-    _dpo("robust", "robust DPO", "robust", (0.1, 1.0), (0.1,)),
-    _dpo("hinge", "SLiC (hinge)", "hinge", (0.1, 1.0), (0.1,)),
-    _dpo("simpo", "SimPO", "simpo", (0.5, 2.0), (2.0,)),
-    _dpo("orpo", "ORPO", "orpo", (0.1, 0.5), (0.5,)),
-    _dpo("cpo", "CPO", "cpo", (0.1, 1.0), (0.1,)),
-    Method("kto", "KTO", OFFLINE, "preftune.trainers.kto", "KTOConfig", "run_kto", "beta", {},
-           (0.1, 1.0), (0.1,), (1e-4, 5e-4), (5e-4,)),
-    Method("ppo", "PPO", ONLINE, "preftune.trainers.ppo", "PPOConfig", "run_ppo", "kl_coef",
-           {"prompts_per_step": 32, "num_generations": 1}, (0.0, 0.05), (0.05,), _ONLINE_LRS,
-           _ONLINE_LRS),
-    Method("grpo", "GRPO", ONLINE, "preftune.trainers.grpo", "GRPOConfig", "run_grpo",
-           "kl_coef", {"prompts_per_step": 8, "num_generations": 4}, (0.0, 0.1), (0.05,),
-           _ONLINE_LRS, _ONLINE_LRS),
-    Method("rloo", "RLOO", ONLINE, "preftune.trainers.rloo", "RLOOConfig", "run_rloo",
-           "kl_coef", {"prompts_per_step": 8, "num_generations": 4}, (0.0, 0.05), (0.05,),
-           _ONLINE_LRS, _ONLINE_LRS),
-    Method("online_dpo", "online DPO", ONLINE, "preftune.trainers.online_dpo",
-           "OnlineDPOConfig", "run_online_dpo", "beta",
-           {"prompts_per_step": 16, "num_generations": 2}, (0.1, 0.3), (0.1,), _ONLINE_LRS,
-           _ONLINE_LRS),
-    # Ensemble variant (issue 13; Coste et al. 2023): PPO on K reward models trained with
-    # different seeds, optimising their mean minus one standard deviation. Not a default method.
-    Method("ppo_ensemble", "PPO on an RM ensemble", ONLINE, "preftune.trainers.ppo", "PPOConfig",
-           "run_ppo", "kl_coef", {"prompts_per_step": 32, "num_generations": 1,
-                                  "ensemble_agg": "mean-minus-std", "ensemble_coef": 1.0},
-           (0.0, 0.05), (0.05,), _ONLINE_LRS, _ONLINE_LRS, ensemble=True, variant_of="ppo"),
-    Method("best_of_n_ensemble", "best-of-N on an RM ensemble", INFERENCE, knob="n",
-           fixed={"ensemble_agg": "mean-minus-std", "ensemble_coef": 1.0},
-           grid=(1, 2, 4, 8, 16, 32), quick_grid=(1, 4, 16), ensemble=True,
-           variant_of="best_of_n"),
-    Method("best_of_n", "best-of-N", INFERENCE, knob="n", grid=(1, 2, 4, 8, 16, 32),
-           quick_grid=(1, 4, 16)),
-    # Oracle controls (the DPO paper's PPO-GT): the same algorithms optimising the gold reward
-    # itself, so that reward-model error and the algorithm can be told apart.
-    Method("ppo_gold", "PPO on gold", ONLINE, "preftune.trainers.ppo", "PPOConfig", "run_ppo",
-           "kl_coef", {"prompts_per_step": 32, "num_generations": 1}, (0.05,), (0.05,),
-           _ONLINE_LRS, _ONLINE_LRS, reward="gold", oracle_of="ppo"),
-    Method("rloo_gold", "RLOO on gold", ONLINE, "preftune.trainers.rloo", "RLOOConfig",
-           "run_rloo", "kl_coef", {"prompts_per_step": 8, "num_generations": 4}, (0.05,),
-           (0.05,), _ONLINE_LRS, _ONLINE_LRS, reward="gold", oracle_of="rloo"),
-    Method("best_of_n_gold", "best-of-N on gold", INFERENCE, knob="n",
-           grid=(1, 2, 4, 8, 16, 32), quick_grid=(1, 4, 16), reward="gold",
-           oracle_of="best_of_n"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        _dpo("dpo", "DPO", "dpo", (0.5, 5.0), (1.0,)),
+        _dpo("ipo", "IPO", "ipo", (0.1, 1.0), (0.3,)),
+        _dpo("cdpo", "cDPO", "cdpo", (0.1, 1.0), (0.1,)),
+        _dpo("robust", "robust DPO", "robust", (0.1, 1.0), (0.1,)),
+        _dpo("hinge", "SLiC (hinge)", "hinge", (0.1, 1.0), (0.1,)),
+        _dpo("simpo", "SimPO", "simpo", (0.5, 2.0), (2.0,)),
+        _dpo("orpo", "ORPO", "orpo", (0.1, 0.5), (0.5,)),
+        _dpo("cpo", "CPO", "cpo", (0.1, 1.0), (0.1,)),
+        Method(
+            "kto",
+            "KTO",
+            OFFLINE,
+            "preftune.trainers.kto",
+            "KTOConfig",
+            "run_kto",
+            "beta",
+            {},
+            (0.1, 1.0),
+            (0.1,),
+            (1e-4, 5e-4),
+            (5e-4,),
+        ),
+        Method(
+            "ppo",
+            "PPO",
+            ONLINE,
+            "preftune.trainers.ppo",
+            "PPOConfig",
+            "run_ppo",
+            "kl_coef",
+            {"prompts_per_step": 32, "num_generations": 1},
+            (0.0, 0.05),
+            (0.05,),
+            _ONLINE_LRS,
+            _ONLINE_LRS,
+        ),
+        Method(
+            "grpo",
+            "GRPO",
+            ONLINE,
+            "preftune.trainers.grpo",
+            "GRPOConfig",
+            "run_grpo",
+            "kl_coef",
+            {"prompts_per_step": 8, "num_generations": 4},
+            (0.0, 0.1),
+            (0.05,),
+            _ONLINE_LRS,
+            _ONLINE_LRS,
+        ),
+        Method(
+            "rloo",
+            "RLOO",
+            ONLINE,
+            "preftune.trainers.rloo",
+            "RLOOConfig",
+            "run_rloo",
+            "kl_coef",
+            {"prompts_per_step": 8, "num_generations": 4},
+            (0.0, 0.05),
+            (0.05,),
+            _ONLINE_LRS,
+            _ONLINE_LRS,
+        ),
+        Method(
+            "online_dpo",
+            "online DPO",
+            ONLINE,
+            "preftune.trainers.online_dpo",
+            "OnlineDPOConfig",
+            "run_online_dpo",
+            "beta",
+            {"prompts_per_step": 16, "num_generations": 2},
+            (0.1, 0.3),
+            (0.1,),
+            _ONLINE_LRS,
+            _ONLINE_LRS,
+        ),
+        # Ensemble variant (issue 13; Coste et al. 2023): PPO on K reward models trained with
+        # different seeds, optimising their mean minus one standard deviation. Not a default method.
+        Method(
+            "ppo_ensemble",
+            "PPO on an RM ensemble",
+            ONLINE,
+            "preftune.trainers.ppo",
+            "PPOConfig",
+            "run_ppo",
+            "kl_coef",
+            {
+                "prompts_per_step": 32,
+                "num_generations": 1,
+                "ensemble_agg": "mean-minus-std",
+                "ensemble_coef": 1.0,
+            },
+            (0.0, 0.05),
+            (0.05,),
+            _ONLINE_LRS,
+            _ONLINE_LRS,
+            ensemble=True,
+            variant_of="ppo",
+        ),
+        Method(
+            "best_of_n_ensemble",
+            "best-of-N on an RM ensemble",
+            INFERENCE,
+            knob="n",
+            fixed={"ensemble_agg": "mean-minus-std", "ensemble_coef": 1.0},
+            grid=(1, 2, 4, 8, 16, 32),
+            quick_grid=(1, 4, 16),
+            ensemble=True,
+            variant_of="best_of_n",
+        ),
+        Method(
+            "best_of_n",
+            "best-of-N",
+            INFERENCE,
+            knob="n",
+            grid=(1, 2, 4, 8, 16, 32),
+            quick_grid=(1, 4, 16),
+        ),
+        # Oracle controls (the DPO paper's PPO-GT): the same algorithms optimising the gold reward
+        # itself, so that reward-model error and the algorithm can be told apart.
+        Method(
+            "ppo_gold",
+            "PPO on gold",
+            ONLINE,
+            "preftune.trainers.ppo",
+            "PPOConfig",
+            "run_ppo",
+            "kl_coef",
+            {"prompts_per_step": 32, "num_generations": 1},
+            (0.05,),
+            (0.05,),
+            _ONLINE_LRS,
+            _ONLINE_LRS,
+            reward="gold",
+            oracle_of="ppo",
+        ),
+        Method(
+            "rloo_gold",
+            "RLOO on gold",
+            ONLINE,
+            "preftune.trainers.rloo",
+            "RLOOConfig",
+            "run_rloo",
+            "kl_coef",
+            {"prompts_per_step": 8, "num_generations": 4},
+            (0.05,),
+            (0.05,),
+            _ONLINE_LRS,
+            _ONLINE_LRS,
+            reward="gold",
+            oracle_of="rloo",
+        ),
+        Method(
+            "best_of_n_gold",
+            "best-of-N on gold",
+            INFERENCE,
+            knob="n",
+            grid=(1, 2, 4, 8, 16, 32),
+            quick_grid=(1, 4, 16),
+            reward="gold",
+            oracle_of="best_of_n",
+        ),
+    )
+}
 
 DEFAULT_METHODS = ("dpo", "ppo", "best_of_n", "ppo_gold", "best_of_n_gold")
 QUICK_METHODS = ("dpo", "ppo", "best_of_n", "ppo_gold", "best_of_n_gold")

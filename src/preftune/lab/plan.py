@@ -29,62 +29,113 @@ class LabConfig:
     """Settings of `preftune lab`. Grid settings left empty (or 0) take the preset's value:
     the default comparison, or the smoke-test grid of --quick."""
 
-    quick: bool = arg(False, "Smoke run: the default methods with one knob value and one "
-                      "learning rate each, two seeds, shorter training: about 3 minutes on 2 "
-                      "CPU cores; its claims are underpowered.")
+    quick: bool = arg(
+        False,
+        "Smoke run: the default methods with one knob value and one "
+        "learning rate each, two seeds, shorter training: about 3 minutes on 2 "
+        "CPU cores; its claims are underpowered.",
+    )
     worlds: list[str] = arg([], "Worlds to run, of: " + ", ".join(WORLDS) + " (default: review).")
-    methods: list[str] = arg([], "Methods to compare, of: " + ", ".join(METHODS) + " (default: "
-                             + " ".join(DEFAULT_METHODS) + "). *_gold are the oracle controls "
-                             "that optimise the gold reward itself.")
-    seeds: list[int] = arg([], "Seeds; each seed trains its own base policy, data, reward "
-                           "models and methods, and is the unit of the t-intervals (default: "
-                           "0 1 2; quick: 0 1).")
-    sweep: list[str] = arg([], "Knob values per method, e.g. `dpo=0.1,1,5 ppo=0,0.05 "
-                           "best_of_n=1,4,16` (beta for the DPO family, KTO and online DPO; the "
-                           "KL coefficient for PPO, GRPO, RLOO; N for best-of-N).")
-    lrs: list[str] = arg([], "Learning rates per method, e.g. `dpo=1e-4,5e-4`; each is trained "
-                         "at every knob value and the pair with the best validation gold "
-                         "reward is reported.")
-    noise: list[str] = arg([], "Label noise settings compared (default: none human): each a "
-                           "flip rate in [0, 0.5], `human` (0.3 flips), `gpt4` (0.2) or `none` "
-                           "(the gold order).")
-    pairs: int = arg(0, "Preference pairs per world and seed, sampled from the base policy on "
-                     "training prompts (default: 1024; quick: 384).")
-    eval_prompts: int = arg(0, "Test prompts per part (seen, unseen) and validation prompts "
-                            "per evaluation (default: 64; quick: 32).")
-    model: str = arg("tiny-64x2", "Architecture of the base policy: `tiny-<hidden>x<layers>`, "
-                     "trained from scratch on the world's corpus.")
+    methods: list[str] = arg(
+        [],
+        "Methods to compare, of: "
+        + ", ".join(METHODS)
+        + " (default: "
+        + " ".join(DEFAULT_METHODS)
+        + "). *_gold are the oracle controls "
+        "that optimise the gold reward itself.",
+    )
+    seeds: list[int] = arg(
+        [],
+        "Seeds; each seed trains its own base policy, data, reward "
+        "models and methods, and is the unit of the t-intervals (default: "
+        "0 1 2; quick: 0 1).",
+    )
+    sweep: list[str] = arg(
+        [],
+        "Knob values per method, e.g. `dpo=0.1,1,5 ppo=0,0.05 "
+        "best_of_n=1,4,16` (beta for the DPO family, KTO and online DPO; the "
+        "KL coefficient for PPO, GRPO, RLOO; N for best-of-N).",
+    )
+    lrs: list[str] = arg(
+        [],
+        "Learning rates per method, e.g. `dpo=1e-4,5e-4`; each is trained "
+        "at every knob value and the pair with the best validation gold "
+        "reward is reported.",
+    )
+    noise: list[str] = arg(
+        [],
+        "Label noise settings compared (default: none human): each a "
+        "flip rate in [0, 0.5], `human` (0.3 flips), `gpt4` (0.2) or `none` "
+        "(the gold order).",
+    )
+    pairs: int = arg(
+        0,
+        "Preference pairs per world and seed, sampled from the base policy on "
+        "training prompts (default: 1024; quick: 384).",
+    )
+    eval_prompts: int = arg(
+        0,
+        "Test prompts per part (seen, unseen) and validation prompts "
+        "per evaluation (default: 64; quick: 32).",
+    )
+    model: str = arg(
+        "tiny-64x2",
+        "Architecture of the base policy: `tiny-<hidden>x<layers>`, "
+        "trained from scratch on the world's corpus.",
+    )
     sft_steps: int = arg(0, "SFT steps of the base policy (default: 800; quick: 300).")
-    offline_steps: int = arg(0, "Optimizer steps of each offline method, 16 pairs per step "
-                             "(default: 100; quick: 30).")
-    online_steps: int = arg(0, "Rollouts of each online method, 32 completions per rollout "
-                            "(default: 30; quick: 10).")
-    ensemble_size: int = arg(3, "Reward models in the ensemble that the ensemble variants "
-                             "(ppo_ensemble, best_of_n_ensemble) optimise, trained with seeds "
-                             "seed, seed+1, ... "
-                             "(Coste et al. 2023); unused by the other methods.")
-    eval_points: int = arg(5, "Evaluations along each training run (checkpoints), at least 5: "
-                           "the trajectories of the report.")
-    output_dir: str = arg("runs/lab", "Report folder; finished cells are kept in it and skipped "
-                          "when the lab runs again with the same settings.")
-    cache_dir: str = arg("", "Where trained base policies are cached (default: "
-                         "$XDG_CACHE_HOME/preftune/lab or ~/.cache/preftune/lab).")
-    restart: bool = arg(False, "Run every cell again instead of resuming (cached base policies "
-                        "are still reused).")
-    threads: int = arg(1, "CPU threads torch uses while the lab runs (0: torch's default). The "
-                       "tiny models gain little from more, and on a busy machine several "
-                       "threads per process can run many times slower.")
+    offline_steps: int = arg(
+        0, "Optimizer steps of each offline method, 16 pairs per step (default: 100; quick: 30)."
+    )
+    online_steps: int = arg(
+        0, "Rollouts of each online method, 32 completions per rollout (default: 30; quick: 10)."
+    )
+    ensemble_size: int = arg(
+        3,
+        "Reward models in the ensemble that the ensemble variants "
+        "(ppo_ensemble, best_of_n_ensemble) optimise, trained with seeds "
+        "seed, seed+1, ... "
+        "(Coste et al. 2023); unused by the other methods.",
+    )
+    eval_points: int = arg(
+        5,
+        "Evaluations along each training run (checkpoints), at least 5: "
+        "the trajectories of the report.",
+    )
+    output_dir: str = arg(
+        "runs/lab",
+        "Report folder; finished cells are kept in it and skipped "
+        "when the lab runs again with the same settings.",
+    )
+    cache_dir: str = arg(
+        "",
+        "Where trained base policies are cached (default: "
+        "$XDG_CACHE_HOME/preftune/lab or ~/.cache/preftune/lab).",
+    )
+    restart: bool = arg(
+        False, "Run every cell again instead of resuming (cached base policies are still reused)."
+    )
+    threads: int = arg(
+        1,
+        "CPU threads torch uses while the lab runs (0: torch's default). The "
+        "tiny models gain little from more, and on a busy machine several "
+        "threads per process can run many times slower.",
+    )
 
     def validate(self) -> None:
         for name in self.worlds:
             get_world(name)
         for name in self.methods:
             if name not in METHODS:
-                raise PreftuneError(f"methods: unknown method {name!r}; choose from "
-                                    + ", ".join(METHODS))
+                raise PreftuneError(
+                    f"methods: unknown method {name!r}; choose from " + ", ".join(METHODS)
+                )
             if not METHODS[name].available():
-                raise PreftuneError(f"methods: {name} needs {METHODS[name].module}, which is "
-                                    "not installed in this preftune")
+                raise PreftuneError(
+                    f"methods: {name} needs {METHODS[name].module}, which is "
+                    "not installed in this preftune"
+                )
         if len(set(self.seeds)) != len(self.seeds):
             raise PreftuneError(f"seeds: got {self.seeds}, expected distinct integers")
         if any(s < 0 for s in self.seeds):
@@ -95,29 +146,41 @@ class LabConfig:
             noise_rate(n)
         for name in ("pairs", "eval_prompts", "sft_steps", "offline_steps", "online_steps"):
             if getattr(self, name) < 0:
-                raise PreftuneError(f"{name}: got {getattr(self, name)}, expected an integer "
-                                    ">= 0 (0: the preset's value)")
+                raise PreftuneError(
+                    f"{name}: got {getattr(self, name)}, expected an integer "
+                    ">= 0 (0: the preset's value)"
+                )
         if 0 < self.pairs < 64:
-            raise PreftuneError(f"pairs: got {self.pairs}, expected at least 64 (the methods "
-                                "train on batches of 16-32 pairs)")
+            raise PreftuneError(
+                f"pairs: got {self.pairs}, expected at least 64 (the methods "
+                "train on batches of 16-32 pairs)"
+            )
         if 0 < self.eval_prompts < 8:
             raise PreftuneError(f"eval_prompts: got {self.eval_prompts}, expected at least 8")
         if self.ensemble_size < 2:
-            raise PreftuneError(f"ensemble_size: got {self.ensemble_size}, expected an integer "
-                                ">= 2 (an ensemble has at least two members)")
+            raise PreftuneError(
+                f"ensemble_size: got {self.ensemble_size}, expected an integer "
+                ">= 2 (an ensemble has at least two members)"
+            )
         if self.eval_points < 5:
-            raise PreftuneError(f"eval_points: got {self.eval_points}, expected at least 5 "
-                                "(a trajectory needs points to be a curve)")
+            raise PreftuneError(
+                f"eval_points: got {self.eval_points}, expected at least 5 "
+                "(a trajectory needs points to be a curve)"
+            )
         for name in ("offline_steps", "online_steps"):
             if 0 < getattr(self, name) < self.eval_points:
-                raise PreftuneError(f"{name}: got {getattr(self, name)}, expected at least "
-                                    f"eval_points={self.eval_points}")
+                raise PreftuneError(
+                    f"{name}: got {getattr(self, name)}, expected at least "
+                    f"eval_points={self.eval_points}"
+                )
         from preftune.models.tiny import parse_tiny_spec
 
         if not self.model.startswith("tiny") or parse_tiny_spec(self.model) is None:
-            raise PreftuneError(f"model: got {self.model!r}, expected `tiny` or "
-                                "`tiny-<hidden>x<layers>` (the lab trains its base policy from "
-                                "scratch on the world's corpus)")
+            raise PreftuneError(
+                f"model: got {self.model!r}, expected `tiny` or "
+                "`tiny-<hidden>x<layers>` (the lab trains its base policy from "
+                "scratch on the world's corpus)"
+            )
         if not self.output_dir:
             raise PreftuneError("output_dir: expected a folder for the report")
         if self.threads < 0:
@@ -131,8 +194,10 @@ def noise_rate(noise: str) -> float | str:
     try:
         value = float(noise)
     except ValueError:
-        raise PreftuneError(f"noise: got {noise!r}, expected a number in [0, 0.5] or one of: "
-                            "none, " + ", ".join(NOISE_PRESETS)) from None
+        raise PreftuneError(
+            f"noise: got {noise!r}, expected a number in [0, 0.5] or one of: "
+            "none, " + ", ".join(NOISE_PRESETS)
+        ) from None
     if not 0 <= value <= 0.5:
         raise PreftuneError(f"noise: got {noise}, expected a flip rate in [0, 0.5]")
     return value
@@ -153,20 +218,24 @@ def parse_grid(entries: list[str], field_name: str) -> dict[str, tuple[float, ..
         method, sep, values = entry.partition("=")
         method = method.strip().replace("-", "_")
         if not sep or method not in METHODS:
-            raise PreftuneError(f"{field_name}: {entry!r} is not METHOD=V1,V2,... with METHOD "
-                                "one of " + ", ".join(METHODS))
+            raise PreftuneError(
+                f"{field_name}: {entry!r} is not METHOD=V1,V2,... with METHOD "
+                "one of " + ", ".join(METHODS)
+            )
         try:
             parsed = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
-            raise PreftuneError(f"{field_name}: {entry!r} has a value that is not a number"
-                                ) from None
+            raise PreftuneError(
+                f"{field_name}: {entry!r} has a value that is not a number"
+            ) from None
         if not parsed:
             raise PreftuneError(f"{field_name}: {entry!r} lists no values")
         kind = METHODS[method].kind
         if field_name == "lrs":
             if kind == INFERENCE or any(v <= 0 for v in parsed):
-                raise PreftuneError(f"lrs: {entry!r}: learning rates must be > 0, for trained "
-                                    "methods")
+                raise PreftuneError(
+                    f"lrs: {entry!r}: learning rates must be > 0, for trained methods"
+                )
         elif kind == INFERENCE:
             if any(v < 1 or v != int(v) for v in parsed):
                 raise PreftuneError(f"{field_name}: {entry!r}: N must be integers >= 1")
@@ -221,10 +290,14 @@ def resolve(cfg: LabConfig) -> Plan:
         methods=methods,
         seeds=list(cfg.seeds) or ([0, 1] if q else [0, 1, 2]),
         noises=list(dict.fromkeys(cfg.noise)) or list(DEFAULT_NOISE),
-        sweeps={m: list(sweep.get(m, METHODS[m].quick_grid if q else METHODS[m].grid))
-                for m in methods},
-        lrs={m: list(lrs.get(m, METHODS[m].quick_lrs if q else METHODS[m].lrs))
-             for m in methods if METHODS[m].kind != INFERENCE},
+        sweeps={
+            m: list(sweep.get(m, METHODS[m].quick_grid if q else METHODS[m].grid)) for m in methods
+        },
+        lrs={
+            m: list(lrs.get(m, METHODS[m].quick_lrs if q else METHODS[m].lrs))
+            for m in methods
+            if METHODS[m].kind != INFERENCE
+        },
         pairs=cfg.pairs or (384 if q else 1024),
         eval_prompts=cfg.eval_prompts or (32 if q else 64),
         model=cfg.model,
@@ -268,13 +341,20 @@ class Cell:
 
     def describe(self) -> str:
         where = f"{self.world} seed {self.seed}" + (f" noise {self.noise}" if self.noise else "")
-        what = {"base": "base policy (SFT)", "data": "preference data",
-                "reward_model": "reward model", "eval": "evaluate base policy",
-                "reward_ensemble": "reward-model ensemble"}.get(self.kind)
+        what = {
+            "base": "base policy (SFT)",
+            "data": "preference data",
+            "reward_model": "reward model",
+            "eval": "evaluate base policy",
+            "reward_ensemble": "reward-model ensemble",
+        }.get(self.kind)
         if what is None:
             m = METHODS[self.method]
-            what = "best-of-N sweep (every reward)" if self.kind == INFERENCE else (
-                f"train {m.label} {m.knob}={self.value:g} lr={self.lr:g}")
+            what = (
+                "best-of-N sweep (every reward)"
+                if self.kind == INFERENCE
+                else (f"train {m.label} {m.knob}={self.value:g} lr={self.lr:g}")
+            )
         return f"{where} | {what}"
 
 
@@ -282,8 +362,7 @@ def cells(plan: Plan) -> list[Cell]:
     """Every cell, in run order: per world and seed the base policy, the oracle controls, then
     per noise setting the data, reward model, base evaluation and the methods."""
     out: list[Cell] = []
-    needs_rm = any(METHODS[m].uses_reward_model and not METHODS[m].ensemble
-                   for m in plan.methods)
+    needs_rm = any(METHODS[m].uses_reward_model and not METHODS[m].ensemble for m in plan.methods)
     needs_ensemble = any(METHODS[m].ensemble for m in plan.methods)
     for world in plan.worlds:
         for seed in plan.seeds:
@@ -310,6 +389,9 @@ def _method_cells(plan: Plan, world: str, seed: int, noise: str | None, oracle: 
         if (method.reward == "gold") != oracle:
             continue
         if method.kind in (OFFLINE, ONLINE):
-            out += [Cell(method.kind, world, seed, m, noise, v, lr)
-                    for v in plan.sweeps[m] for lr in plan.lrs[m]]
+            out += [
+                Cell(method.kind, world, seed, m, noise, v, lr)
+                for v in plan.sweeps[m]
+                for lr in plan.lrs[m]
+            ]
     return out

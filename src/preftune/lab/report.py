@@ -21,6 +21,7 @@ KNOB_SYMBOL = {"beta": "β", "kl_coef": "KL coef", "n": "N"}
 
 # --- formatting --------------------------------------------------------------------------------
 
+
 def ci(iv: dict | None, digits: int = 3) -> str:
     """'+0.120 [+0.050, +0.180]' or '+0.120 [one seed: no interval]'."""
     if not iv or iv.get("mean") is None:
@@ -68,6 +69,7 @@ def _kl(iv: dict | None) -> str:
 
 # --- claims ------------------------------------------------------------------------------------
 
+
 def gain_sentence(name: str, iv: dict, what: str = "the base policy") -> str:
     """One sentence about a paired gain, saying only what its interval supports."""
     v = stats.verdict(iv)
@@ -77,8 +79,10 @@ def gain_sentence(name: str, iv: dict, what: str = "the base policy") -> str:
     if v == stats.BELOW:
         return f"{name} is worse than {what}: {ci(iv)} ({n} seeds, 95% t-interval)."
     if v == stats.NO_DIFFERENCE:
-        return (f"{name} vs {what}: {ci(iv)} ({n} seeds); the interval contains 0, so no "
-                "difference can be claimed.")
+        return (
+            f"{name} vs {what}: {ci(iv)} ({n} seeds); the interval contains 0, so no "
+            "difference can be claimed."
+        )
     return f"{name} vs {what}: {ci(iv)}; not enough evidence (fewer than two seeds)."
 
 
@@ -98,24 +102,30 @@ def ranking_sentences(methods: dict[str, dict]) -> list[str]:
     names.sort(key=lambda m: -methods[m]["gain_vs_base"]["mean"])
     supported, unsupported = [], 0
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             iv = paired(methods[a]["gain_vs_base"], methods[b]["gain_vs_base"])
             if iv is None:
                 continue
             if stats.verdict(iv) == stats.ABOVE:
-                supported.append(f"{methods[a]['label']} above {methods[b]['label']} "
-                                 f"(difference {ci(iv)})")
+                supported.append(
+                    f"{methods[a]['label']} above {methods[b]['label']} (difference {ci(iv)})"
+                )
             else:
                 unsupported += 1
     lines = []
     if names:
-        lines.append("Order of the mean test gains (not itself a claim): "
-                     + " > ".join(methods[m]["label"] for m in names) + ".")
+        lines.append(
+            "Order of the mean test gains (not itself a claim): "
+            + " > ".join(methods[m]["label"] for m in names)
+            + "."
+        )
     if supported:
         lines.append("Orderings the paired intervals support: " + "; ".join(supported) + ".")
     if unsupported:
-        lines.append(f"For the other {unsupported} pair(s) of methods the paired interval "
-                     "contains 0 (or there is one seed): not enough evidence to rank them.")
+        lines.append(
+            f"For the other {unsupported} pair(s) of methods the paired interval "
+            "contains 0 (or there is one seed): not enough evidence to rank them."
+        )
     return lines
 
 
@@ -139,17 +149,26 @@ def overoptimization_sentences(label: str, method: dict) -> list[str]:
         if stats.verdict(iv) == stats.BELOW:
             proxy_note = ""
             if traj[-1].get("proxy") is not None and traj[peak + 1].get("proxy") is not None:
-                proxy_note = (f"; the proxy gain meanwhile goes {traj[peak + 1]['proxy']:+.3f} → "
-                              f"{traj[-1]['proxy']:+.3f}")
-            out.append(f"{label} ({where}) over-optimises: validation gold falls after step "
-                       f"{traj[peak + 1]['step']} (end minus peak {ci(iv)}, KL k3 "
-                       f"{traj[peak + 1]['kl_k3']:.2f} → {traj[-1]['kl_k3']:.2f}){proxy_note}.")
+                proxy_note = (
+                    f"; the proxy gain meanwhile goes {traj[peak + 1]['proxy']:+.3f} → "
+                    f"{traj[-1]['proxy']:+.3f}"
+                )
+            out.append(
+                f"{label} ({where}) over-optimises: validation gold falls after step "
+                f"{traj[peak + 1]['step']} (end minus peak {ci(iv)}, KL k3 "
+                f"{traj[peak + 1]['kl_k3']:.2f} → {traj[-1]['kl_k3']:.2f}){proxy_note}."
+            )
     if fit is not None:
         peak = fit.get("kl_at_gold_peak")
-        out.append(f"{label}: Gao et al. fit {fit['form']} on {fit['n_points']} points: "
-                   f"α={fit['alpha']:.3f}, β={fit['beta']:.3f}, R²={fit['r2']:.2f}, "
-                   + (f"fitted gold peak at KL {peak:.2f}." if peak is not None
-                      else "no interior gold peak in the fitted form."))
+        out.append(
+            f"{label}: Gao et al. fit {fit['form']} on {fit['n_points']} points: "
+            f"α={fit['alpha']:.3f}, β={fit['beta']:.3f}, R²={fit['r2']:.2f}, "
+            + (
+                f"fitted gold peak at KL {peak:.2f}."
+                if peak is not None
+                else "no interior gold peak in the fitted form."
+            )
+        )
     return out
 
 
@@ -167,22 +186,39 @@ def noise_sentences(summary_world: dict, noises: list[str]) -> list[str]:
             if m in b and not a[m].get("oracle"):
                 iv = paired(b[m]["gain_vs_base"], a[m]["gain_vs_base"])
                 if iv is not None:
-                    out.append(gain_sentence(f"{a[m]['label']} with noise `{other}`", iv,
-                                             f"itself with noise `{first}`"))
-        order_a = sorted((m for m in a if a[m]["gain_vs_base"]["mean"] is not None),
-                         key=lambda m: -a[m]["gain_vs_base"]["mean"])
-        order_b = sorted((m for m in b if b[m]["gain_vs_base"]["mean"] is not None),
-                         key=lambda m: -b[m]["gain_vs_base"]["mean"])
+                    out.append(
+                        gain_sentence(
+                            f"{a[m]['label']} with noise `{other}`",
+                            iv,
+                            f"itself with noise `{first}`",
+                        )
+                    )
+        order_a = sorted(
+            (m for m in a if a[m]["gain_vs_base"]["mean"] is not None),
+            key=lambda m: -a[m]["gain_vs_base"]["mean"],
+        )
+        order_b = sorted(
+            (m for m in b if b[m]["gain_vs_base"]["mean"] is not None),
+            key=lambda m: -b[m]["gain_vs_base"]["mean"],
+        )
         same = order_a == order_b
-        out.append(f"Order of mean gains with `{first}`: "
-                   + " > ".join(a[m]["label"] for m in order_a)
-                   + f"; with `{other}`: " + " > ".join(b[m]["label"] for m in order_b)
-                   + (" (unchanged)." if same else " (changed; see the supported orderings "
-                      "above for which of these differences the intervals back)."))
+        out.append(
+            f"Order of mean gains with `{first}`: "
+            + " > ".join(a[m]["label"] for m in order_a)
+            + f"; with `{other}`: "
+            + " > ".join(b[m]["label"] for m in order_b)
+            + (
+                " (unchanged)."
+                if same
+                else " (changed; see the supported orderings "
+                "above for which of these differences the intervals back)."
+            )
+        )
     return out
 
 
 # --- figures -----------------------------------------------------------------------------------
+
 
 def _figure(n_cols: int, n_rows: int = 1):
     from matplotlib.figure import Figure
@@ -208,8 +244,11 @@ def _styles(names: list[str]) -> dict[str, tuple]:
 
 
 def _panels(results: dict) -> list[tuple[str, str, dict]]:
-    return [(w, n, results["summary"][w]["noise"][n]) for w in results["summary"]
-            for n in results["summary"][w]["noise"]]
+    return [
+        (w, n, results["summary"][w]["noise"][n])
+        for w in results["summary"]
+        for n in results["summary"][w]["noise"]
+    ]
 
 
 def _half(iv: dict) -> float:
@@ -232,11 +271,18 @@ def frontier_plot(results: dict, path: Path) -> None:
             xs = [r["kl_bound"] if bon else (r["kl_k3"] or {}).get("mean") for r in rows]
             ys = [r["gain_vs_base"]["mean"] for r in rows]
             order = sorted(range(len(xs)), key=lambda i: xs[i])
-            ax.errorbar([xs[i] for i in order], [ys[i] for i in order],
-                        yerr=[_half(rows[i]["gain_vs_base"]) for i in order], color=color,
-                        marker=marker, markersize=4, capsize=2, linewidth=1,
-                        linestyle="--" if bon else ("-" if not res["oracle"] else ":"),
-                        label=res["label"] + (" (KL bound)" if bon else ""))
+            ax.errorbar(
+                [xs[i] for i in order],
+                [ys[i] for i in order],
+                yerr=[_half(rows[i]["gain_vs_base"]) for i in order],
+                color=color,
+                marker=marker,
+                markersize=4,
+                capsize=2,
+                linewidth=1,
+                linestyle="--" if bon else ("-" if not res["oracle"] else ":"),
+                label=res["label"] + (" (KL bound)" if bon else ""),
+            )
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_title(f"{world}, noise {noise}: test gold gain vs KL")
         ax.set_xlabel("KL(π ‖ π_base) per sequence, nats (k3; best-of-N: bound)")
@@ -268,25 +314,53 @@ def overoptimization_plot(results: dict, path: Path) -> None:
                 else:
                     xs = [math.sqrt(max(p["kl_k3"] or 0.0, 0.0)) for p in traj]
                 label = res["label"] + ("" if bon else f" {setting(res, row['value'], row['lr'])}")
-                top.plot(xs, [p["gold_gain"] for p in traj], color=color, marker=marker,
-                         markersize=3, linewidth=1, alpha=0.8, label=label,
-                         linestyle="--" if bon else "-")
+                top.plot(
+                    xs,
+                    [p["gold_gain"] for p in traj],
+                    color=color,
+                    marker=marker,
+                    markersize=3,
+                    linewidth=1,
+                    alpha=0.8,
+                    label=label,
+                    linestyle="--" if bon else "-",
+                )
                 if any(p.get("proxy") is not None for p in traj):
-                    bottom.plot(xs, [p.get("proxy") for p in traj], color=color, marker=marker,
-                                markersize=3, linewidth=1, alpha=0.8,
-                                linestyle="--" if bon else "-")
+                    bottom.plot(
+                        xs,
+                        [p.get("proxy") for p in traj],
+                        color=color,
+                        marker=marker,
+                        markersize=3,
+                        linewidth=1,
+                        alpha=0.8,
+                        linestyle="--" if bon else "-",
+                    )
                 if bon:
                     break
             fit = res.get("fit")
             if fit is not None:
-                xmax = max(0.5, max((math.sqrt(max(p.get("kl_bound") if bon else p["kl_k3"]
-                                                   or 0.0, 0.0))
-                                     for r in ([res] if bon else res["settings"])
-                                     for p in r["trajectory"]), default=1.0))
+                xmax = max(
+                    0.5,
+                    max(
+                        (
+                            math.sqrt(max(p.get("kl_bound") if bon else p["kl_k3"] or 0.0, 0.0))
+                            for r in ([res] if bon else res["settings"])
+                            for p in r["trajectory"]
+                        ),
+                        default=1.0,
+                    ),
+                )
                 d = np.linspace(1e-3, xmax * 1.1, 100)
                 y = d * (fit["alpha"] - fit["beta"] * (d if fit["form"] == "bon" else np.log(d)))
-                top.plot(d, y, color=color, linewidth=2, alpha=0.35,
-                         label=f"{res['label']} fit (R²={fit['r2']:.2f})")
+                top.plot(
+                    d,
+                    y,
+                    color=color,
+                    linewidth=2,
+                    alpha=0.35,
+                    label=f"{res['label']} fit (R²={fit['r2']:.2f})",
+                )
         for ax, what in ((top, "gold − base gold"), (bottom, "proxy − base proxy")):
             ax.axhline(0, color="black", linewidth=0.8)
             ax.set_xlabel("√KL (nats^½)")
@@ -309,9 +383,16 @@ def compute_plot(results: dict, path: Path) -> None:
             whole = res["cost"]["with_data_and_reward_model"]
             tokens = (whole["tokens_trained"] or 0) + (whole["tokens_generated"] or 0)
             color, marker = styles[m]
-            ax.errorbar([max(tokens, 1.0)], [res["gain_vs_base"]["mean"]],
-                        yerr=[_half(res["gain_vs_base"])], color=color, marker=marker,
-                        capsize=2, linestyle="none", label=res["label"])
+            ax.errorbar(
+                [max(tokens, 1.0)],
+                [res["gain_vs_base"]["mean"]],
+                yerr=[_half(res["gain_vs_base"])],
+                color=color,
+                marker=marker,
+                capsize=2,
+                linestyle="none",
+                label=res["label"],
+            )
         ax.set_xscale("log")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_title(f"{world}, noise {noise}: gold gain vs compute")
@@ -325,12 +406,15 @@ def compute_plot(results: dict, path: Path) -> None:
 
 # --- report.md -----------------------------------------------------------------------------------
 
+
 def _table(s: dict) -> list[str]:
-    lines = ["| method | setting (chosen on validation) | gold gain vs base, test [95% CI] | "
-             "seen prompts | unseen prompts | KL k1 ± s.e. | KL k3 ± s.e. | proxy gain | "
-             "implicit-reward gold accuracy | train time | tokens trained / generated "
-             "(whole) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | setting (chosen on validation) | gold gain vs base, test [95% CI] | "
+        "seen prompts | unseen prompts | KL k1 ± s.e. | KL k3 ± s.e. | proxy gain | "
+        "implicit-reward gold accuracy | train time | tokens trained / generated "
+        "(whole) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, res in s["methods"].items():
         sel = res["selected"]
         if res["kind"] == "inference":
@@ -344,7 +428,8 @@ def _table(s: dict) -> list[str]:
             f"{ci(res['gain_vs_base'])} | {ci(res['gain_seen'])} | {ci(res['gain_unseen'])} | "
             f"{kl1} | {kl3} | {ci(res['proxy_gain'], 2)} | "
             f"{pct_ci(res.get('implicit_reward_gold_accuracy'))} | {whole['wall_time_s']:.0f}s | {_count(whole['tokens_trained'])} / "
-            f"{_count(whole['tokens_generated'])} |")
+            f"{_count(whole['tokens_generated'])} |"
+        )
     return lines
 
 
@@ -354,22 +439,31 @@ def _avg(trends: list[list[dict]], i: int, key: str) -> float:
 
 
 def _settings_table(s: dict) -> list[str]:
-    lines = ["| method | setting | validation gain [95% CI] | test gain [95% CI] | KL | "
-             "log-probs chosen / rejected (first → last logged, seed mean) | implicit-reward "
-             "gold accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | setting | validation gain [95% CI] | test gain [95% CI] | KL | "
+        "log-probs chosen / rejected (first → last logged, seed mean) | implicit-reward "
+        "gold accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, res in s["methods"].items():
         for row in res["settings"]:
-            kl = (f"bound {row['kl_bound']:.2f}, plug-in {row['kl_plugin']['mean']:.2f}"
-                  if res["kind"] == "inference" else f"k3 {_kl(row['kl_k3'])}")
+            kl = (
+                f"bound {row['kl_bound']:.2f}, plug-in {row['kl_plugin']['mean']:.2f}"
+                if res["kind"] == "inference"
+                else f"k3 {_kl(row['kl_k3'])}"
+            )
             lp = "-"
             trends = [t for t in (row.get("logps") or {}).values() if t]
             if trends:
-                lp = (f"{_avg(trends, 0, 'chosen'):.1f} → {_avg(trends, -1, 'chosen'):.1f} / "
-                      f"{_avg(trends, 0, 'rejected'):.1f} → {_avg(trends, -1, 'rejected'):.1f}")
-            lines.append(f"| {res['label']} | {setting(res, row['value'], row['lr'])} | "
-                         f"{ci(row['validation_gain'])} | {ci(row['gain_vs_base'])} | {kl} | "
-                         f"{lp} | {pct_ci(row.get('implicit_reward_gold_accuracy'))} |")
+                lp = (
+                    f"{_avg(trends, 0, 'chosen'):.1f} → {_avg(trends, -1, 'chosen'):.1f} / "
+                    f"{_avg(trends, 0, 'rejected'):.1f} → {_avg(trends, -1, 'rejected'):.1f}"
+                )
+            lines.append(
+                f"| {res['label']} | {setting(res, row['value'], row['lr'])} | "
+                f"{ci(row['validation_gain'])} | {ci(row['gain_vs_base'])} | {kl} | "
+                f"{lp} | {pct_ci(row.get('implicit_reward_gold_accuracy'))} |"
+            )
     return lines
 
 
@@ -381,57 +475,71 @@ def reading(results: dict, world: str, noise: str) -> list[str]:
     rm = s.get("reward_model")
     data = s["data"]
     agree = data["label_agreement"]
-    lines.append(f"Labels: {data['pairs']:.0f} pairs per seed (of {data['sampled']:.0f} "
-                 f"sampled; {data['gold_ties_dropped']:.0f} tied on gold and "
-                 f"{data['identical_dropped']:.0f} identical were dropped, not coin-flipped); "
-                 f"they agree with the gold order on {pct_ci(agree)} of pairs (flip rate "
-                 f"{data['flip_rate']}).")
+    lines.append(
+        f"Labels: {data['pairs']:.0f} pairs per seed (of {data['sampled']:.0f} "
+        f"sampled; {data['gold_ties_dropped']:.0f} tied on gold and "
+        f"{data['identical_dropped']:.0f} identical were dropped, not coin-flipped); "
+        f"they agree with the gold order on {pct_ci(agree)} of pairs (flip rate "
+        f"{data['flip_rate']})."
+    )
     if rm:
-        lines.append(f"The reward model (early stopping on held-out pairs; best step per seed "
-                     f"{rm['best_step']}) orders fresh gold-ranked test pairs correctly "
-                     f"{pct_ci(rm['gold_accuracy_interval'])} of the time (50 percent is "
-                     "chance).")
+        lines.append(
+            f"The reward model (early stopping on held-out pairs; best step per seed "
+            f"{rm['best_step']}) orders fresh gold-ranked test pairs correctly "
+            f"{pct_ci(rm['gold_accuracy_interval'])} of the time (50 percent is "
+            "chance)."
+        )
     ens = s.get("reward_ensemble")
     if ens:
         for agg, iv in ens["gold_accuracy_aggregated"].items():
-            lines.append(f"The ensemble of {ens['members']} reward models (seeds seed..seed+"
-                         f"{ens['members'] - 1}), aggregated as {agg.replace(':', ', coef ')}, "
-                         f"orders the same test pairs correctly {pct_ci(iv)} of the time (its "
-                         f"members on average {pct_ci(ens['gold_accuracy_members'])}).")
+            lines.append(
+                f"The ensemble of {ens['members']} reward models (seeds seed..seed+"
+                f"{ens['members'] - 1}), aggregated as {agg.replace(':', ', coef ')}, "
+                f"orders the same test pairs correctly {pct_ci(iv)} of the time (its "
+                f"members on average {pct_ci(ens['gold_accuracy_members'])})."
+            )
     for m, res in s["methods"].items():
         acc = res.get("implicit_reward_gold_accuracy")
         if acc and acc.get("mean") is not None:
-            lines.append(f"{res['label']}'s own implicit reward orders fresh gold-ranked test "
-                         f"pairs (those of the reward model's accuracy) correctly {pct_ci(acc)} "
-                         "of the time.")
+            lines.append(
+                f"{res['label']}'s own implicit reward orders fresh gold-ranked test "
+                f"pairs (those of the reward model's accuracy) correctly {pct_ci(acc)} "
+                "of the time."
+            )
     for m, res in s["methods"].items():
         sel = res["selected"]
-        lines.append(gain_sentence(f"{res['label']} ({setting(res, sel['value'], sel['lr'])})",
-                                   res["gain_vs_base"]))
+        lines.append(
+            gain_sentence(
+                f"{res['label']} ({setting(res, sel['value'], sel['lr'])})", res["gain_vs_base"]
+            )
+        )
     lines += ranking_sentences(s["methods"])
     for m, res in s["methods"].items():
         if res.get("oracle") and res.get("oracle_of") in s["methods"]:
             proxy_m = s["methods"][res["oracle_of"]]
             iv = paired(res["gain_vs_base"], proxy_m["gain_vs_base"])
             if iv is not None:
-                lines.append(gain_sentence(res["label"], iv, proxy_m["label"]
-                                           + " on the reward model")
-                             + " (The gap is what the reward model's errors cost the "
-                               "algorithm.)")
+                lines.append(
+                    gain_sentence(res["label"], iv, proxy_m["label"] + " on the reward model")
+                    + " (The gap is what the reward model's errors cost the "
+                    "algorithm.)"
+                )
     for m, res in s["methods"].items():
         if res.get("variant_of") in s["methods"]:
             single = s["methods"][res["variant_of"]]
             iv = paired(res["gain_vs_base"], single["gain_vs_base"])
             if iv is not None:
-                lines.append(gain_sentence(res["label"], iv, single["label"]
-                                           + " on one reward model"))
+                lines.append(
+                    gain_sentence(res["label"], iv, single["label"] + " on one reward model")
+                )
     for m, res in s["methods"].items():
         seen, unseen = res.get("gain_seen"), res.get("gain_unseen")
         if seen and unseen and seen.get("mean") is not None:
             iv = paired(unseen, seen)
             if iv is not None and stats.verdict(iv) in (stats.ABOVE, stats.BELOW):
-                lines.append(gain_sentence(f"{res['label']} on unseen prompts", iv,
-                                           "itself on seen prompts"))
+                lines.append(
+                    gain_sentence(f"{res['label']} on unseen prompts", iv, "itself on seen prompts")
+                )
     for m, res in s["methods"].items():
         lines += overoptimization_sentences(res["label"], res)
     return lines
@@ -450,69 +558,106 @@ def write_report(results_path: Path, out: Path) -> None:
     k = len(seeds)
     md = ["# preftune lab report", ""]
     if plan["quick"]:
-        md += ["**Smoke run (`--quick`)**: short training, one setting per method and "
-               f"{k} seed(s). Its intervals are wide and its claims underpowered; use it to "
-               "check that the lab works, not to compare methods.", ""]
+        md += [
+            "**Smoke run (`--quick`)**: short training, one setting per method and "
+            f"{k} seed(s). Its intervals are wide and its claims underpowered; use it to "
+            "check that the lab works, not to compare methods.",
+            "",
+        ]
     env = results["environment"]
-    md += [f"This run took {results['wall_time_s'] / 60:.1f} min of wall time and "
-           f"{results.get('cpu_time_s', 0) / 60:.1f} min of CPU time ({env['cpus']} CPUs, "
-           f"{env['threads']} torch thread(s), load average {env.get('load_average', 0):.1f} "
-           f"at the end; torch {env['torch']}).", ""]
+    md += [
+        f"This run took {results['wall_time_s'] / 60:.1f} min of wall time and "
+        f"{results.get('cpu_time_s', 0) / 60:.1f} min of CPU time ({env['cpus']} CPUs, "
+        f"{env['threads']} torch thread(s), load average {env.get('load_average', 0):.1f} "
+        f"at the end; torch {env['torch']}).",
+        "",
+    ]
     p = results["prompts"]
     t_mult = f"t({k - 1}) = {stats.t_quantile(k - 1):.2f}" if k >= 2 else "no t-interval"
-    md += [f"**Design.** Worlds: {', '.join(plan['worlds'])}. Seeds: {k} "
-           f"({', '.join(map(str, seeds))}); each seed trains its own base policy "
-           f"({plan['model']}, {plan['sft_steps']} SFT steps), data, reward models and methods, "
-           f"and is the unit of every interval (95% t-intervals over seeds, {t_mult}). Label "
-           f"noise settings: {', '.join(plan['noises'])}. Prompts per seed (distinct strings, "
-           f"disjoint): {p['train']} train, {p['validation']} validation, {p['test']} test "
-           f"({p['test_seen']} with a product/operand pair seen in training, {p['test_unseen']} "
-           f"unseen); overlap {p['overlap']}. Each evaluation samples {plan['eval_prompts']} "
-           f"validation prompts and {plan['eval_prompts']} seen + {plan['eval_prompts']} "
-           f"unseen test prompts. Offline methods: {plan['offline_steps']} steps of 16 pairs; "
-           f"online: {plan['online_steps']} rollouts; {plan['eval_points']} checkpoints per "
-           "run are evaluated on validation prompts (trajectories).", "",
-           "**How to read it.** Gain = policy gold minus base gold per seed, on the same test "
-           "prompts with the same sampling seed (paired), then a t-interval over seeds. Each "
-           "method's knob and learning rate are chosen on validation prompts and reported on "
-           "test prompts. A claim is made only where its interval excludes 0. KL: k1 and k3 "
-           "per sequence (Schulman 2020) with their within-seed standard errors; best-of-N: "
-           "the analytic bound log N − (N−1)/N and a plug-in estimate from the samples. "
-           "Ensemble variants optimise K reward models' mean minus their std (Coste et al. "
-           "2023); their proxy column is that aggregate and their cost includes all K. "
-           "Proxy gain: the reward model's score minus the base policy's. Implicit-reward "
-           "gold accuracy (offline methods): how often the trained policy's implicit reward "
-           "(β·(log π − log π_base); SimPO/ORPO β·mean log π, CPO β·log π) orders the "
-           "reward model's fresh gold-ranked test pairs as the gold reward does. Cost (whole): the "
-           "method's training plus the preference data it learns from, plus the reward model "
-           "for the methods that optimise it; the base policy is shared by all.", ""]
+    md += [
+        f"**Design.** Worlds: {', '.join(plan['worlds'])}. Seeds: {k} "
+        f"({', '.join(map(str, seeds))}); each seed trains its own base policy "
+        f"({plan['model']}, {plan['sft_steps']} SFT steps), data, reward models and methods, "
+        f"and is the unit of every interval (95% t-intervals over seeds, {t_mult}). Label "
+        f"noise settings: {', '.join(plan['noises'])}. Prompts per seed (distinct strings, "
+        f"disjoint): {p['train']} train, {p['validation']} validation, {p['test']} test "
+        f"({p['test_seen']} with a product/operand pair seen in training, {p['test_unseen']} "
+        f"unseen); overlap {p['overlap']}. Each evaluation samples {plan['eval_prompts']} "
+        f"validation prompts and {plan['eval_prompts']} seen + {plan['eval_prompts']} "
+        f"unseen test prompts. Offline methods: {plan['offline_steps']} steps of 16 pairs; "
+        f"online: {plan['online_steps']} rollouts; {plan['eval_points']} checkpoints per "
+        "run are evaluated on validation prompts (trajectories).",
+        "",
+        "**How to read it.** Gain = policy gold minus base gold per seed, on the same test "
+        "prompts with the same sampling seed (paired), then a t-interval over seeds. Each "
+        "method's knob and learning rate are chosen on validation prompts and reported on "
+        "test prompts. A claim is made only where its interval excludes 0. KL: k1 and k3 "
+        "per sequence (Schulman 2020) with their within-seed standard errors; best-of-N: "
+        "the analytic bound log N − (N−1)/N and a plug-in estimate from the samples. "
+        "Ensemble variants optimise K reward models' mean minus their std (Coste et al. "
+        "2023); their proxy column is that aggregate and their cost includes all K. "
+        "Proxy gain: the reward model's score minus the base policy's. Implicit-reward "
+        "gold accuracy (offline methods): how often the trained policy's implicit reward "
+        "(β·(log π − log π_base); SimPO/ORPO β·mean log π, CPO β·log π) orders the "
+        "reward model's fresh gold-ranked test pairs as the gold reward does. Cost (whole): the "
+        "method's training plus the preference data it learns from, plus the reward model "
+        "for the methods that optimise it; the base policy is shared by all.",
+        "",
+    ]
     for world in plan["worlds"]:
         sw = results["summary"][world]
-        md += [f"## {world}", "", "```", results["worlds"][world], "```", "",
-               f"Base policy gold (test): {ci(sw['base_policy']['test'])}; trained in "
-               f"{sw['base_cost']['wall_time_s'] or 0:.0f}s per seed.", ""]
+        md += [
+            f"## {world}",
+            "",
+            "```",
+            results["worlds"][world],
+            "```",
+            "",
+            f"Base policy gold (test): {ci(sw['base_policy']['test'])}; trained in "
+            f"{sw['base_cost']['wall_time_s'] or 0:.0f}s per seed.",
+            "",
+        ]
         for noise in sw["noise"]:
             s = sw["noise"][noise]
             md += [f"### {world}, label noise `{noise}`", ""]
             md += ["- " + line for line in reading(results, world, noise)]
-            md += ["", *_table(s), "", "<details><summary>every setting</summary>", "",
-                   *_settings_table(s), "", "</details>", ""]
+            md += [
+                "",
+                *_table(s),
+                "",
+                "<details><summary>every setting</summary>",
+                "",
+                *_settings_table(s),
+                "",
+                "</details>",
+                "",
+            ]
         md += ["### Label noise as a factor", ""]
         md += ["- " + line for line in noise_sentences(sw, list(sw["noise"]))]
         md.append("")
-    md += ["![frontier](frontier.png)", "", "![over-optimisation](overoptimization.png)", "",
-           "![compute](compute.png)", ""]
-    md += ["## What this run cannot tell", "",
-           f"- With {k} seed(s) an interval is wide ({t_mult} times the standard error); a "
-           "difference smaller than about the half-widths above is invisible, and 'no "
-           "difference can be claimed' is not evidence of equality.",
-           "- Tiny byte-level models trained for seconds on synthetic worlds: the lab shows "
-           "how methods trade gold reward against KL under controlled conditions; it does not "
-           "rank them on real models or real data.",
-           "- One choice of training length, data size and learning-rate grid per method; "
-           "another budget can change the order.",
-           "- Trajectories are evaluated on validation prompts (which also chose the settings); "
-           "only the test columns are clean held-out estimates.", ""]
+    md += [
+        "![frontier](frontier.png)",
+        "",
+        "![over-optimisation](overoptimization.png)",
+        "",
+        "![compute](compute.png)",
+        "",
+    ]
+    md += [
+        "## What this run cannot tell",
+        "",
+        f"- With {k} seed(s) an interval is wide ({t_mult} times the standard error); a "
+        "difference smaller than about the half-widths above is invisible, and 'no "
+        "difference can be claimed' is not evidence of equality.",
+        "- Tiny byte-level models trained for seconds on synthetic worlds: the lab shows "
+        "how methods trade gold reward against KL under controlled conditions; it does not "
+        "rank them on real models or real data.",
+        "- One choice of training length, data size and learning-rate grid per method; "
+        "another budget can change the order.",
+        "- Trajectories are evaluated on validation prompts (which also chose the settings); "
+        "only the test columns are clean held-out estimates.",
+        "",
+    ]
     if results.get("failures"):
         md += ["## Failed cells", ""]
         md += [f"- {f['cell']}: {f['error']} (log: `{f['log']}`)" for f in results["failures"]]

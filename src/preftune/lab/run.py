@@ -43,9 +43,16 @@ ENSEMBLE_RESULT_VERSION = 2  # bump when the ensemble cell's result fields chang
 EVAL_SEED = 12345  # the sampling seed of every evaluation: common random numbers across cells
 
 # Rough cost of each kind of cell in seconds on 2 CPU cores, for the ETA before anything ran.
-PRIOR_SECONDS = {"base": 50.0, "data": 4.0, "reward_model": 15.0, "eval": 3.0,
-                 "reward_ensemble": 45.0,
-                 "inference": 20.0, "offline": 12.0, "online": 25.0}
+PRIOR_SECONDS = {
+    "base": 50.0,
+    "data": 4.0,
+    "reward_model": 15.0,
+    "eval": 3.0,
+    "reward_ensemble": 45.0,
+    "inference": 20.0,
+    "offline": 12.0,
+    "online": 25.0,
+}
 
 
 def default_cache_dir() -> Path:
@@ -85,8 +92,12 @@ class Progress:
 
     def begin(self, kind: str, what: str) -> float:
         elapsed = time.perf_counter() - self.start
-        print(f"lab [{self.done + 1}/{self.total}] {fmt_time(elapsed)} elapsed, "
-              f"~{fmt_time(self.eta())} left | {kind}: {what}", file=self.stream, flush=True)
+        print(
+            f"lab [{self.done + 1}/{self.total}] {fmt_time(elapsed)} elapsed, "
+            f"~{fmt_time(self.eta())} left | {kind}: {what}",
+            file=self.stream,
+            flush=True,
+        )
         return time.perf_counter()
 
     def end(self, kind: str, t0: float) -> None:
@@ -145,24 +156,34 @@ def _run_lab(cfg: LabConfig) -> dict:
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as f:
                 traceback.print_exc(file=f)
-            failures.append({"cell": cell.describe(), "error": f"{type(exc).__name__}: {exc}",
-                             "log": str(log)})
-            print(f"lab: FAILED {cell.describe()}: {type(exc).__name__}: {exc} (log: {log})",
-                  file=sys.stderr, flush=True)
+            failures.append(
+                {"cell": cell.describe(), "error": f"{type(exc).__name__}: {exc}", "log": str(log)}
+            )
+            print(
+                f"lab: FAILED {cell.describe()}: {type(exc).__name__}: {exc} (log: {log})",
+                file=sys.stderr,
+                flush=True,
+            )
         progress.end(cell.kind, t0)
 
-    raw = runner.collect(todo_cells, failures, cfg,
-                         wall_time_s=time.perf_counter() - progress.start)
+    raw = runner.collect(
+        todo_cells, failures, cfg, wall_time_s=time.perf_counter() - progress.start
+    )
     results = summary.summarize(raw)
     atomic_write_json(out / "results.json", results)
     report.write_report(out / "results.json", out)
-    print(f"lab: done in {fmt_time(time.perf_counter() - progress.start)}; report in "
-          f"{out / 'report.md'}", file=sys.stderr, flush=True)
+    print(
+        f"lab: done in {fmt_time(time.perf_counter() - progress.start)}; report in "
+        f"{out / 'report.md'}",
+        file=sys.stderr,
+        flush=True,
+    )
     if failures:
-        raise PreftuneError(f"{len(failures)} lab cell(s) failed (the report covers the rest; "
-                            "rerun to retry only them): "
-                            + "; ".join(f"{f['cell']}: {f['error']} (log {f['log']})"
-                                        for f in failures))
+        raise PreftuneError(
+            f"{len(failures)} lab cell(s) failed (the report covers the rest; "
+            "rerun to retry only them): "
+            + "; ".join(f"{f['cell']}: {f['error']} (log {f['log']})" for f in failures)
+        )
     return results
 
 
@@ -188,12 +209,20 @@ class Runner:
         return self.out / "data" / world / f"seed{seed}" / f"noise-{noise}"
 
     def rm_dir(self, world: str, seed: int, noise: str) -> Path:
-        return self.out / "runs" / Cell("reward_model", world, seed, noise=noise).group / \
-            "reward_model"
+        return (
+            self.out
+            / "runs"
+            / Cell("reward_model", world, seed, noise=noise).group
+            / "reward_model"
+        )
 
     def ensemble_dir(self, world: str, seed: int, noise: str) -> Path:
-        return self.out / "runs" / Cell("reward_ensemble", world, seed, noise=noise).group / \
-            "reward_ensemble"
+        return (
+            self.out
+            / "runs"
+            / Cell("reward_ensemble", world, seed, noise=noise).group
+            / "reward_ensemble"
+        )
 
     def log_path(self, cell: Cell) -> Path:
         return self.out / "logs" / cell.group / f"{cell.name}.log"
@@ -207,25 +236,38 @@ class Runner:
         return stages.hash_of(stages.base_settings(self.plan, world, seed, LAB_FORMAT))
 
     def eval_key(self, world: str, seed: int) -> str:
-        return stages.hash_of({"base": self.base_key(world, seed), "seed": EVAL_SEED,
-                               "n": self.plan.eval_prompts})
+        return stages.hash_of(
+            {"base": self.base_key(world, seed), "seed": EVAL_SEED, "n": self.plan.eval_prompts}
+        )
 
     def data_key(self, world: str, seed: int, noise: str) -> str:
-        return stages.hash_of({"base": self.base_key(world, seed), "pairs": self.plan.pairs,
-                               "noise": noise})
+        return stages.hash_of(
+            {"base": self.base_key(world, seed), "pairs": self.plan.pairs, "noise": noise}
+        )
 
     def reward_key(self, world: str, seed: int, noise: str) -> str:
-        return stages.hash_of({"data": self.data_key(world, seed, noise),
-                               "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
-                               "settings": stages.reward_settings(self.plan, seed)})
+        return stages.hash_of(
+            {
+                "data": self.data_key(world, seed, noise),
+                "eval": self.eval_key(world, seed),
+                "scoring": PROXY_SCORING,
+                "settings": stages.reward_settings(self.plan, seed),
+            }
+        )
 
     def ensemble_key(self, world: str, seed: int, noise: str) -> str:
-        return stages.hash_of({"data": self.data_key(world, seed, noise),
-                               "eval": self.eval_key(world, seed), "scoring": PROXY_SCORING,
-                               "settings": stages.ensemble_settings(self.plan, seed),
-                               "result": ENSEMBLE_RESULT_VERSION,
-                               "aggs": sorted({METHODS[m].ensemble_agg for m in self.plan.methods
-                                               if METHODS[m].ensemble})})
+        return stages.hash_of(
+            {
+                "data": self.data_key(world, seed, noise),
+                "eval": self.eval_key(world, seed),
+                "scoring": PROXY_SCORING,
+                "settings": stages.ensemble_settings(self.plan, seed),
+                "result": ENSEMBLE_RESULT_VERSION,
+                "aggs": sorted(
+                    {METHODS[m].ensemble_agg for m in self.plan.methods if METHODS[m].ensemble}
+                ),
+            }
+        )
 
     def key(self, cell: Cell) -> str:
         w, s, n = cell.world, cell.seed, cell.noise
@@ -241,23 +283,26 @@ class Runner:
             return self.ensemble_key(w, s, n)
         parts: dict[str, Any] = {"eval": self.eval_key(w, s), "method": cell.method}
         if cell.kind == INFERENCE:
-            parts.update(rms=[self.reward_key(w, s, x) for x in self.plan.noises],
-                         ns=self._bon_ns())
+            parts.update(
+                rms=[self.reward_key(w, s, x) for x in self.plan.noises], ns=self._bon_ns()
+            )
             if "best_of_n_ensemble" in self.plan.methods:
                 parts["ensembles"] = [self.ensemble_key(w, s, x) for x in self.plan.noises]
         else:
             m = METHODS[cell.method]
-            parts["settings"] = stages.method_settings(self.plan, cell.method, cell.value,
-                                                       cell.lr, s, n, get_world(w))
-            parts["steps"] = (self.plan.offline_steps if m.kind == OFFLINE
-                              else self.plan.online_steps, self.plan.eval_points)
+            parts["settings"] = stages.method_settings(
+                self.plan, cell.method, cell.value, cell.lr, s, n, get_world(w)
+            )
+            parts["steps"] = (
+                self.plan.offline_steps if m.kind == OFFLINE else self.plan.online_steps,
+                self.plan.eval_points,
+            )
             if m.implicit_reward:  # results with the implicit-reward accuracy (issue 9)
                 parts["implicit_reward"] = IMPLICIT_REWARD_VERSION
             if n is not None:
                 parts["data"] = self.data_key(w, s, n)
                 # the proxy column, or the reward
-                parts["rm"] = (self.ensemble_key(w, s, n) if m.ensemble
-                               else self.reward_key(w, s, n))
+                parts["rm"] = self.ensemble_key(w, s, n) if m.ensemble else self.reward_key(w, s, n)
         return stages.hash_of(parts)
 
     def _bon_ns(self) -> list[int]:
@@ -289,8 +334,11 @@ class Runner:
             path = self.base_path(world, seed)
             if not (path / "lab_base.json").is_file():
                 stages.train_base_policy(
-                    stages.base_settings(self.plan, world, seed, LAB_FORMAT), get_world(world),
-                    path, self.out / "logs" / world / f"seed{seed}" / "base.log")
+                    stages.base_settings(self.plan, world, seed, LAB_FORMAT),
+                    get_world(world),
+                    path,
+                    self.out / "logs" / world / f"seed{seed}" / "base.log",
+                )
             self._models[(world, seed)] = load_causal_lm(str(path))
         return self._models[(world, seed)]
 
@@ -298,7 +346,8 @@ class Runner:
         if (world, seed) not in self._prompts:
             _, tokenizer = self.base(world, seed)
             self._prompts[(world, seed)] = stages.eval_prompt_sets(
-                get_world(world), seed, self.plan.eval_prompts, tokenizer)
+                get_world(world), seed, self.plan.eval_prompts, tokenizer
+            )
         return self._prompts[(world, seed)]
 
     def proxy(self, world: str, seed: int, noise: str | None, ensemble: str = ""):
@@ -313,18 +362,23 @@ class Runner:
                 from preftune.rewards.sources import EnsembleReward
 
                 self._proxies[key] = EnsembleReward.from_folder(
-                    str(self.ensemble_dir(world, seed, noise)), agg=agg, coef=coef,
-                    batch_size=64, max_length=stages.MAX_LENGTH)
+                    str(self.ensemble_dir(world, seed, noise)),
+                    agg=agg,
+                    coef=coef,
+                    batch_size=64,
+                    max_length=stages.MAX_LENGTH,
+                )
             return self._proxies[key]
-        if not any(METHODS[m].uses_reward_model and not METHODS[m].ensemble
-                   for m in self.plan.methods):
+        if not any(
+            METHODS[m].uses_reward_model and not METHODS[m].ensemble for m in self.plan.methods
+        ):
             return None  # no single reward model is trained (e.g. offline methods only)
         if (world, seed, noise) not in self._proxies:
             from preftune.rewards import ModelReward
 
             self._proxies[(world, seed, noise)] = ModelReward.from_pretrained(
-                str(self.rm_dir(world, seed, noise)), batch_size=64,
-                max_length=stages.MAX_LENGTH)
+                str(self.rm_dir(world, seed, noise)), batch_size=64, max_length=stages.MAX_LENGTH
+            )
         return self._proxies[(world, seed, noise)]
 
     def gold_pairs(self, world: str, seed: int):
@@ -334,12 +388,21 @@ class Runner:
         if (world, seed) not in self._gold_pairs:
             base, tokenizer = self.base(world, seed)
             test = self.prompt_sets(world, seed)["test"]
-            rollout, texts = ev.sample(base, tokenizer, test.prompt_ids,
-                                       get_world(world).max_new_tokens, EVAL_SEED + 2,
-                                       num_samples=2)
+            rollout, texts = ev.sample(
+                base,
+                tokenizer,
+                test.prompt_ids,
+                get_world(world).max_new_tokens,
+                EVAL_SEED + 2,
+                num_samples=2,
+            )
             prompts = [p for p in test.prompts for _ in range(2)]
-            self._gold_pairs[(world, seed)] = (rollout, prompts, texts,
-                                               get_world(world).gold_reward(prompts, texts))
+            self._gold_pairs[(world, seed)] = (
+                rollout,
+                prompts,
+                texts,
+                get_world(world).gold_reward(prompts, texts),
+            )
         return self._gold_pairs[(world, seed)]
 
     def _load_result(self, cell: Cell) -> dict:
@@ -355,21 +418,33 @@ class Runner:
             path = self.base_path(cell.world, cell.seed)
             result.update(path=str(path), **json.loads((path / "lab_base.json").read_text()))
             split = stages.prompt_split(world, cell.seed)
-            result["prompts"] = {"train": len(split.train),
-                                 "validation": len(split.validation),
-                                 "test": len(split.test), "test_seen": len(split.test_seen),
-                                 "test_unseen": len(split.test_unseen),
-                                 "overlap": split.overlap()}
+            result["prompts"] = {
+                "train": len(split.train),
+                "validation": len(split.validation),
+                "test": len(split.test),
+                "test_seen": len(split.test_seen),
+                "test_unseen": len(split.test_unseen),
+                "overlap": split.overlap(),
+            }
         elif cell.kind == "eval":
             model, tokenizer = self.base(cell.world, cell.seed)
             for part, ps in self.prompt_sets(cell.world, cell.seed).items():
-                result[part] = ev.evaluate_policy(model, model, tokenizer, world, ps, None,
-                                                  seed=EVAL_SEED, keep_texts=True)
+                result[part] = ev.evaluate_policy(
+                    model, model, tokenizer, world, ps, None, seed=EVAL_SEED, keep_texts=True
+                )
         elif cell.kind == "data":
             model, tokenizer = self.base(cell.world, cell.seed)
-            result.update(stages.make_data(self.plan, world, cell.seed, cell.noise, model,
-                                           tokenizer,
-                                           self.data_dir(cell.world, cell.seed, cell.noise)))
+            result.update(
+                stages.make_data(
+                    self.plan,
+                    world,
+                    cell.seed,
+                    cell.noise,
+                    model,
+                    tokenizer,
+                    self.data_dir(cell.world, cell.seed, cell.noise),
+                )
+            )
         elif cell.kind == "reward_model":
             result.update(self._train_reward_model(cell, world))
         elif cell.kind == "reward_ensemble":
@@ -384,10 +459,12 @@ class Runner:
         run_dir = self.rm_dir(cell.world, cell.seed, cell.noise)
         config_cls, run = stages.trainer("reward")
         settings = stages.reward_settings(self.plan, cell.seed)
-        cfg = config_cls(model=str(self.base_path(cell.world, cell.seed)),
-                         data=str(self.data_dir(cell.world, cell.seed, cell.noise)
-                                  / "pairs.jsonl"),
-                         output_dir=str(run_dir), **settings)
+        cfg = config_cls(
+            model=str(self.base_path(cell.world, cell.seed)),
+            data=str(self.data_dir(cell.world, cell.seed, cell.noise) / "pairs.jsonl"),
+            output_dir=str(run_dir),
+            **settings,
+        )
         cfg.validate()
         self._proxies.pop((cell.world, cell.seed, cell.noise), None)
         t0 = time.perf_counter()
@@ -401,18 +478,28 @@ class Runner:
         accuracy, decided = ev.gold_order_accuracy(gold, proxy(prompts, texts).tolist())
         # The base policy's proxy reward on its own evaluation samples: the zero of the proxy.
         base_eval = self._load_result(Cell("eval", cell.world, cell.seed, "base_policy"))
-        base_proxy = {part: float(proxy(self.prompt_sets(cell.world, cell.seed)[part].prompts,
-                                        base_eval[part]["texts"]).mean())
-                      for part in ("validation", "test")}
-        return {"settings": settings, "metrics": metrics,
-                "heldout_accuracy": metrics.get("eval/accuracy"),
-                "heldout_loss": metrics.get("eval/loss"),
-                "best_step": metrics.get("early_stopping/best_step"),
-                "stopped_step": metrics.get("early_stopping/stopped_step"),
-                "gold_accuracy": accuracy,
-                "gold_accuracy_pairs": decided, "gold_ties": len(gold) // 2 - decided,
-                "base_proxy": base_proxy, "wall_time_s": wall,
-                "tokens_trained": stages.tokens_trained(run_dir)}
+        base_proxy = {
+            part: float(
+                proxy(
+                    self.prompt_sets(cell.world, cell.seed)[part].prompts, base_eval[part]["texts"]
+                ).mean()
+            )
+            for part in ("validation", "test")
+        }
+        return {
+            "settings": settings,
+            "metrics": metrics,
+            "heldout_accuracy": metrics.get("eval/accuracy"),
+            "heldout_loss": metrics.get("eval/loss"),
+            "best_step": metrics.get("early_stopping/best_step"),
+            "stopped_step": metrics.get("early_stopping/stopped_step"),
+            "gold_accuracy": accuracy,
+            "gold_accuracy_pairs": decided,
+            "gold_ties": len(gold) // 2 - decided,
+            "base_proxy": base_proxy,
+            "wall_time_s": wall,
+            "tokens_trained": stages.tokens_trained(run_dir),
+        }
 
     def _train_reward_ensemble(self, cell: Cell) -> dict:
         """K reward models (seeds seed..seed+K-1) into one ensemble folder; its gold accuracy
@@ -421,14 +508,17 @@ class Runner:
         run_dir = self.ensemble_dir(cell.world, cell.seed, cell.noise)
         config_cls, run = stages.trainer("reward")
         settings = stages.ensemble_settings(self.plan, cell.seed)
-        cfg = config_cls(model=str(self.base_path(cell.world, cell.seed)),
-                         data=str(self.data_dir(cell.world, cell.seed, cell.noise)
-                                  / "pairs.jsonl"),
-                         output_dir=str(run_dir), **settings)
+        cfg = config_cls(
+            model=str(self.base_path(cell.world, cell.seed)),
+            data=str(self.data_dir(cell.world, cell.seed, cell.noise) / "pairs.jsonl"),
+            output_dir=str(run_dir),
+            **settings,
+        )
         cfg.validate()
         shutil.rmtree(run_dir, ignore_errors=True)
-        for key in [k for k in self._proxies if k[:3] == (cell.world, cell.seed, cell.noise)
-                    and len(k) > 3]:
+        for key in [
+            k for k in self._proxies if k[:3] == (cell.world, cell.seed, cell.noise) and len(k) > 3
+        ]:
             del self._proxies[key]
         t0 = time.perf_counter()
         with stages.captured_output(self.log_path(cell)):
@@ -444,45 +534,52 @@ class Runner:
             proxy = self.proxy(cell.world, cell.seed, cell.noise, ensemble=m)
             agg = ensemble_agg_name(m)
             aggregated[agg] = ev.gold_order_accuracy(gold, proxy(prompts, texts).tolist())[0]
-            base_proxy[agg] = {part: float(proxy(sets[part].prompts,
-                                               base_eval[part]["texts"]).mean())
-                             for part in ("validation", "test")}
+            base_proxy[agg] = {
+                part: float(proxy(sets[part].prompts, base_eval[part]["texts"]).mean())
+                for part in ("validation", "test")
+            }
             members = proxy.members
         decided = sum(gold[i] != gold[i + 1] for i in range(0, len(gold), 2))
-        member_accuracy = [ev.gold_order_accuracy(gold, m(prompts, texts).tolist())[0]
-                           for m in members]
+        member_accuracy = [
+            ev.gold_order_accuracy(gold, m(prompts, texts).tolist())[0] for m in members
+        ]
         member_dirs = sorted(run_dir.glob("member-*"))
-        return {"settings": settings, "metrics": metrics, "members": len(member_dirs),
-                "gold_accuracy_members": member_accuracy,
-                "gold_accuracy_aggregated": aggregated,
-                "gold_accuracy_pairs": decided,
-                "heldout_accuracy": [r.get("eval/accuracy") for r in metrics["members"]],
-                "best_step": [r.get("early_stopping/best_step") for r in metrics["members"]],
-                "base_proxy_by_agg": base_proxy, "wall_time_s": wall,
-                # the cost of every member: the ensemble method pays for all K
-                "tokens_trained": sum(stages.tokens_trained(d) for d in member_dirs)}
+        return {
+            "settings": settings,
+            "metrics": metrics,
+            "members": len(member_dirs),
+            "gold_accuracy_members": member_accuracy,
+            "gold_accuracy_aggregated": aggregated,
+            "gold_accuracy_pairs": decided,
+            "heldout_accuracy": [r.get("eval/accuracy") for r in metrics["members"]],
+            "best_step": [r.get("early_stopping/best_step") for r in metrics["members"]],
+            "base_proxy_by_agg": base_proxy,
+            "wall_time_s": wall,
+            # the cost of every member: the ensemble method pays for all K
+            "tokens_trained": sum(stages.tokens_trained(d) for d in member_dirs),
+        }
 
     def _best_of_n(self, cell: Cell, world) -> dict:
         base, tokenizer = self.base(cell.world, cell.seed)
         ns = self._bon_ns()
         out: dict[str, Any] = {"ns": ns, "points": {}}
         for part, ps in self.prompt_sets(cell.world, cell.seed).items():
-            samples = ev.sample_best_of_n(base, tokenizer, world, ps, max(ns),
-                                          seed=EVAL_SEED + 1)
+            samples = ev.sample_best_of_n(base, tokenizer, world, ps, max(ns), seed=EVAL_SEED + 1)
             prompts = [p for p in ps.prompts for _ in range(samples.m)]
             by = {}
             if "best_of_n_gold" in self.plan.methods:
                 by["gold"] = ev.best_of_n(samples, samples.gold, ns, None)
             if "best_of_n" in self.plan.methods:
                 for noise in self.plan.noises:
-                    scores = self.proxy(cell.world, cell.seed, noise)(prompts,
-                                                                      samples.texts).tolist()
+                    scores = self.proxy(cell.world, cell.seed, noise)(
+                        prompts, samples.texts
+                    ).tolist()
                     by[noise] = ev.best_of_n(samples, scores, ns, scores)
             if "best_of_n_ensemble" in self.plan.methods:
                 for noise in self.plan.noises:
-                    scores = self.proxy(cell.world, cell.seed, noise,
-                                        ensemble="best_of_n_ensemble")(prompts,
-                                                                       samples.texts).tolist()
+                    scores = self.proxy(
+                        cell.world, cell.seed, noise, ensemble="best_of_n_ensemble"
+                    )(prompts, samples.texts).tolist()
                     by[f"ensemble:{noise}"] = ev.best_of_n(samples, scores, ns, scores)
             out["points"][part] = by
         return out
@@ -493,10 +590,13 @@ class Runner:
         m = METHODS[cell.method]
         world = get_world(cell.world)
         run_dir = self.run_dir(cell)
-        settings = stages.method_settings(self.plan, cell.method, cell.value, cell.lr,
-                                          cell.seed, cell.noise, world)
-        paths: dict[str, Any] = {"model": str(self.base_path(cell.world, cell.seed)),
-                                 "output_dir": str(run_dir)}
+        settings = stages.method_settings(
+            self.plan, cell.method, cell.value, cell.lr, cell.seed, cell.noise, world
+        )
+        paths: dict[str, Any] = {
+            "model": str(self.base_path(cell.world, cell.seed)),
+            "output_dir": str(run_dir),
+        }
         if m.kind == OFFLINE:
             paths["data"] = str(self.data_dir(cell.world, cell.seed, cell.noise) / "pairs.jsonl")
         else:
@@ -507,8 +607,7 @@ class Runner:
             if m.reward == "gold":
                 paths["reward_fn"] = [gold_spec(cell.world)]
             elif m.ensemble:
-                paths["reward_model"] = str(self.ensemble_dir(cell.world, cell.seed,
-                                                              cell.noise))
+                paths["reward_model"] = str(self.ensemble_dir(cell.world, cell.seed, cell.noise))
             else:
                 paths["reward_model"] = str(self.rm_dir(cell.world, cell.seed, cell.noise))
         config_cls, _ = stages.trainer(cell.method)
@@ -520,8 +619,9 @@ class Runner:
         m = METHODS[cell.method]
         run_dir = self.run_dir(cell)
         cfg = self.trainer_config(cell)
-        settings = stages.method_settings(self.plan, cell.method, cell.value, cell.lr,
-                                          cell.seed, cell.noise, world)
+        settings = stages.method_settings(
+            self.plan, cell.method, cell.value, cell.lr, cell.seed, cell.noise, world
+        )
         if not Path(cfg.data).is_file():
             # The oracle controls need only the prompts file, which the data stage writes.
             raise RuntimeError(f"{cfg.data} is missing: its data cell did not run")
@@ -550,40 +650,55 @@ class Runner:
         sets = self.prompt_sets(cell.world, cell.seed)
         # The proxy column: the reward the method optimises (for an ensemble method, the
         # ensemble aggregated as it optimises it).
-        proxy = self.proxy(cell.world, cell.seed, cell.noise,
-                           ensemble=cell.method if m.ensemble else "")
+        proxy = self.proxy(
+            cell.world, cell.seed, cell.noise, ensemble=cell.method if m.ensemble else ""
+        )
         trajectory = []
         t_eval = time.perf_counter()
         for step, folder in stages.checkpoints(run_dir):
             stages.load_checkpoint_weights(policy, folder)
-            point = ev.evaluate_policy(policy, base, tokenizer, world, sets["validation"],
-                                       proxy, seed=EVAL_SEED)
+            point = ev.evaluate_policy(
+                policy, base, tokenizer, world, sets["validation"], proxy, seed=EVAL_SEED
+            )
             trajectory.append({"step": step, **_point(point)})
         final, _ = load_causal_lm(str(run_dir))
-        point = ev.evaluate_policy(final, base, tokenizer, world, sets["validation"], proxy,
-                                   seed=EVAL_SEED)
+        point = ev.evaluate_policy(
+            final, base, tokenizer, world, sets["validation"], proxy, seed=EVAL_SEED
+        )
         trajectory.append({"step": cfg.max_steps, **_point(point)})
-        test = ev.evaluate_policy(final, base, tokenizer, world, sets["test"], proxy,
-                                  seed=EVAL_SEED)
+        test = ev.evaluate_policy(
+            final, base, tokenizer, world, sets["test"], proxy, seed=EVAL_SEED
+        )
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        out = {"knob": m.knob, "settings": settings, "train": train,
-               "validation": trajectory[-1], "test": test, "trajectory": trajectory}
+        out = {
+            "knob": m.knob,
+            "settings": settings,
+            "train": train,
+            "validation": trajectory[-1],
+            "test": test,
+            "trajectory": trajectory,
+        }
         if m.implicit_reward:
             # Issue 9 req. 4: does the policy's own implicit reward order the fresh gold-ranked
             # test pairs (those the reward model is measured on) the way the gold reward does?
             rollout, _, _, gold = self.gold_pairs(cell.world, cell.seed)
-            scores = ev.implicit_rewards(final, base, rollout, tokenizer.pad_token_id,
-                                         float(cell.value), m.implicit_reward)
+            scores = ev.implicit_rewards(
+                final, base, rollout, tokenizer.pad_token_id, float(cell.value), m.implicit_reward
+            )
             accuracy, decided = ev.gold_order_accuracy(gold, scores)
-            out.update(implicit_reward_gold_accuracy=accuracy,
-                       implicit_reward_gold_pairs=decided, implicit_reward=m.implicit_reward)
+            out.update(
+                implicit_reward_gold_accuracy=accuracy,
+                implicit_reward_gold_pairs=decided,
+                implicit_reward=m.implicit_reward,
+            )
         out["eval_time_s"] = time.perf_counter() - t_eval
         return out
 
     # --- collecting the results ---------------------------------------------------------------
 
-    def collect(self, all_cells: list[Cell], failures: list[dict], cfg: LabConfig,
-                wall_time_s: float) -> dict:
+    def collect(
+        self, all_cells: list[Cell], failures: list[dict], cfg: LabConfig, wall_time_s: float
+    ) -> dict:
         import platform
         import resource
 
@@ -603,19 +718,28 @@ class Runner:
             "config": asdict(cfg),
             "plan": asdict(self.plan),
             "worlds": {name: get_world(name).description for name in self.plan.worlds},
-            "methods": {m: {"label": METHODS[m].label, "kind": METHODS[m].kind,
-                            "knob": METHODS[m].knob, "reward": METHODS[m].reward,
-                            "uses_reward_model": METHODS[m].uses_reward_model,
-                            "oracle_of": METHODS[m].oracle_of,
-                            "ensemble": METHODS[m].ensemble,
-                            "variant_of": METHODS[m].variant_of,
-                            "ensemble_agg": ensemble_agg_name(m) if METHODS[m].ensemble
-                            else ""}
-                        for m in self.plan.methods},
+            "methods": {
+                m: {
+                    "label": METHODS[m].label,
+                    "kind": METHODS[m].kind,
+                    "knob": METHODS[m].knob,
+                    "reward": METHODS[m].reward,
+                    "uses_reward_model": METHODS[m].uses_reward_model,
+                    "oracle_of": METHODS[m].oracle_of,
+                    "ensemble": METHODS[m].ensemble,
+                    "variant_of": METHODS[m].variant_of,
+                    "ensemble_agg": ensemble_agg_name(m) if METHODS[m].ensemble else "",
+                }
+                for m in self.plan.methods
+            },
             "eval_seed": EVAL_SEED,
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                            "load_average": os.getloadavg()[0]},
+            "environment": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "load_average": os.getloadavg()[0],
+            },
             "wall_time_s": wall_time_s,
             # CPU time of this process (user + system): what the run costs on a quiet machine,
             # where with one torch thread the wall time would be about this.
@@ -645,6 +769,11 @@ def _logp_trend(run_dir: Path) -> list[dict]:
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             if "logps/chosen" in rec:
-                out.append({"step": rec["step"], "chosen": rec["logps/chosen"],
-                            "rejected": rec.get("logps/rejected")})
+                out.append(
+                    {
+                        "step": rec["step"],
+                        "chosen": rec["logps/chosen"],
+                        "rejected": rec.get("logps/rejected"),
+                    }
+                )
     return out

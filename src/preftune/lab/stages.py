@@ -57,8 +57,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def captured_output(log_path: Path):
     """Trainer output (data reports, progress bars, warnings) goes to the cell's log file."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log, contextlib.redirect_stderr(log), \
-            contextlib.redirect_stdout(log):
+    with (
+        open(log_path, "a") as log,
+        contextlib.redirect_stderr(log),
+        contextlib.redirect_stdout(log),
+    ):
         yield
 
 
@@ -68,9 +71,11 @@ def trainer(name: str):
 
     if name == "sft":
         from preftune.trainers.sft import SFTConfig, run_sft
+
         return SFTConfig, run_sft
     if name == "reward":
         from preftune.trainers.reward import RewardConfig, run_reward
+
         return RewardConfig, run_reward
     m = METHODS[name]
     mod = importlib.import_module(m.module)
@@ -79,8 +84,16 @@ def trainer(name: str):
 
 def common_settings(seed: int) -> dict[str, Any]:
     # curves=False: the lab's many short runs need no training-curve figure each
-    return dict(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, seed=seed,
-                logging_steps=QUIET, save_steps=0, overwrite=True, report_to="", curves=False)
+    return dict(
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT_LENGTH,
+        seed=seed,
+        logging_steps=QUIET,
+        save_steps=0,
+        overwrite=True,
+        report_to="",
+        curves=False,
+    )
 
 
 def tokens_trained(run_dir: Path) -> int:
@@ -100,10 +113,19 @@ def tokens_trained(run_dir: Path) -> int:
 
 # --- stage 1: the base policy ------------------------------------------------------------------
 
+
 def base_settings(plan: Plan, world: str, seed: int, lab_format: int) -> dict:
-    return {"lab_format": lab_format, "world": world, "model": plan.model,
-            "steps": plan.sft_steps, "corpus": plan.sft_examples, "lr": SFT_LR,
-            "batch_size": 32, "max_length": MAX_LENGTH, "seed": seed}
+    return {
+        "lab_format": lab_format,
+        "world": world,
+        "model": plan.model,
+        "steps": plan.sft_steps,
+        "corpus": plan.sft_examples,
+        "lr": SFT_LR,
+        "batch_size": 32,
+        "max_length": MAX_LENGTH,
+        "seed": seed,
+    }
 
 
 def train_base_policy(settings: dict, world, final: Path, log_path: Path) -> None:
@@ -118,17 +140,30 @@ def train_base_policy(settings: dict, world, final: Path, log_path: Path) -> Non
     corpus_path = cache_dir / f".tmp-corpus-{final.name}-{os.getpid()}.jsonl"
     write_jsonl(corpus_path, [{"prompt": p, "completion": c} for p, c in corpus])
     config_cls, run = trainer("sft")
-    cfg = config_cls(model=settings["model"], data=str(corpus_path), output_dir=str(tmp),
-                     max_steps=settings["steps"], batch_size=32, lr=SFT_LR, warmup_steps=20,
-                     **common_settings(seed))
+    cfg = config_cls(
+        model=settings["model"],
+        data=str(corpus_path),
+        output_dir=str(tmp),
+        max_steps=settings["steps"],
+        batch_size=32,
+        lr=SFT_LR,
+        warmup_steps=20,
+        **common_settings(seed),
+    )
     cfg.validate()
     try:
         t0 = time.perf_counter()
         with captured_output(log_path):
             metrics = run(cfg)
-        atomic_write_json(tmp / "lab_base.json", {
-            "settings": settings, "metrics": metrics, "wall_time_s": time.perf_counter() - t0,
-            "tokens_trained": tokens_trained(tmp)})
+        atomic_write_json(
+            tmp / "lab_base.json",
+            {
+                "settings": settings,
+                "metrics": metrics,
+                "wall_time_s": time.perf_counter() - t0,
+                "tokens_trained": tokens_trained(tmp),
+            },
+        )
         try:
             os.replace(tmp, final)
         except OSError:  # another lab finished the same base policy first: keep theirs
@@ -138,6 +173,7 @@ def train_base_policy(settings: dict, world, final: Path, log_path: Path) -> Non
 
 
 # --- stage 2: prompts and preference data ------------------------------------------------------
+
 
 def prompt_split(world, seed: int):
     return world.split_prompts(random.Random(seed * 7919 + 5))
@@ -151,9 +187,14 @@ def eval_prompt_sets(world, seed: int, n: int, tokenizer) -> dict[str, ev.Prompt
     val = [rng.choice(split.validation) for _ in range(n)]
     seen = [rng.choice(split.test_seen) for _ in range(n)]
     unseen = [rng.choice(split.test_unseen) for _ in range(n)]
-    return {"validation": ev.PromptSet(val, ev.encode_prompts(tokenizer, val)),
-            "test": ev.PromptSet(seen + unseen, ev.encode_prompts(tokenizer, seen + unseen),
-                                 {"seen": (0, n), "unseen": (n, 2 * n)})}
+    return {
+        "validation": ev.PromptSet(val, ev.encode_prompts(tokenizer, val)),
+        "test": ev.PromptSet(
+            seen + unseen,
+            ev.encode_prompts(tokenizer, seen + unseen),
+            {"seen": (0, n), "unseen": (n, 2 * n)},
+        ),
+    }
 
 
 def make_data(plan: Plan, world, seed: int, noise: str, base, tokenizer, data_dir: Path) -> dict:
@@ -161,8 +202,14 @@ def make_data(plan: Plan, world, seed: int, noise: str, base, tokenizer, data_di
     split = prompt_split(world, seed)
     rng = random.Random(seed * 7919 + 2)  # the same prompts and samples for every noise setting
     prompts = [rng.choice(split.train) for _ in range(plan.pairs)]
-    rollout, texts = ev.sample(base, tokenizer, ev.encode_prompts(tokenizer, prompts),
-                               world.max_new_tokens, seed * 7919 + 3, num_samples=2)
+    rollout, texts = ev.sample(
+        base,
+        tokenizer,
+        ev.encode_prompts(tokenizer, prompts),
+        world.max_new_tokens,
+        seed * 7919 + 3,
+        num_samples=2,
+    )
     first, second = texts[0::2], texts[1::2]
     gold_a = world.gold_reward(prompts, first)
     gold_b = world.gold_reward(prompts, second)
@@ -170,9 +217,13 @@ def make_data(plan: Plan, world, seed: int, noise: str, base, tokenizer, data_di
     identical = sum(first[i] == second[i] for i in range(len(prompts)))
     # Pairs that tie on gold carry no preference; they are dropped, never coin-flipped.
     ties = len(prompts) - identical - len(kept)
-    labels = bt_label_pairs([gold_a[i] for i in kept], [gold_b[i] for i in kept],
-                            noise=noise_rate(noise), rng=random.Random(seed * 7919 + 4),
-                            temperature=LABEL_TEMPERATURE)
+    labels = bt_label_pairs(
+        [gold_a[i] for i in kept],
+        [gold_b[i] for i in kept],
+        noise=noise_rate(noise),
+        rng=random.Random(seed * 7919 + 4),
+        temperature=LABEL_TEMPERATURE,
+    )
     pairs, agree = [], 0
     for i, a_wins in zip(kept, labels):
         agree += (gold_a[i] > gold_b[i]) == a_wins
@@ -180,22 +231,34 @@ def make_data(plan: Plan, world, seed: int, noise: str, base, tokenizer, data_di
         pairs.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected})
     write_jsonl(data_dir / "pairs.jsonl", pairs)
     write_jsonl(data_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    return {"pairs": len(pairs), "sampled": len(prompts), "identical_dropped": identical,
-            "gold_ties_dropped": ties,
-            "label_agreement_with_gold": agree / len(kept) if kept else None,
-            "noise": noise, "flip_rate": flip_rate(noise),
-            "tokens_generated": sum(len(c) for c in rollout.completion_ids)}
+    return {
+        "pairs": len(pairs),
+        "sampled": len(prompts),
+        "identical_dropped": identical,
+        "gold_ties_dropped": ties,
+        "label_agreement_with_gold": agree / len(kept) if kept else None,
+        "noise": noise,
+        "flip_rate": flip_rate(noise),
+        "tokens_generated": sum(len(c) for c in rollout.completion_ids),
+    }
 
 
 # --- stages 4 and 5: trainer settings --------------------------------------------------------------
 
+
 def reward_settings(plan: Plan, seed: int) -> dict[str, Any]:
     # logging_steps: a run stopped early never reaches a QUIET log line, and `tokens_trained`
     # reads the logged throughput: log at every evaluation so the cost is counted.
-    return dict(**{**common_settings(seed), "logging_steps": REWARD_EVAL_STEPS},
-                max_steps=plan.reward_max_steps, batch_size=16, lr=REWARD_LR, warmup_steps=10,
-                eval_fraction=0.15, eval_steps=REWARD_EVAL_STEPS,
-                early_stopping_patience=REWARD_PATIENCE)
+    return dict(
+        **{**common_settings(seed), "logging_steps": REWARD_EVAL_STEPS},
+        max_steps=plan.reward_max_steps,
+        batch_size=16,
+        lr=REWARD_LR,
+        warmup_steps=10,
+        eval_fraction=0.15,
+        eval_steps=REWARD_EVAL_STEPS,
+        early_stopping_patience=REWARD_PATIENCE,
+    )
 
 
 def ensemble_settings(plan: Plan, seed: int) -> dict[str, Any]:
@@ -207,16 +270,21 @@ def checkpoint_every(max_steps: int, points: int) -> int:
     return max(1, max_steps // points)
 
 
-def method_settings(plan: Plan, method: str, value: float, lr: float, seed: int, noise,
-                    world) -> dict[str, Any]:
+def method_settings(
+    plan: Plan, method: str, value: float, lr: float, seed: int, noise, world
+) -> dict[str, Any]:
     """The trainer settings the lab chooses for one cell (paths are added by the caller)."""
     m = METHODS[method]
-    settings = {**common_settings(seed), **m.fixed, m.knob: value, "lr": lr,
-                "save_total_limit": 0}
+    settings = {**common_settings(seed), **m.fixed, m.knob: value, "lr": lr, "save_total_limit": 0}
     if m.kind == OFFLINE:
         every = checkpoint_every(plan.offline_steps, plan.eval_points)
-        settings.update(max_steps=plan.offline_steps, batch_size=16, warmup_steps=10,
-                        save_steps=every, logging_steps=every)
+        settings.update(
+            max_steps=plan.offline_steps,
+            batch_size=16,
+            warmup_steps=10,
+            save_steps=every,
+            logging_steps=every,
+        )
         if method in ("cdpo", "robust"):
             # Conservative/robust DPO take the label flip rate: the lab knows it.
             settings["label_smoothing"] = flip_rate(noise) or 0.1
@@ -224,10 +292,15 @@ def method_settings(plan: Plan, method: str, value: float, lr: float, seed: int,
             settings["precompute_ref"] = True
     else:
         assert m.kind == ONLINE
-        settings.update(max_steps=plan.online_steps, batch_size=32, warmup_steps=3,
-                        max_new_tokens=world.max_new_tokens, generation_batch_size=64,
-                        reward_batch_size=64,
-                        save_steps=checkpoint_every(plan.online_steps, plan.eval_points))
+        settings.update(
+            max_steps=plan.online_steps,
+            batch_size=32,
+            warmup_steps=3,
+            max_new_tokens=world.max_new_tokens,
+            generation_batch_size=64,
+            reward_batch_size=64,
+            save_steps=checkpoint_every(plan.online_steps, plan.eval_points),
+        )
     return settings
 
 
@@ -235,8 +308,14 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, checkpoint folder) of a finished run, in order; the final model is the last
     point (step None -> the run's max step), read from run_dir itself."""
     root = run_dir / "checkpoints"
-    found = sorted(((int(p.name.split("-")[1]), p) for p in root.glob("step-*")
-                    if (p / "trainer_state.json").is_file()), key=lambda x: x[0])
+    found = sorted(
+        (
+            (int(p.name.split("-")[1]), p)
+            for p in root.glob("step-*")
+            if (p / "trainer_state.json").is_file()
+        ),
+        key=lambda x: x[0],
+    )
     return found
 
 
@@ -248,12 +327,13 @@ def load_checkpoint_weights(model, folder: Path) -> None:
     (`policy.` for PPO, none for DPO)."""
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("model*.safetensors"),
-                   key=lambda p: int(p.stem.partition("_")[2] or 0))
+    files = sorted(
+        folder.glob("model*.safetensors"), key=lambda p: int(p.stem.partition("_")[2] or 0)
+    )
     state = load_file(str(files[-1]))
     wanted = model.state_dict()
     for prefix in ("", "policy.", "model.", "module.", "policy.model."):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         missing = [k for k in wanted if k not in sub]
         if not missing or missing == ["lm_head.weight"]:  # a tied head may be stored once
             model.load_state_dict({k: sub.get(k, wanted[k]) for k in wanted})

@@ -104,6 +104,7 @@ def verdict(iv: Interval | dict) -> str:
 
 # --- KL ------------------------------------------------------------------------------------------
 
+
 def kl_estimates(log_ratios: Sequence[float]) -> dict:
     """k1 and k3 (module docstring) from per-sequence log r = log pi - log pi_base, y ~ pi:
     means over sequences with their standard errors."""
@@ -145,7 +146,7 @@ def bon_kl_plugin(scores: Sequence[Sequence[float]], n: int) -> float:
         for s in sorted(counts):
             p = counts[s] / m
             lower, cdf = cdf, cdf + p
-            q = min(cdf, 1.0) ** n - lower ** n
+            q = min(cdf, 1.0) ** n - lower**n
             if q > 0:
                 kl += q * math.log(q / p)
         total += kl
@@ -153,6 +154,7 @@ def bon_kl_plugin(scores: Sequence[Sequence[float]], n: int) -> float:
 
 
 # --- Gao et al. 2022 fits --------------------------------------------------------------------------
+
 
 def gao_fit(kl: Sequence[float], gold_gain: Sequence[float], form: str) -> dict | None:
     """Least-squares fit of gold gain R(d), d = sqrt(KL), to Gao et al.'s form (no intercept:
@@ -162,8 +164,11 @@ def gao_fit(kl: Sequence[float], gold_gain: Sequence[float], form: str) -> dict 
     the KL at the fitted gold peak (None when the fit has no interior maximum)."""
     import numpy as np
 
-    pts = [(math.sqrt(max(k, 0.0)), g) for k, g in zip(kl, gold_gain)
-           if k is not None and g is not None and math.isfinite(k) and math.isfinite(g)]
+    pts = [
+        (math.sqrt(max(k, 0.0)), g)
+        for k, g in zip(kl, gold_gain)
+        if k is not None and g is not None and math.isfinite(k) and math.isfinite(g)
+    ]
     pts = [(d, g) for d, g in pts if d > 0]
     if len(pts) < 3:
         return None
@@ -180,6 +185,12 @@ def gao_fit(kl: Sequence[float], gold_gain: Sequence[float], form: str) -> dict 
         # d/dd [d(a - b d)] = a - 2 b d = 0;  d/dd [d(a - b ln d)] = a - b (ln d + 1) = 0
         d_star = alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
         if d_star > 0:
-            peak = d_star ** 2
-    return {"form": form, "alpha": float(alpha), "beta": float(beta), "r2": r2,
-            "n_points": len(pts), "kl_at_gold_peak": peak}
+            peak = d_star**2
+    return {
+        "form": form,
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "r2": r2,
+        "n_points": len(pts),
+        "kl_at_gold_peak": peak,
+    }

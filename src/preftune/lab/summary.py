@@ -36,14 +36,18 @@ def summarize(raw: dict) -> dict:
     out = {**raw}
     splits = [c["prompts"] for c in _by(cells, kind="base")]
     out["prompts"] = {
-        **{k: round(_mean([s[k] for s in splits]) or 0) for k in
-           ("train", "validation", "test", "test_seen", "test_unseen")},
+        **{
+            k: round(_mean([s[k] for s in splits]) or 0)
+            for k in ("train", "validation", "test", "test_seen", "test_unseen")
+        },
         "overlap": max((s["overlap"] for s in splits), default=0),
-        "evaluated_per_seed": {"validation": plan["eval_prompts"],
-                               "test_seen": plan["eval_prompts"],
-                               "test_unseen": plan["eval_prompts"]},
+        "evaluated_per_seed": {
+            "validation": plan["eval_prompts"],
+            "test_seen": plan["eval_prompts"],
+            "test_unseen": plan["eval_prompts"],
+        },
         "note": "distinct prompt strings per seed (mean over seeds); train/validation/test are "
-                "disjoint as strings; test_unseen products/operand pairs never occur in training",
+        "disjoint as strings; test_unseen products/operand pairs never occur in training",
     }
     out["summary"] = {w: _world(raw, w) for w in plan["worlds"]}
     return out
@@ -51,15 +55,19 @@ def summarize(raw: dict) -> dict:
 
 def _world(raw: dict, world: str) -> dict:
     plan, cells = raw["plan"], [c for c in raw["cells"] if c["world"] == world]
-    seeds = [s for s in plan["seeds"]
-             if _by(cells, kind="eval", seed=s)]  # seeds whose base policy was evaluated
+    seeds = [
+        s for s in plan["seeds"] if _by(cells, kind="eval", seed=s)
+    ]  # seeds whose base policy was evaluated
     base = {s: _by(cells, kind="eval", seed=s)[0] for s in seeds}
-    out = {"seeds": seeds,
-           "base_policy": {part: stats.t_interval([base[s][part]["gold"] for s in seeds]
-                                                  ).to_json()
-                           for part in ("validation", "test")},
-           "base_cost": _base_cost(cells, seeds),
-           "noise": {}}
+    out = {
+        "seeds": seeds,
+        "base_policy": {
+            part: stats.t_interval([base[s][part]["gold"] for s in seeds]).to_json()
+            for part in ("validation", "test")
+        },
+        "base_cost": _base_cost(cells, seeds),
+        "noise": {},
+    }
     for noise in plan["noises"]:
         out["noise"][noise] = _noise(raw, cells, world, noise, seeds, base)
     return out
@@ -67,30 +75,39 @@ def _world(raw: dict, world: str) -> dict:
 
 def _base_cost(cells, seeds) -> dict:
     bases = [c for c in cells if c["kind"] == "base" and c["seed"] in seeds]
-    return {"wall_time_s": _mean([b.get("wall_time_s") for b in bases]),
-            "tokens_trained": _mean([b.get("tokens_trained") for b in bases])}
+    return {
+        "wall_time_s": _mean([b.get("wall_time_s") for b in bases]),
+        "tokens_trained": _mean([b.get("tokens_trained") for b in bases]),
+    }
 
 
 def _noise(raw, cells, world, noise, seeds, base) -> dict:
     plan = raw["plan"]
     data = {s: (_by(cells, kind="data", seed=s, noise=noise) or [None])[0] for s in seeds}
     rms = {s: (_by(cells, kind="reward_model", seed=s, noise=noise) or [None])[0] for s in seeds}
-    out: dict = {"data": {
-        "pairs": _mean([d["pairs"] for d in data.values() if d]),
-        "gold_ties_dropped": _mean([d["gold_ties_dropped"] for d in data.values() if d]),
-        "identical_dropped": _mean([d["identical_dropped"] for d in data.values() if d]),
-        "sampled": _mean([d["sampled"] for d in data.values() if d]),
-        "label_agreement": stats.t_interval([d["label_agreement_with_gold"]
-                                             for d in data.values()
-                                             if d and d["label_agreement_with_gold"] is not None]
-                                            ).to_json(),
-        "flip_rate": next((d["flip_rate"] for d in data.values() if d), None)}}
+    out: dict = {
+        "data": {
+            "pairs": _mean([d["pairs"] for d in data.values() if d]),
+            "gold_ties_dropped": _mean([d["gold_ties_dropped"] for d in data.values() if d]),
+            "identical_dropped": _mean([d["identical_dropped"] for d in data.values() if d]),
+            "sampled": _mean([d["sampled"] for d in data.values() if d]),
+            "label_agreement": stats.t_interval(
+                [
+                    d["label_agreement_with_gold"]
+                    for d in data.values()
+                    if d and d["label_agreement_with_gold"] is not None
+                ]
+            ).to_json(),
+            "flip_rate": next((d["flip_rate"] for d in data.values() if d), None),
+        }
+    }
     if any(rms.values()):
         ok = [s for s in seeds if rms[s] and rms[s].get("gold_accuracy") is not None]
         out["reward_model"] = {
             "gold_accuracy": _mean([rms[s]["gold_accuracy"] for s in ok]),
-            "gold_accuracy_interval": stats.t_interval([rms[s]["gold_accuracy"] for s in ok]
-                                                       ).to_json(),
+            "gold_accuracy_interval": stats.t_interval(
+                [rms[s]["gold_accuracy"] for s in ok]
+            ).to_json(),
             "heldout_accuracy": _mean([rms[s]["heldout_accuracy"] for s in ok]),
             "heldout_loss": _mean([rms[s]["heldout_loss"] for s in ok]),
             "best_step": [rms[s]["best_step"] for s in ok],
@@ -99,19 +116,25 @@ def _noise(raw, cells, world, noise, seeds, base) -> dict:
             "tokens_trained": _mean([rms[s]["tokens_trained"] for s in ok]),
             "gold_accuracy_pairs": _mean([rms[s]["gold_accuracy_pairs"] for s in ok]),
         }
-    ens = {s: (_by(cells, kind="reward_ensemble", seed=s, noise=noise) or [None])[0]
-           for s in seeds}
+    ens = {s: (_by(cells, kind="reward_ensemble", seed=s, noise=noise) or [None])[0] for s in seeds}
     if any(ens.values()):
         ok = [s for s in seeds if ens[s]]
         aggs = sorted({a for s in ok for a in ens[s]["gold_accuracy_aggregated"]})
         out["reward_ensemble"] = {
             "members": next(ens[s]["members"] for s in ok),
             "gold_accuracy_aggregated": {
-                a: stats.t_interval([ens[s]["gold_accuracy_aggregated"][a] for s in ok
-                                     if ens[s]["gold_accuracy_aggregated"].get(a) is not None]
-                                    ).to_json() for a in aggs},
+                a: stats.t_interval(
+                    [
+                        ens[s]["gold_accuracy_aggregated"][a]
+                        for s in ok
+                        if ens[s]["gold_accuracy_aggregated"].get(a) is not None
+                    ]
+                ).to_json()
+                for a in aggs
+            },
             "gold_accuracy_members": stats.t_interval(
-                [_mean(ens[s]["gold_accuracy_members"]) for s in ok]).to_json(),
+                [_mean(ens[s]["gold_accuracy_members"]) for s in ok]
+            ).to_json(),
             "wall_time_s": _mean([ens[s]["wall_time_s"] for s in ok]),
             "tokens_trained": _mean([ens[s]["tokens_trained"] for s in ok]),
             "gold_accuracy_pairs": _mean([ens[s]["gold_accuracy_pairs"] for s in ok]),
@@ -120,20 +143,32 @@ def _noise(raw, cells, world, noise, seeds, base) -> dict:
     for m in plan["methods"]:
         info = raw["methods"][m]
         # An ensemble method's reward (its proxy column and its cost) is the ensemble.
-        rewards = ({s: {**e, "base_proxy": e["base_proxy_by_agg"][info["ensemble_agg"]]}
-                    if e else None
-                    for s, e in ens.items()} if info.get("ensemble") else rms)
+        rewards = (
+            {
+                s: {**e, "base_proxy": e["base_proxy_by_agg"][info["ensemble_agg"]]} if e else None
+                for s, e in ens.items()
+            }
+            if info.get("ensemble")
+            else rms
+        )
         if info["kind"] == "inference":
             res = _best_of_n(cells, bon_key(info, noise), seeds, base, rewards)
         else:
-            res = _trained(cells, m, None if info["reward"] == "gold" else noise, seeds, base,
-                           rewards)
+            res = _trained(
+                cells, m, None if info["reward"] == "gold" else noise, seeds, base, rewards
+            )
         if res is None:
             continue
-        res.update(label=info["label"], kind=info["kind"], knob=info["knob"],
-                   oracle=info["reward"] == "gold", oracle_of=info["oracle_of"],
-                   uses_reward_model=info["uses_reward_model"],
-                   ensemble=info.get("ensemble", False), variant_of=info.get("variant_of", ""))
+        res.update(
+            label=info["label"],
+            kind=info["kind"],
+            knob=info["knob"],
+            oracle=info["reward"] == "gold",
+            oracle_of=info["oracle_of"],
+            uses_reward_model=info["uses_reward_model"],
+            ensemble=info.get("ensemble", False),
+            variant_of=info.get("variant_of", ""),
+        )
         res["cost"] = _cost(res, info, data, rewards, seeds)
         methods[m] = res
     out["methods"] = methods
@@ -155,8 +190,11 @@ def _gain(values: dict[int, float], base_values: dict[int, float], seeds) -> dic
 
 
 def _trained(cells, method, noise, seeds, base, rms) -> dict | None:
-    runs = [c for c in cells if c["method"] == method and c.get("noise") == noise
-            and "test" in c and c["seed"] in seeds]
+    runs = [
+        c
+        for c in cells
+        if c["method"] == method and c.get("noise") == noise and "test" in c and c["seed"] in seeds
+    ]
     if not runs:
         return None
     settings = sorted({(c["value"], c["lr"]) for c in runs})
@@ -164,44 +202,83 @@ def _trained(cells, method, noise, seeds, base, rms) -> dict | None:
     for value, lr in settings:
         rs = {c["seed"]: c for c in runs if (c["value"], c["lr"]) == (value, lr)}
         row = {"value": value, "lr": lr, "n_seeds": len(rs)}
-        row["validation_gain"] = _gain({s: r["validation"]["gold"] for s, r in rs.items()},
-                                       {s: base[s]["validation"]["gold"] for s in seeds}, seeds)
+        row["validation_gain"] = _gain(
+            {s: r["validation"]["gold"] for s, r in rs.items()},
+            {s: base[s]["validation"]["gold"] for s in seeds},
+            seeds,
+        )
         row.update(_test_numbers(rs, base, seeds, rms, noise))
         accs = [r.get("implicit_reward_gold_accuracy") for r in rs.values()]
         # Issue 9 req. 4, reported like the reward model's gold accuracy: per-seed fractions,
         # t-interval over seeds (None for methods without an implicit reward).
         row["implicit_reward_gold_accuracy"] = (
             stats.t_interval([a for a in accs if a is not None]).to_json()
-            if any(a is not None for a in accs) else None)
+            if any(a is not None for a in accs)
+            else None
+        )
         row["trajectory"] = _mean_trajectory(rs, base, rms, noise)
         row["trajectories_per_seed"] = {s: r["trajectory"] for s, r in rs.items()}
-        row["logps"] = {s: r["train"].get("logps") for s, r in rs.items()
-                        if r["train"].get("logps")}
-        row["train"] = {k: _mean([r["train"].get(k) for r in rs.values()])
-                        for k in ("wall_time_s", "tokens_trained", "tokens_generated")}
+        row["logps"] = {
+            s: r["train"].get("logps") for s, r in rs.items() if r["train"].get("logps")
+        }
+        row["train"] = {
+            k: _mean([r["train"].get(k) for r in rs.values()])
+            for k in ("wall_time_s", "tokens_trained", "tokens_generated")
+        }
         row["eval_time_s"] = _mean([r.get("eval_time_s") for r in rs.values()])
         rows.append(row)
-    chosen = max(rows, key=lambda r: (r["validation_gain"]["mean"]
-                                      if r["validation_gain"]["mean"] is not None else -math.inf))
-    res = {"selected": {"value": chosen["value"], "lr": chosen["lr"]},
-           "selection": "highest mean validation gold gain over seeds",
-           **{k: chosen[k] for k in ("validation_gain", "gain_vs_base", "gain_seen",
-                                     "gain_unseen", "gold", "kl_k1", "kl_k3", "proxy_gain",
-                                     "trajectory", "logps", "train", "n_seeds",
-                                     "implicit_reward_gold_accuracy")},
-           "settings": rows}
+    chosen = max(
+        rows,
+        key=lambda r: (
+            r["validation_gain"]["mean"] if r["validation_gain"]["mean"] is not None else -math.inf
+        ),
+    )
+    res = {
+        "selected": {"value": chosen["value"], "lr": chosen["lr"]},
+        "selection": "highest mean validation gold gain over seeds",
+        **{
+            k: chosen[k]
+            for k in (
+                "validation_gain",
+                "gain_vs_base",
+                "gain_seen",
+                "gain_unseen",
+                "gold",
+                "kl_k1",
+                "kl_k3",
+                "proxy_gain",
+                "trajectory",
+                "logps",
+                "train",
+                "n_seeds",
+                "implicit_reward_gold_accuracy",
+            )
+        },
+        "settings": rows,
+    }
     res["fit"] = _rl_fit(rows, base, seeds)
     return res
 
 
 def _test_numbers(rs: dict, base, seeds, rms, noise) -> dict:
-    out = {"gain_vs_base": _gain({s: r["test"]["gold"] for s, r in rs.items()},
-                                 {s: base[s]["test"]["gold"] for s in seeds}, seeds),
-           "gain_seen": _gain({s: r["test"]["gold_seen"] for s, r in rs.items()},
-                              {s: base[s]["test"]["gold_seen"] for s in seeds}, seeds),
-           "gain_unseen": _gain({s: r["test"]["gold_unseen"] for s, r in rs.items()},
-                                {s: base[s]["test"]["gold_unseen"] for s in seeds}, seeds),
-           "gold": _mean([r["test"]["gold"] for r in rs.values()])}
+    out = {
+        "gain_vs_base": _gain(
+            {s: r["test"]["gold"] for s, r in rs.items()},
+            {s: base[s]["test"]["gold"] for s in seeds},
+            seeds,
+        ),
+        "gain_seen": _gain(
+            {s: r["test"]["gold_seen"] for s, r in rs.items()},
+            {s: base[s]["test"]["gold_seen"] for s in seeds},
+            seeds,
+        ),
+        "gain_unseen": _gain(
+            {s: r["test"]["gold_unseen"] for s, r in rs.items()},
+            {s: base[s]["test"]["gold_unseen"] for s in seeds},
+            seeds,
+        ),
+        "gold": _mean([r["test"]["gold"] for r in rs.values()]),
+    }
     for k in ("kl_k1", "kl_k3"):
         iv = stats.t_interval([r["test"][k] for r in rs.values()]).to_json()
         # The s.e. over prompts of one seed, averaged: the within-seed precision of the estimator.
@@ -221,22 +298,37 @@ def _mean_trajectory(rs: dict, base, rms, noise) -> list[dict]:
     seed), starting with the base policy itself at step 0."""
     n = min(len(r["trajectory"]) for r in rs.values())
     proxies = noise is not None and all(rms.get(s) for s in rs)
-    points = [{"step": 0, "kl_k1": 0.0, "kl_k3": 0.0, "gold_gain": 0.0,
-               "gold": _mean([base[s]["validation"]["gold"] for s in rs]),
-               "proxy": 0.0 if proxies else None, "n_seeds": len(rs)}]
+    points = [
+        {
+            "step": 0,
+            "kl_k1": 0.0,
+            "kl_k3": 0.0,
+            "gold_gain": 0.0,
+            "gold": _mean([base[s]["validation"]["gold"] for s in rs]),
+            "proxy": 0.0 if proxies else None,
+            "n_seeds": len(rs),
+        }
+    ]
     for i in range(n):
         pts = {s: r["trajectory"][i] for s, r in rs.items()}
-        points.append({
-            "step": pts[next(iter(pts))]["step"],
-            "kl_k1": _mean([p["kl_k1"] for p in pts.values()]),
-            "kl_k3": _mean([p["kl_k3"] for p in pts.values()]),
-            "gold": _mean([p["gold"] for p in pts.values()]),
-            "gold_gain": _mean([p["gold"] - base[s]["validation"]["gold"]
-                                for s, p in pts.items()]),
-            # proxy: gain over the base policy's proxy score under the same reward model
-            "proxy": (_mean([p["proxy"] - rms[s]["base_proxy"]["validation"]
-                             for s, p in pts.items()]) if proxies else None),
-            "n_seeds": len(pts)})
+        points.append(
+            {
+                "step": pts[next(iter(pts))]["step"],
+                "kl_k1": _mean([p["kl_k1"] for p in pts.values()]),
+                "kl_k3": _mean([p["kl_k3"] for p in pts.values()]),
+                "gold": _mean([p["gold"] for p in pts.values()]),
+                "gold_gain": _mean(
+                    [p["gold"] - base[s]["validation"]["gold"] for s, p in pts.items()]
+                ),
+                # proxy: gain over the base policy's proxy score under the same reward model
+                "proxy": (
+                    _mean([p["proxy"] - rms[s]["base_proxy"]["validation"] for s, p in pts.items()])
+                    if proxies
+                    else None
+                ),
+                "n_seeds": len(pts),
+            }
+        )
     return points
 
 
@@ -257,27 +349,45 @@ def _rl_fit(rows, base, seeds) -> dict | None:
 
 def _best_of_n(cells, key, seeds, base, rms) -> dict | None:
     """`key`: the reward whose points the inference cell stores (`bon_key`)."""
-    runs = {c["seed"]: c for c in cells if c["kind"] == "inference" and c["seed"] in seeds
-            and key in c["points"]["test"]}
+    runs = {
+        c["seed"]: c
+        for c in cells
+        if c["kind"] == "inference" and c["seed"] in seeds and key in c["points"]["test"]
+    }
     if not runs:
         return None
     rows = []
     for j, n in enumerate(runs[next(iter(runs))]["ns"]):
-        pts = {s: {part: r["points"][part][key][j] for part in ("validation", "test")}
-               for s, r in runs.items()}
+        pts = {
+            s: {part: r["points"][part][key][j] for part in ("validation", "test")}
+            for s, r in runs.items()
+        }
         row = {"value": n, "lr": None, "n_seeds": len(pts)}
-        row["validation_gain"] = _gain({s: p["validation"]["gold"] for s, p in pts.items()},
-                                       {s: base[s]["validation"]["gold"] for s in seeds}, seeds)
-        row["gain_vs_base"] = _gain({s: p["test"]["gold"] for s, p in pts.items()},
-                                    {s: base[s]["test"]["gold"] for s in seeds}, seeds)
-        row["gain_seen"] = _gain({s: p["test"]["gold_seen"] for s, p in pts.items()},
-                                 {s: base[s]["test"]["gold_seen"] for s in seeds}, seeds)
-        row["gain_unseen"] = _gain({s: p["test"]["gold_unseen"] for s, p in pts.items()},
-                                   {s: base[s]["test"]["gold_unseen"] for s in seeds}, seeds)
+        row["validation_gain"] = _gain(
+            {s: p["validation"]["gold"] for s, p in pts.items()},
+            {s: base[s]["validation"]["gold"] for s in seeds},
+            seeds,
+        )
+        row["gain_vs_base"] = _gain(
+            {s: p["test"]["gold"] for s, p in pts.items()},
+            {s: base[s]["test"]["gold"] for s in seeds},
+            seeds,
+        )
+        row["gain_seen"] = _gain(
+            {s: p["test"]["gold_seen"] for s, p in pts.items()},
+            {s: base[s]["test"]["gold_seen"] for s in seeds},
+            seeds,
+        )
+        row["gain_unseen"] = _gain(
+            {s: p["test"]["gold_unseen"] for s, p in pts.items()},
+            {s: base[s]["test"]["gold_unseen"] for s in seeds},
+            seeds,
+        )
         row["gold"] = _mean([p["test"]["gold"] for p in pts.values()])
         row["kl_bound"] = pts[next(iter(pts))]["test"]["kl_bound"]
-        row["kl_plugin"] = stats.t_interval([p["test"]["kl_plugin"] for p in pts.values()]
-                                            ).to_json()
+        row["kl_plugin"] = stats.t_interval(
+            [p["test"]["kl_plugin"] for p in pts.values()]
+        ).to_json()
         row["kl_k1"] = row["kl_k3"] = None  # no sample estimate: see kl_bound and kl_plugin
         if key != "gold":
             row["proxy_gain"] = stats.t_interval(
@@ -285,35 +395,71 @@ def _best_of_n(cells, key, seeds, base, rms) -> dict | None:
             ).to_json()
         else:
             row["proxy_gain"] = None
-        row["validation_proxy_gain"] = (_mean([p["validation"]["proxy"]
-                                               - rms[s]["base_proxy"]["validation"]
-                                               for s, p in pts.items()])
-                                        if key != "gold" else None)
-        row["validation_gold_gain_per_seed"] = {s: p["validation"]["gold"]
-                                                - base[s]["validation"]["gold"]
-                                                for s, p in pts.items()}
-        row["train"] = {"wall_time_s": 0.0, "tokens_trained": 0,
-                        "tokens_generated": _mean([p["test"]["tokens_generated"]
-                                                   for p in pts.values()])}
+        row["validation_proxy_gain"] = (
+            _mean(
+                [
+                    p["validation"]["proxy"] - rms[s]["base_proxy"]["validation"]
+                    for s, p in pts.items()
+                ]
+            )
+            if key != "gold"
+            else None
+        )
+        row["validation_gold_gain_per_seed"] = {
+            s: p["validation"]["gold"] - base[s]["validation"]["gold"] for s, p in pts.items()
+        }
+        row["train"] = {
+            "wall_time_s": 0.0,
+            "tokens_trained": 0,
+            "tokens_generated": _mean([p["test"]["tokens_generated"] for p in pts.values()]),
+        }
         rows.append(row)
     chosen = max(rows, key=lambda r: r["validation_gain"]["mean"])
-    trajectory = [{"value": r["value"], "kl_k1": None, "kl_k3": None,
-                   "kl_bound": r["kl_bound"], "kl_plugin": r["kl_plugin"]["mean"],
-                   "gold_gain": r["validation_gain"]["mean"], "proxy": r["validation_proxy_gain"],
-                   "gold": r["validation_gain"]["mean"], "n_seeds": r["n_seeds"]}
-                  for r in rows]
+    trajectory = [
+        {
+            "value": r["value"],
+            "kl_k1": None,
+            "kl_k3": None,
+            "kl_bound": r["kl_bound"],
+            "kl_plugin": r["kl_plugin"]["mean"],
+            "gold_gain": r["validation_gain"]["mean"],
+            "proxy": r["validation_proxy_gain"],
+            "gold": r["validation_gain"]["mean"],
+            "n_seeds": r["n_seeds"],
+        }
+        for r in rows
+    ]
     kl = [r["kl_bound"] for r in rows for _ in r["validation_gold_gain_per_seed"]]
     gain = [g for r in rows for g in r["validation_gold_gain_per_seed"].values()]
     fit = stats.gao_fit(kl, gain, "bon")
     if fit is not None:
         fit["kl"] = "kl_bound"
         fit["prompts"] = "validation"
-    return {"selected": {"value": chosen["value"], "lr": None},
-            "selection": "highest mean validation gold gain over seeds",
-            **{k: chosen[k] for k in ("validation_gain", "gain_vs_base", "gain_seen",
-                                      "gain_unseen", "gold", "kl_k1", "kl_k3", "kl_bound",
-                                      "kl_plugin", "proxy_gain", "train", "n_seeds")},
-            "trajectory": trajectory, "settings": rows, "fit": fit, "logps": {}}
+    return {
+        "selected": {"value": chosen["value"], "lr": None},
+        "selection": "highest mean validation gold gain over seeds",
+        **{
+            k: chosen[k]
+            for k in (
+                "validation_gain",
+                "gain_vs_base",
+                "gain_seen",
+                "gain_unseen",
+                "gold",
+                "kl_k1",
+                "kl_k3",
+                "kl_bound",
+                "kl_plugin",
+                "proxy_gain",
+                "train",
+                "n_seeds",
+            )
+        },
+        "trajectory": trajectory,
+        "settings": rows,
+        "fit": fit,
+        "logps": {},
+    }
 
 
 def _cost(res: dict, info: dict, data: dict, rms: dict, seeds) -> dict:
@@ -321,8 +467,7 @@ def _cost(res: dict, info: dict, data: dict, rms: dict, seeds) -> dict:
     (sampled pairs) for every method that learns from labels, plus the reward model for the
     methods that optimise it (all K members of the ensemble for an ensemble method). The base policy (shared by all) is reported separately."""
     train = res["train"]
-    whole = {k: train.get(k) or 0.0 for k in ("wall_time_s", "tokens_trained",
-                                               "tokens_generated")}
+    whole = {k: train.get(k) or 0.0 for k in ("wall_time_s", "tokens_trained", "tokens_generated")}
     if info["reward"] != "gold":
         ds = [d for d in data.values() if d]
         whole["tokens_generated"] += _mean([d["tokens_generated"] for d in ds]) or 0.0

@@ -55,9 +55,7 @@ class World(Protocol):
 
 def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:
     if len(prompts) != len(completions):
-        raise ValueError(
-            f"gold_reward: {len(prompts)} prompts but {len(completions)} completions"
-        )
+        raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(completions)} completions")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,11 +157,17 @@ _TOKEN = re.compile(r"[a-z]+|\S")  # words, then any other non-space character o
 # Prompt templates: several strings per product, so that a product can be "seen" in training
 # while the test prompt string itself is new (the three-way split needs disjoint strings).
 REVIEW_TEMPLATES: tuple[str, ...] = (
-    "Review of the {}:", "A review of the {}:", "My review of the {}:", "Rate the {}:",
-    "Thoughts on the {}:", "About the {}:",
+    "Review of the {}:",
+    "A review of the {}:",
+    "My review of the {}:",
+    "Rate the {}:",
+    "Thoughts on the {}:",
+    "About the {}:",
 )
-_REVIEW_PROMPT = re.compile(r"^(?:Review of|A review of|My review of|Rate|Thoughts on|About) "
-                            r"the ([a-z]+):$")
+_REVIEW_PROMPT = re.compile(
+    r"^(?:Review of|A review of|My review of|Rate|Thoughts on|About) "
+    r"the ([a-z]+):$"
+)
 
 
 def _review_prompt(product: str, template: int = 0) -> str:
@@ -224,8 +228,10 @@ class ReviewWorld:
     )
 
     def make_prompts(self, n: int, rng: random.Random) -> list[str]:
-        return [_review_prompt(rng.choice(PRODUCTS), rng.randrange(len(REVIEW_TEMPLATES)))
-                for _ in range(n)]
+        return [
+            _review_prompt(rng.choice(PRODUCTS), rng.randrange(len(REVIEW_TEMPLATES)))
+            for _ in range(n)
+        ]
 
     def split_prompts(self, rng: random.Random, unseen_fraction: float = 0.2) -> PromptSplit:
         """Disjoint prompt strings. Unseen: every template of a fifth of the products (never in
@@ -234,10 +240,13 @@ class ReviewWorld:
         products = list(PRODUCTS)
         rng.shuffle(products)
         n_unseen = max(1, round(unseen_fraction * len(products)))
-        unseen = [_review_prompt(p, t) for p in products[:n_unseen]
-                  for t in range(len(REVIEW_TEMPLATES))]
-        strings = [[_review_prompt(p, t) for t in range(len(REVIEW_TEMPLATES))]
-                   for p in products[n_unseen:]]
+        unseen = [
+            _review_prompt(p, t) for p in products[:n_unseen] for t in range(len(REVIEW_TEMPLATES))
+        ]
+        strings = [
+            [_review_prompt(p, t) for t in range(len(REVIEW_TEMPLATES))]
+            for p in products[n_unseen:]
+        ]
         return _split_groups(strings, unseen, rng)
 
     def make_corpus(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -389,8 +398,10 @@ class ArithmeticWorld:
         rng.shuffle(pairs)
         n_unseen = max(1, round(unseen_fraction * len(pairs)))
         unseen = [s for a, b in pairs[:n_unseen] for s in (f"{a}+{b}=", f"{b}+{a}=")]
-        groups = [[f"{a}+{b}=", f"{b}+{a}="] if rng.random() < 0.5 else
-                  [f"{b}+{a}=", f"{a}+{b}="] for a, b in pairs[n_unseen:]]
+        groups = [
+            [f"{a}+{b}=", f"{b}+{a}="] if rng.random() < 0.5 else [f"{b}+{a}=", f"{a}+{b}="]
+            for a, b in pairs[n_unseen:]
+        ]
         groups += [[f"{a}+{a}="] for a in values]
         return _split_groups(groups, unseen, rng)
 
@@ -449,8 +460,13 @@ class PromptSplit:
         return sum(len(p) for p in parts) - len(set().union(*parts))
 
 
-def _split_groups(groups: list[list[str]], unseen: list[str], rng: random.Random,
-                  validation: float = 0.2, test: float = 0.2) -> PromptSplit:
+def _split_groups(
+    groups: list[list[str]],
+    unseen: list[str],
+    rng: random.Random,
+    validation: float = 0.2,
+    test: float = 0.2,
+) -> PromptSplit:
     """The first string of every group goes to train; each other one to validation, test or
     train with probabilities (validation, test, rest)."""
     train, val, test_seen = [], [], []

@@ -61,7 +61,9 @@ def kto_loss(
     r = policy_logps - ref_logps
     # 1 − σ(u) written as σ(−u): no 1 − (≈1) cancellation when u is large.
     desirable_losses = desirable_weight * torch.sigmoid(-beta * (r - z0))  # Eq. 8, y desirable
-    undesirable_losses = undesirable_weight * torch.sigmoid(-beta * (z0 - r))  # Eq. 8, y undesirable
+    undesirable_losses = undesirable_weight * torch.sigmoid(
+        -beta * (z0 - r)
+    )  # Eq. 8, y undesirable
     losses = torch.where(desirable, desirable_losses, undesirable_losses)
 
     rewards = (beta * r).detach()

@@ -155,7 +155,9 @@ def preference_loss(
             f"ref_rejected_logps); reference-free losses are {', '.join(sorted(REFERENCE_FREE))}"
         )
     if ipo_length_normalize and loss_type != "ipo":
-        raise PreftuneError(f"ipo_length_normalize applies to loss_type='ipo' only, not {loss_type!r}")
+        raise PreftuneError(
+            f"ipo_length_normalize applies to loss_type='ipo' only, not {loss_type!r}"
+        )
     needs_lengths = loss_type in LENGTH_NORMALISED or ipo_length_normalize
     if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise PreftuneError(
@@ -178,9 +180,13 @@ def preference_loss(
             losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
         elif loss_type == "robust":
             # Chowdhury et al. 2024: unbiased under label-flip rate ε; may be negative.
-            losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+            losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (
+                1 - 2 * eps
+            )
         elif loss_type == "hinge":
-            losses = torch.relu(1 - beta * h)  # Zhao et al. 2023 (SLiC-HF), hinge on the log-ratio margin
+            losses = torch.relu(
+                1 - beta * h
+            )  # Zhao et al. 2023 (SLiC-HF), hinge on the log-ratio margin
         elif loss_type == "ipo":
             losses = (h - 1 / (2 * beta)) ** 2  # Azar et al. 2023, Eq. 17 (summed log-ratios)
         else:  # pragma: no cover - check_preference_hparams covers the list
@@ -226,7 +232,9 @@ def preference_loss(
     return losses, metrics
 
 
-def add_sft_term(losses: Tensor, chosen_logps: Tensor, chosen_lengths: Tensor, weight: float) -> Tensor:
+def add_sft_term(
+    losses: Tensor, chosen_logps: Tensor, chosen_lengths: Tensor, weight: float
+) -> Tensor:
     """losses + weight · (−π_c/|y_c|): an NLL term on the chosen completion, per pair.
 
     RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 1) and Llama 3

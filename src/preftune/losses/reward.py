@@ -71,7 +71,9 @@ def plackett_luce_loss(
     valid) with r_i > r_j; 0 where a row has no such pair.
     """
     if rewards.shape != scores.shape or rewards.dim() != 2:
-        raise ValueError(f"rewards {tuple(rewards.shape)} and scores {tuple(scores.shape)} must both be [B, K]")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and scores {tuple(scores.shape)} must both be [B, K]"
+        )
     valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
     order = _order(scores, valid)
     r = rewards.gather(-1, order)
@@ -83,8 +85,12 @@ def plackett_luce_loss(
     later = idx[None, :] >= idx[:, None]  # [i, j]: j ≥ i
     keep = later[None] & (v[:, None, :] | torch.eye(k, dtype=torch.bool, device=r.device)[None])
     r_filled = torch.where(v, r, torch.zeros_like(r))
-    suffix_lse = torch.logsumexp(r_filled[:, None, :].expand(-1, k, -1).masked_fill(~keep, float("-inf")), dim=-1)
-    terms = torch.where(v, r_filled - suffix_lse, torch.zeros_like(r))  # log P(σ(i) first among the rest)
+    suffix_lse = torch.logsumexp(
+        r_filled[:, None, :].expand(-1, k, -1).masked_fill(~keep, float("-inf")), dim=-1
+    )
+    terms = torch.where(
+        v, r_filled - suffix_lse, torch.zeros_like(r)
+    )  # log P(σ(i) first among the rest)
     losses = -terms.sum(-1)  # the last valid term is r − r = 0, so summing to K is the sum to K−1
     _, pair_metrics = _pairs(rewards, scores, valid)
     return losses, {"accuracy": pair_metrics["accuracy"]}
@@ -113,7 +119,9 @@ def all_pairs_loss(
     correctly by the rewards), "pairs" (number of pairs).
     """
     if rewards.shape != scores.shape or rewards.dim() != 2:
-        raise ValueError(f"rewards {tuple(rewards.shape)} and scores {tuple(scores.shape)} must both be [B, K]")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and scores {tuple(scores.shape)} must both be [B, K]"
+        )
     valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
     pair_losses, metrics = _pairs(rewards, scores, valid)
     n = metrics["pairs"].clamp(min=1).to(rewards.dtype)
@@ -146,8 +154,11 @@ def tie_log_probs(diff: Tensor, model: str, log_param: Tensor | float) -> Tensor
         log_win = F.logsigmoid(diff - log_param)  # Rao & Kupper 1967: π_i / (π_i + θ π_j)
         log_lose = F.logsigmoid(-diff - log_param)
         # P(tie) = σ(η − d) σ(η + d) (1 − e^−2η), η = log θ: stable for any d (log1p form).
-        log_tie = (F.logsigmoid(log_param - diff) + F.logsigmoid(log_param + diff)
-                   + torch.log(-torch.expm1(-2 * log_param)))
+        log_tie = (
+            F.logsigmoid(log_param - diff)
+            + F.logsigmoid(log_param + diff)
+            + torch.log(-torch.expm1(-2 * log_param))
+        )
         return torch.stack([log_win, log_tie, log_lose], dim=-1)
     if model == "davidson":
         # Davidson 1970: (π_i, ν √(π_i π_j), π_j) / sum, i.e. softmax(d/2, log ν, −d/2).
@@ -194,6 +205,8 @@ def three_way_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Te
     logp = torch.log_softmax(logits.float(), dim=-1)
     losses = -logp.gather(-1, labels.long()[:, None]).squeeze(-1)
     with torch.no_grad():
-        metrics = {"three_way_accuracy": (logp.argmax(-1) == labels).float(),
-                   "p_tie": logp[:, 1].exp()}
+        metrics = {
+            "three_way_accuracy": (logp.argmax(-1) == labels).float(),
+            "p_tie": logp[:, 1].exp(),
+        }
     return losses, metrics

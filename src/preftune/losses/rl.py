@@ -23,7 +23,9 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, Eq. 16), per token [B, T].
 
         δ_t = r_t + γ V_{t+1} − V_t,    A_t = δ_t + γλ A_{t+1},    R_t = A_t + V_t.
@@ -50,7 +52,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
     return advantages, returns
 
 
-def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(
+    x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> Tensor:
     """(x − mean) / sqrt(var + eps) over the masked entries (all entries if mask is None).
 
     var is the unbiased (Bessel-corrected) variance, as in common PPO implementations; with a
@@ -130,9 +134,13 @@ def ppo_value_loss(
     clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
-    losses = 0.5 * torch.maximum(unclipped_err, clipped_err) * mask.to(values.dtype)  # Huang et al. 2024
+    losses = (
+        0.5 * torch.maximum(unclipped_err, clipped_err) * mask.to(values.dtype)
+    )  # Huang et al. 2024
     with torch.no_grad():
-        metrics = {"vf_clipfrac": _masked_mean((clipped_err > unclipped_err).to(values.dtype), mask)}
+        metrics = {
+            "vf_clipfrac": _masked_mean((clipped_err > unclipped_err).to(values.dtype), mask)
+        }
     return losses, metrics
 
 
@@ -140,7 +148,9 @@ def _check_groups(rewards: Tensor, group_size: int, name: str) -> None:
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     if group_size < 2:
-        raise PreftuneError(f"{name}={group_size} must be >= 2 (advantages compare completions of one prompt)")
+        raise PreftuneError(
+            f"{name}={group_size} must be >= 2 (advantages compare completions of one prompt)"
+        )
     if rewards.shape[0] % group_size != 0:
         raise PreftuneError(
             f"{rewards.shape[0]} rewards cannot be split into groups of {name}={group_size}; "
@@ -148,7 +158,9 @@ def _check_groups(rewards: Tensor, group_size: int, name: str) -> None:
         )
 
 
-def group_advantages(rewards: Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-4
+) -> Tensor:
     """GRPO outcome-supervision advantages [N] (Shao et al. 2024, Sec. 4.1.2, used in Eq. 3).
 
     `rewards` lists consecutive groups of `group_size` completions of one prompt. Within a
@@ -160,7 +172,9 @@ def group_advantages(rewards: Tensor, group_size: int, *, normalize_std: bool = 
     grouped = rewards.reshape(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if normalize_std:
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)  # Shao et al. 2024: r̃ = (r − mean)/std
+        centred = centred / (
+            grouped.std(dim=1, keepdim=True) + eps
+        )  # Shao et al. 2024: r̃ = (r − mean)/std
     return centred.reshape(-1)
 
 
@@ -188,23 +202,31 @@ def aggregate_sum_and_units(
     if None, the padded width T is used, which varies between batches.
     """
     if mode not in AGGREGATION_MODES:
-        raise PreftuneError(f"loss aggregation mode={mode!r}; choose one of {', '.join(AGGREGATION_MODES)}")
+        raise PreftuneError(
+            f"loss aggregation mode={mode!r}; choose one of {', '.join(AGGREGATION_MODES)}"
+        )
     m = mask.to(per_token_losses.dtype)
     masked = per_token_losses * m
     if mode == "sequence":
         n_tokens = m.sum(-1)
-        per_seq = masked.sum(-1) / n_tokens.clamp(min=1)  # GRPO (Shao et al. 2024, Eq. 3): 1/|o_i| Σ_t
+        per_seq = masked.sum(-1) / n_tokens.clamp(
+            min=1
+        )  # GRPO (Shao et al. 2024, Eq. 3): 1/|o_i| Σ_t
         return per_seq.sum(), (n_tokens > 0).sum().to(per_token_losses.dtype)
     if mode == "token":
         return masked.sum(), m.sum()  # DAPO (Yu et al. 2025): token-level average
-    if mode == "sequence_sum":  # REINFORCE on log π(y|x) = Σ_t log π(y_t|…), Ahmadian et al. 2024, Eq. 8
+    if (
+        mode == "sequence_sum"
+    ):  # REINFORCE on log π(y|x) = Σ_t log π(y_t|…), Ahmadian et al. 2024, Eq. 8
         return masked.sum(), (m.sum(-1) > 0).sum().to(per_token_losses.dtype)
     width = per_token_losses.shape[-1] if max_len is None else max_len
     units = per_token_losses.new_tensor(float(per_token_losses.shape[0] * width))
     return masked.sum(), units  # Dr. GRPO (Liu et al. 2025): a constant, length-independent divisor
 
 
-def aggregate(per_token_losses: Tensor, mask: Tensor, mode: str, max_len: int | None = None) -> Tensor:
+def aggregate(
+    per_token_losses: Tensor, mask: Tensor, mode: str, max_len: int | None = None
+) -> Tensor:
     """Scalar loss from per-token losses [B, T] over this batch alone; see
     `aggregate_sum_and_units` for the modes and for normalising by a global count."""
     total, units = aggregate_sum_and_units(per_token_losses, mask, mode, max_len)

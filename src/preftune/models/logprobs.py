@@ -138,9 +138,14 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-                  if need_b and bias is not None else None)
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if need_b and bias is not None
+            else None
+        )
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h = hidden[rows].to(dtype)
@@ -160,8 +165,15 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
                 grad_w += (dz.t() @ h).float()
             if grad_b is not None:
                 grad_b += dz.float().sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _plain_linear_head(head) -> bool:
@@ -171,29 +183,46 @@ def _plain_linear_head(head) -> bool:
     return all(type(p) in (torch.Tensor, nn.Parameter) for p in head.parameters())
 
 
-def token_logps_from_hidden(head, hidden: torch.Tensor, targets: torch.Tensor, *,
-                            temperature: float = 1.0, return_entropy: bool = False,
-                            chunked: bool | None = None):
+def token_logps_from_hidden(
+    head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunked: bool | None = None,
+):
     """(log p(target | hidden) [N] float32, entropy [N] or None) through the LM head.
 
     `chunked=None` decides: the chunked head (no [N, V] logits kept) under no_grad, or when
     the logits would exceed CHUNKED_HEAD_MIN_ELEMENTS; the straightforward path otherwise."""
     vocab = head.out_features if isinstance(head, nn.Linear) else None
     if chunked is None:
-        chunked = vocab is not None and (not torch.is_grad_enabled()
-                                         or hidden.shape[0] * vocab >= CHUNKED_HEAD_MIN_ELEMENTS)
+        chunked = vocab is not None and (
+            not torch.is_grad_enabled() or hidden.shape[0] * vocab >= CHUNKED_HEAD_MIN_ELEMENTS
+        )
     if chunked and _plain_linear_head(head):
-        picked, entropy = _ChunkedTokenLogProb.apply(hidden, head.weight, head.bias, targets,
-                                                     float(temperature), HEAD_CHUNK_ROWS,
-                                                     return_entropy)
+        picked, entropy = _ChunkedTokenLogProb.apply(
+            hidden,
+            head.weight,
+            head.bias,
+            targets,
+            float(temperature),
+            HEAD_CHUNK_ROWS,
+            return_entropy,
+        )
         return picked, entropy
     return _logps_from_logits(head(hidden), targets, temperature, return_entropy)
 
 
 def _logps_from_logits(logits, targets, temperature, return_entropy):
-    logits = logits.float()  # log-softmax in float32: bf16 log-probs lose the small differences DPO needs
+    logits = (
+        logits.float()
+    )  # log-softmax in float32: bf16 log-probs lose the small differences DPO needs
     if temperature != 1.0:
-        logits = logits / temperature  # sample from softmax(logits / T); score under the same distribution
+        logits = (
+            logits / temperature
+        )  # sample from softmax(logits / T); score under the same distribution
     logps = torch.log_softmax(logits, dim=-1)
     picked = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
@@ -228,8 +257,13 @@ def completion_logprobs(
     if not temperature > 0:
         raise PreftuneError(f"temperature must be positive, got {temperature!r}")
     if packed is not None and can_pack(model, packed):
-        return packed_completion_logprobs(model, packed, temperature=temperature,
-                                          return_entropy=return_entropy, chunked_head=chunked_head)
+        return packed_completion_logprobs(
+            model,
+            packed,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            chunked_head=chunked_head,
+        )
     if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
         raise ValueError(
             "input_ids, attention_mask and completion_mask must have the same [B, T] shape, got "
@@ -253,8 +287,13 @@ def completion_logprobs(
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         # The head runs on completion positions only.
         picked, token_entropy = token_logps_from_hidden(
-            head, hidden[predict_mask], targets, temperature=temperature,
-            return_entropy=return_entropy, chunked=chunked_head)
+            head,
+            hidden[predict_mask],
+            targets,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            chunked=chunked_head,
+        )
     else:
         if _accepts(model, "position_ids"):
             forward_kwargs["position_ids"] = _position_ids(attention_mask)
@@ -286,15 +325,24 @@ def packed_forward(backbone, config, packed: PackedBatch) -> torch.Tensor:
     """Hidden states [R * L, H] of the packed rows (flattened, as the packed indices expect)."""
     impl = getattr(config, "_attn_implementation", "sdpa")
     dtype = torch.bool if impl == "sdpa" else next(backbone.parameters()).dtype
-    outputs = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                       attention_mask=attention_mask_4d(packed, dtype), use_cache=False)
+    outputs = backbone(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        attention_mask=attention_mask_4d(packed, dtype),
+        use_cache=False,
+    )
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden.flatten(0, 1)
 
 
-def packed_completion_logprobs(model, packed: PackedBatch, *, temperature: float = 1.0,
-                               return_entropy: bool = False,
-                               chunked_head: bool | None = None) -> LogProbOutput:
+def packed_completion_logprobs(
+    model,
+    packed: PackedBatch,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunked_head: bool | None = None,
+) -> LogProbOutput:
     """`completion_logprobs` of the original sequences of a packed batch, in their order.
 
     token_logps (and entropy) come back in the right-padded [S, T] layout of the sequences;
@@ -303,8 +351,13 @@ def packed_completion_logprobs(model, packed: PackedBatch, *, temperature: float
     hidden = packed_forward(backbone, unwrap_peft(model).config, packed)
     targets = packed.input_ids.flatten()[packed.target_index]
     picked, token_entropy = token_logps_from_hidden(
-        head, hidden[packed.predict_index], targets, temperature=temperature,
-        return_entropy=return_entropy, chunked=chunked_head)
+        head,
+        hidden[packed.predict_index],
+        targets,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        chunked=chunked_head,
+    )
     shape = (packed.num_sequences, packed.width)
     device = packed.input_ids.device
     token_logps = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -312,10 +365,12 @@ def packed_completion_logprobs(model, packed: PackedBatch, *, temperature: float
     entropy = None
     if return_entropy:
         entropy = torch.zeros(shape, dtype=torch.float32, device=device).index_put(
-            (packed.seq_index, packed.token_offset), token_entropy)
+            (packed.seq_index, packed.token_offset), token_entropy
+        )
     n_tokens = torch.bincount(packed.seq_index, minlength=packed.num_sequences)
-    return LogProbOutput(token_logps=token_logps, seq_logps=token_logps.sum(-1),
-                         n_tokens=n_tokens, entropy=entropy)
+    return LogProbOutput(
+        token_logps=token_logps, seq_logps=token_logps.sum(-1), n_tokens=n_tokens, entropy=entropy
+    )
 
 
 class CompletionLogProbs(nn.Module):

@@ -117,8 +117,14 @@ def _first_fit_decreasing(lengths: list[int], capacity: int | None) -> list[list
     return bins
 
 
-def pack_sequences(seqs: list[dict], groups: list[list[int]] | None = None, *, pad_id: int,
-                   row_tokens: int | None = None, padding_free: bool = False) -> PackedBatch:
+def pack_sequences(
+    seqs: list[dict],
+    groups: list[list[int]] | None = None,
+    *,
+    pad_id: int,
+    row_tokens: int | None = None,
+    padding_free: bool = False,
+) -> PackedBatch:
     """The packed layout of `seqs` (see the module docstring). `padding_free`: row_tokens is
     the longest group's size (fewer rows, none longer than one group would need alone)."""
     if not seqs:
@@ -179,9 +185,20 @@ def pack_sequences(seqs: list[dict], groups: list[list[int]] | None = None, *, p
     def long(x):
         return torch.tensor(x, dtype=torch.long)
 
-    return PackedBatch(long(ids), long(pos), long(grp), long(br), long(target), long(predict),
-                       long(seq_of), long(offset), long(last), n_seqs,
-                       max(len(t) for t in tokens), pad_id)
+    return PackedBatch(
+        long(ids),
+        long(pos),
+        long(grp),
+        long(br),
+        long(target),
+        long(predict),
+        long(seq_of),
+        long(offset),
+        long(last),
+        n_seqs,
+        max(len(t) for t in tokens),
+        pad_id,
+    )
 
 
 def attention_mask_4d(packed: PackedBatch, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -191,12 +208,15 @@ def attention_mask_4d(packed: PackedBatch, dtype: torch.dtype = torch.bool) -> t
     length = g.shape[1]
     idx = torch.arange(length, device=g.device)
     causal = idx[:, None] >= idx[None, :]
-    visible = (g[:, :, None] == g[:, None, :]) & ((b[:, None, :] == 0) | (b[:, :, None] == b[:, None, :]))
+    visible = (g[:, :, None] == g[:, None, :]) & (
+        (b[:, None, :] == 0) | (b[:, :, None] == b[:, None, :])
+    )
     mask = (visible & causal)[:, None]
     if dtype == torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=g.device).masked_fill_(
-        ~mask, torch.finfo(dtype).min)
+        ~mask, torch.finfo(dtype).min
+    )
 
 
 def supports_packing(config, row_length: int) -> bool:

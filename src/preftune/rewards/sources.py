@@ -51,18 +51,24 @@ def load_function(spec: str) -> Callable:
         )
     where, _, attr = spec.rpartition(":")  # rpartition: a Windows drive letter keeps its colon
     if not where or not attr:
-        raise PreftuneError(f"reward function {spec!r} must look like 'module:function' or 'path/to/file.py:function'")
+        raise PreftuneError(
+            f"reward function {spec!r} must look like 'module:function' or 'path/to/file.py:function'"
+        )
     is_file = where.endswith(".py") or os.sep in where or "/" in where
     module = _import_file(where, spec) if is_file else _import_module(where, spec)
     if not hasattr(module, attr):
-        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        available = sorted(
+            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+        )
         raise PreftuneError(
             f"reward function {spec!r}: {where!r} has no attribute {attr!r} "
             f"(callables it defines: {', '.join(available[:20]) or 'none'})"
         )
     fn = getattr(module, attr)
     if not callable(fn):
-        raise PreftuneError(f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not a callable")
+        raise PreftuneError(
+            f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not a callable"
+        )
     return fn
 
 
@@ -72,7 +78,9 @@ def _import_module(name: str, spec: str):
     except ImportError as e:
         raise PreftuneError(f"reward function {spec!r}: cannot import module {name!r}: {e}") from e
     except Exception as e:  # the module itself is broken
-        raise PreftuneError(f"reward function {spec!r}: importing {name!r} raised {type(e).__name__}: {e}") from e
+        raise PreftuneError(
+            f"reward function {spec!r}: importing {name!r} raised {type(e).__name__}: {e}"
+        ) from e
 
 
 def _import_file(path: str, spec: str):
@@ -89,7 +97,9 @@ def _import_file(path: str, spec: str):
         module_spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[module_name]
-        raise PreftuneError(f"reward function {spec!r}: cannot import {path!r}: {type(e).__name__}: {e}") from e
+        raise PreftuneError(
+            f"reward function {spec!r}: cannot import {path!r}: {type(e).__name__}: {e}"
+        ) from e
     return module
 
 
@@ -116,12 +126,19 @@ class FunctionReward(RewardSource):
         if self._wanted is not None:
             extra_columns = {k: v for k, v in extra_columns.items() if k in self._wanted}
         try:
-            out = _call_with_timeout(self.fn, (prompts, completions), extra_columns, self.timeout,
-                                     f"reward function {self.name!r}")
+            out = _call_with_timeout(
+                self.fn,
+                (prompts, completions),
+                extra_columns,
+                self.timeout,
+                f"reward function {self.name!r}",
+            )
         except _Timeout:
             raise
         except Exception as e:
-            raise PreftuneError(f"reward function {self.name!r} raised {type(e).__name__}: {e}") from e
+            raise PreftuneError(
+                f"reward function {self.name!r} raised {type(e).__name__}: {e}"
+            ) from e
         scores = _as_scores(out, len(completions), f"reward function {self.name!r}")
         return scores, {self.name: scores}
 
@@ -146,8 +163,10 @@ def _call_with_timeout(fn: Callable, args: tuple, kwargs: dict, timeout: float, 
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise _Timeout(f"{who} did not return within {timeout:g} s (--reward-timeout); it may "
-                       "hang (a lock, a network call without a timeout), or raise the limit")
+        raise _Timeout(
+            f"{who} did not return within {timeout:g} s (--reward-timeout); it may "
+            "hang (a lock, a network call without a timeout), or raise the limit"
+        )
     if "error" in result:
         raise result["error"]
     return result["value"]
@@ -172,7 +191,11 @@ def _as_scores(out, n: int, who: str) -> torch.Tensor:
     """Validate a source's output: exactly n finite numbers -> float32 tensor [n] on CPU."""
     if isinstance(out, torch.Tensor):
         scores = out.detach().to("cpu")
-    elif isinstance(out, (str, bytes, dict, set)) or not isinstance(out, Sequence) and not hasattr(out, "__array__"):
+    elif (
+        isinstance(out, (str, bytes, dict, set))
+        or not isinstance(out, Sequence)
+        and not hasattr(out, "__array__")
+    ):
         raise PreftuneError(
             f"{who} must return a list, array or tensor of {n} numbers (one per completion), "
             f"got {type(out).__name__}"
@@ -182,21 +205,33 @@ def _as_scores(out, n: int, who: str) -> torch.Tensor:
         try:
             scores = torch.as_tensor(values, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as e:
-            bad = next((v for v in values if not _is_number(v)), None) if isinstance(values, list) else None
+            bad = (
+                next((v for v in values if not _is_number(v)), None)
+                if isinstance(values, list)
+                else None
+            )
             detail = f"; e.g. {bad!r} ({type(bad).__name__})" if bad is not None else f" ({e})"
-            raise PreftuneError(f"{who} must return {n} numbers, got a {type(out).__name__} with non-numbers{detail}") from e
+            raise PreftuneError(
+                f"{who} must return {n} numbers, got a {type(out).__name__} with non-numbers{detail}"
+            ) from e
     if scores.dim() == 2 and scores.shape[-1] == 1:  # [n, 1], e.g. a model's raw logits
         scores = scores.squeeze(-1)
     if scores.dim() != 1 or scores.shape[0] != n:
         got = f"shape {tuple(scores.shape)}" if scores.dim() != 1 else f"length {scores.shape[0]}"
-        raise PreftuneError(f"{who} must return {n} numbers (one per completion), got a {type(out).__name__} of {got}")
+        raise PreftuneError(
+            f"{who} must return {n} numbers (one per completion), got a {type(out).__name__} of {got}"
+        )
     if scores.is_complex() or not (scores.is_floating_point() or scores.dtype in _REAL_DTYPES):
-        raise PreftuneError(f"{who} must return real numbers, got a {type(out).__name__} of dtype {scores.dtype}")
+        raise PreftuneError(
+            f"{who} must return real numbers, got a {type(out).__name__} of dtype {scores.dtype}"
+        )
     scores = scores.float()
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise PreftuneError(f"{who} returned {len(bad)} non-finite (NaN or inf) scores of {n}, at indices {shown}")
+        raise PreftuneError(
+            f"{who} returned {len(bad)} non-finite (NaN or inf) scores of {n}, at indices {shown}"
+        )
     return scores
 
 
@@ -204,7 +239,9 @@ _REAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, t
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) or (hasattr(v, "__float__") and not isinstance(v, (str, bytes)))
+    return isinstance(v, (int, float)) or (
+        hasattr(v, "__float__") and not isinstance(v, (str, bytes))
+    )
 
 
 # --------------------------------------------------------------------------- reward models
@@ -219,7 +256,15 @@ class ModelReward(RewardSource):
     at the last non-pad token), so a row's score does not depend on its batch.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int = 512, name: str = "reward_model"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 32,
+        max_length: int = 512,
+        name: str = "reward_model",
+    ):
         num_labels = getattr(model.config, "num_labels", None)
         if num_labels != 1:
             raise PreftuneError(
@@ -227,7 +272,9 @@ class ModelReward(RewardSource):
                 "pass a reward model trained by `preftune reward`"
             )
         if batch_size < 1 or max_length < 2:
-            raise PreftuneError(f"ModelReward: batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}")
+            raise PreftuneError(
+                f"ModelReward: batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}"
+            )
         if model.config.pad_token_id is None:
             if getattr(tokenizer, "pad_token_id", None) is None:
                 raise PreftuneError(
@@ -240,7 +287,9 @@ class ModelReward(RewardSource):
         self.batch_size, self.max_length, self.name = batch_size, max_length, name
 
     @classmethod
-    def from_pretrained(cls, path: str, *, batch_size: int = 32, max_length: int = 512, device=None, dtype=None) -> "ModelReward":
+    def from_pretrained(
+        cls, path: str, *, batch_size: int = 32, max_length: int = 512, device=None, dtype=None
+    ) -> "ModelReward":
         from transformers import (
             AutoConfig,
             AutoModelForSequenceClassification,
@@ -252,7 +301,9 @@ class ModelReward(RewardSource):
         except (OSError, ValueError) as e:
             raise PreftuneError(f"cannot load reward model {path!r}: {e}") from e
         architectures = getattr(config, "architectures", None) or []
-        if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        if architectures and not any(
+            a.endswith("ForSequenceClassification") for a in architectures
+        ):
             raise PreftuneError(
                 f"{path!r} is a {', '.join(architectures)} checkpoint without a classification head; "
                 "pass a reward model trained by `preftune reward`"
@@ -263,8 +314,12 @@ class ModelReward(RewardSource):
                 "pass a reward model trained by `preftune reward`"
             )
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
-        missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=True, **kwargs
+        )
+        missing = [
+            k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")
+        ]
         if missing:
             raise PreftuneError(
                 f"{path!r} has no trained classification head (missing {', '.join(missing)}); "
@@ -273,16 +328,22 @@ class ModelReward(RewardSource):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if device is not None:
             model.to(device)
-        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length, name="reward_model")
+        return cls(
+            model, tokenizer, batch_size=batch_size, max_length=max_length, name="reward_model"
+        )
 
     def score_with_components(self, prompts, completions, **extra_columns):
         if len(prompts) != len(completions):
-            raise PreftuneError(f"reward model: {len(prompts)} prompts but {len(completions)} completions")
+            raise PreftuneError(
+                f"reward model: {len(prompts)} prompts but {len(completions)} completions"
+            )
         rows = [self._tokenize(p, c) for p, c in zip(prompts, completions)]
         pad_id = self.model.config.pad_token_id
         device = next(self.model.parameters()).device
         scores = torch.empty(len(rows), dtype=torch.float32)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+        order = sorted(
+            range(len(rows)), key=lambda i: len(rows[i])
+        )  # similar lengths share a batch
         was_training = self.model.training
         self.model.eval()
         try:
@@ -295,7 +356,9 @@ class ModelReward(RewardSource):
                     for j, i in enumerate(index):
                         input_ids[j, : len(rows[i])] = torch.tensor(rows[i])
                         attention_mask[j, : len(rows[i])] = 1
-                    logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+                    logits = self.model(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                    ).logits
                     scores[index] = logits.float().reshape(len(index)).cpu()
         finally:
             self.model.train(was_training)
@@ -307,14 +370,24 @@ class ModelReward(RewardSource):
                 raise PreftuneError(
                     "reward model: prompts are conversations (lists of messages) but its tokenizer has no chat template"
                 )
-            answer = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            answer = (
+                completion
+                if isinstance(completion, list)
+                else [{"role": "assistant", "content": completion}]
+            )
             text = self.tokenizer.apply_chat_template(prompt + answer, tokenize=False)
             add_special = False  # the template writes its own BOS
         else:
             text, add_special = prompt + completion, True
-        ids = list(self.tokenizer(text, add_special_tokens=add_special, truncation=True, max_length=self.max_length)["input_ids"])
+        ids = list(
+            self.tokenizer(
+                text, add_special_tokens=add_special, truncation=True, max_length=self.max_length
+            )["input_ids"]
+        )
         if not ids:
-            raise PreftuneError(f"reward model: prompt + completion tokenized to nothing: {text[:80]!r}")
+            raise PreftuneError(
+                f"reward model: prompt + completion tokenized to nothing: {text[:80]!r}"
+            )
         # `preftune reward` trains on completions that end with EOS (the data path appends it) and
         # the score is read at the last token: score the same layout. Without it a lab reward
         # model ordered its own held-out pairs right 73% of the time instead of 86% (measured).
@@ -335,12 +408,18 @@ def check_ensemble_settings(agg: str, coef: float, ensemble: bool, source: str) 
     if not (math.isfinite(coef) and coef >= 0):
         raise PreftuneError(f"ensemble_coef: got {coef}, expected a finite number >= 0")
     if agg not in ("mean-minus-std", "mean-minus-var") and coef != 1.0:
-        raise PreftuneError(f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
-                            f"mean-minus-var, not {agg}")
+        raise PreftuneError(
+            f"ensemble_coef only applies to ensemble_agg mean-minus-std or "
+            f"mean-minus-var, not {agg}"
+        )
     if (agg != "mean" or coef != 1.0) and not ensemble:
-        raise PreftuneError(f"ensemble_agg/ensemble_coef need an ensemble: {source or '(none)'!r} "
-                            f"has no {ENSEMBLE_MANIFEST} (train one with `preftune reward "
-                            "--ensemble K`)")
+        raise PreftuneError(
+            f"ensemble_agg/ensemble_coef need an ensemble: {source or '(none)'!r} "
+            f"has no {ENSEMBLE_MANIFEST} (train one with `preftune reward "
+            "--ensemble K`)"
+        )
+
+
 ENSEMBLE_AGGS = ("mean", "min", "mean-minus-std", "mean-minus-var")
 
 
@@ -358,17 +437,23 @@ def ensemble_members(path: str) -> list[str]:
             members = json.load(f)["members"]
         paths = [os.path.join(os.path.expanduser(path), m["path"]) for m in members]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PreftuneError(f"{manifest}: not a readable ensemble manifest ({type(e).__name__}: {e}); "
-                            "expected {\"members\": [{\"path\": \"member-0\"}, ...]}") from None
+        raise PreftuneError(
+            f"{manifest}: not a readable ensemble manifest ({type(e).__name__}: {e}); "
+            'expected {"members": [{"path": "member-0"}, ...]}'
+        ) from None
     if len(paths) < 2:
-        raise PreftuneError(f"{manifest}: an ensemble needs at least 2 members, it lists {len(paths)}")
+        raise PreftuneError(
+            f"{manifest}: an ensemble needs at least 2 members, it lists {len(paths)}"
+        )
     missing = [p for p in paths if not os.path.isdir(p)]
     if missing:
         raise PreftuneError(f"{manifest}: member folder {missing[0]} does not exist")
     return paths
 
 
-def aggregate_ensemble(scores: torch.Tensor, agg: str, coef: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def aggregate_ensemble(
+    scores: torch.Tensor, agg: str, coef: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Members' scores [K, N] -> (aggregated reward [N], members' std [N], population, ddof 0).
 
     Coste et al. 2023 ("Reward Model Ensembles Help Mitigate Overoptimization", ICLR 2024):
@@ -377,9 +462,13 @@ def aggregate_ensemble(scores: torch.Tensor, agg: str, coef: float = 1.0) -> tup
     `mean-minus-std`, R = mean − coef · std, the same penalty on the rewards' own scale.
     """
     if agg not in ENSEMBLE_AGGS:
-        raise PreftuneError(f"ensemble_agg: got {agg!r}, expected one of {', '.join(ENSEMBLE_AGGS)}")
+        raise PreftuneError(
+            f"ensemble_agg: got {agg!r}, expected one of {', '.join(ENSEMBLE_AGGS)}"
+        )
     if scores.dim() != 2 or scores.shape[0] < 2:
-        raise PreftuneError(f"an ensemble needs scores of shape [K >= 2, N], got {tuple(scores.shape)}")
+        raise PreftuneError(
+            f"an ensemble needs scores of shape [K >= 2, N], got {tuple(scores.shape)}"
+        )
     mean = scores.mean(0)
     std = scores.std(0, unbiased=False)
     if agg == "mean":
@@ -411,11 +500,23 @@ class EnsembleReward(RewardSource):
         self.members, self.agg, self.coef = members, agg, float(coef)
 
     @classmethod
-    def from_folder(cls, path: str, *, agg: str = "mean", coef: float = 1.0, batch_size: int = 32,
-                    max_length: int = 512, device=None, dtype=None) -> EnsembleReward:
-        members = [ModelReward.from_pretrained(p, batch_size=batch_size, max_length=max_length,
-                                               device=device, dtype=dtype)
-                   for p in ensemble_members(path)]
+    def from_folder(
+        cls,
+        path: str,
+        *,
+        agg: str = "mean",
+        coef: float = 1.0,
+        batch_size: int = 32,
+        max_length: int = 512,
+        device=None,
+        dtype=None,
+    ) -> EnsembleReward:
+        members = [
+            ModelReward.from_pretrained(
+                p, batch_size=batch_size, max_length=max_length, device=device, dtype=dtype
+            )
+            for p in ensemble_members(path)
+        ]
         return cls(members, agg=agg, coef=coef)
 
     def score_with_components(self, prompts, completions, **extra_columns):
@@ -441,7 +542,9 @@ class CombinedReward(RewardSource):
         seen: dict[str, int] = {}
         for source, weight in sources:
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise PreftuneError(f"reward weight for {source.name!r} must be a finite number, got {weight!r}")
+                raise PreftuneError(
+                    f"reward weight for {source.name!r} must be a finite number, got {weight!r}"
+                )
             seen[source.name] = seen.get(source.name, 0) + 1
             name = source.name if seen[source.name] == 1 else f"{source.name}_{seen[source.name]}"
             self.sources.append((name, source, float(weight)))
@@ -471,10 +574,17 @@ def apply_penalties(
     """
     n = rewards.shape[0]
     if len(finished) != n or len(lengths) != n:
-        raise PreftuneError(f"apply_penalties: {n} rewards but {len(finished)} finished flags and {len(lengths)} lengths")
-    for setting, value in (("missing_eos_penalty", missing_eos_penalty), ("length_penalty", length_penalty)):
+        raise PreftuneError(
+            f"apply_penalties: {n} rewards but {len(finished)} finished flags and {len(lengths)} lengths"
+        )
+    for setting, value in (
+        ("missing_eos_penalty", missing_eos_penalty),
+        ("length_penalty", length_penalty),
+    ):
         if value is not None and not (math.isfinite(value) and value >= 0):
-            raise PreftuneError(f"{setting} is subtracted from the reward and must be a finite number >= 0, got {value!r}")
+            raise PreftuneError(
+                f"{setting} is subtracted from the reward and must be a finite number >= 0, got {value!r}"
+            )
     out = rewards.float().clone()
     if missing_eos_penalty:
         unfinished = ~torch.tensor(finished, dtype=torch.bool, device=out.device)
@@ -503,14 +613,28 @@ def parse_reward_spec(
     `EnsembleReward` aggregated by `ensemble_agg` / `ensemble_coef`."""
     sources: list[RewardSource] = []
     if reward_model and is_ensemble(reward_model):
-        sources.append(EnsembleReward.from_folder(reward_model, agg=ensemble_agg, coef=ensemble_coef,
-                                                  batch_size=batch_size, max_length=max_length, device=device))
+        sources.append(
+            EnsembleReward.from_folder(
+                reward_model,
+                agg=ensemble_agg,
+                coef=ensemble_coef,
+                batch_size=batch_size,
+                max_length=max_length,
+                device=device,
+            )
+        )
     elif reward_model:
-        sources.append(ModelReward.from_pretrained(reward_model, batch_size=batch_size, max_length=max_length, device=device))
+        sources.append(
+            ModelReward.from_pretrained(
+                reward_model, batch_size=batch_size, max_length=max_length, device=device
+            )
+        )
     for spec in reward_fn or []:
         sources.append(FunctionReward.from_spec(spec, timeout=timeout))
     if not sources:
-        raise PreftuneError("no reward source: set reward_model (a path) and/or reward_fn ('module:function')")
+        raise PreftuneError(
+            "no reward source: set reward_model (a path) and/or reward_fn ('module:function')"
+        )
     if weights is None:
         return sources[0] if len(sources) == 1 else CombinedReward([(s, 1.0) for s in sources])
     if len(weights) != len(sources):

@@ -25,8 +25,14 @@ from preftune.config import DataSettings, RunSettings, arg, save_config
 from preftune.errors import PreftuneError
 from preftune.models.loading import load_causal_lm
 from preftune.trainers.common import prepare_tokenizer
-from preftune.trainers.rollout import (RolloutSettings, load_prompts, load_reward,
-                                       make_generator_backend, sample_and_score, sampling_seed)
+from preftune.trainers.rollout import (
+    RolloutSettings,
+    load_prompts,
+    load_reward,
+    make_generator_backend,
+    sample_and_score,
+    sampling_seed,
+)
 from preftune.utils import atomic_write_json, atomic_write_text
 
 
@@ -36,8 +42,11 @@ class BestOfNConfig(RunSettings, DataSettings, RolloutSettings):
     output folder's, plus N."""
 
     model: str = arg("tiny", "Policy to sample from: a local folder, a hub name, or `tiny`.")
-    data: str = arg("demo", "Prompts: any file or dataset with a prompt column (prompt-only, "
-                    "pairs, conversations). `demo` is the built-in HH-RLHF sample.")
+    data: str = arg(
+        "demo",
+        "Prompts: any file or dataset with a prompt column (prompt-only, "
+        "pairs, conversations). `demo` is the built-in HH-RLHF sample.",
+    )
     max_prompts: int = arg(0, "Use only the first this many prompts (0: all).")
     n: int = arg(4, "N: completions sampled per prompt.")
     prompts_per_batch: int = arg(16, "Prompts sampled and scored together.")
@@ -61,8 +70,10 @@ def kl_bound(n: int) -> float:
 def run_best_of_n(cfg: BestOfNConfig) -> dict:
     out_dir = Path(cfg.output_dir or "runs/best-of-n")
     if (out_dir / "config.yaml").exists() and not cfg.overwrite:
-        raise PreftuneError(f"output directory {out_dir} already holds a run (config.yaml): pass "
-                            "--overwrite to replace it, or another --output-dir")
+        raise PreftuneError(
+            f"output directory {out_dir} already holds a run (config.yaml): pass "
+            "--overwrite to replace it, or another --output-dir"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml", extra={"command": "best-of-n"})
 
@@ -75,7 +86,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     model.to(device).eval()
     prompts = load_prompts(cfg, tokenizer, log=log)
     if cfg.max_prompts:
-        prompts = prompts[:cfg.max_prompts]
+        prompts = prompts[: cfg.max_prompts]
     reward = load_reward(cfg, device)
     vllm_backend = make_generator_backend(cfg, tokenizer)
 
@@ -84,9 +95,19 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     all_rewards, best_rewards, worst_rewards = [], [], []
     times = {"time/generation_s": 0.0, "time/scoring_s": 0.0}
     for start in range(0, len(prompts), cfg.prompts_per_batch):
-        features = prompts[start:start + cfg.prompts_per_batch]
-        scored = sample_and_score(cfg, model, tokenizer, reward, features, cfg.n,
-                                  sampling_seed(cfg.seed, start, 0), device, times, vllm_backend)
+        features = prompts[start : start + cfg.prompts_per_batch]
+        scored = sample_and_score(
+            cfg,
+            model,
+            tokenizer,
+            reward,
+            features,
+            cfg.n,
+            sampling_seed(cfg.seed, start, 0),
+            device,
+            times,
+            vllm_backend,
+        )
         rewards, texts = scored.rewards, scored.completions
         if "ensemble_std" in scored.components:  # the members' disagreement (an ensemble)
             ensemble_std += scored.components["ensemble_std"].tolist()
@@ -94,14 +115,24 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
         for i, f in enumerate(features):
             group = grouped[i]
             best, worst = int(group.argmax()), int(group.argmin())
-            completions = texts[i * cfg.n:(i + 1) * cfg.n]
-            best_rows.append({"prompt": f["prompt"], "completion": completions[best],
-                              "reward": float(group[best])})
+            completions = texts[i * cfg.n : (i + 1) * cfg.n]
+            best_rows.append(
+                {
+                    "prompt": f["prompt"],
+                    "completion": completions[best],
+                    "reward": float(group[best]),
+                }
+            )
             if float(group[best]) > float(group[worst]):
-                pair_rows.append({"prompt": f["prompt"], "chosen": completions[best],
-                                  "rejected": completions[worst],
-                                  "chosen_reward": float(group[best]),
-                                  "rejected_reward": float(group[worst])})
+                pair_rows.append(
+                    {
+                        "prompt": f["prompt"],
+                        "chosen": completions[best],
+                        "rejected": completions[worst],
+                        "chosen_reward": float(group[best]),
+                        "rejected_reward": float(group[worst]),
+                    }
+                )
             best_rewards.append(float(group[best]))
             worst_rewards.append(float(group[worst]))
         all_rewards += rewards.tolist()
@@ -121,15 +152,16 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     if ensemble_std:
         summary["reward/ensemble_std"] = sum(ensemble_std) / len(ensemble_std)
     atomic_write_json(out_dir / "summary.json", summary)
-    log(f"best-of-{cfg.n} over {len(best_rows)} prompts: mean reward of the best "
+    log(
+        f"best-of-{cfg.n} over {len(best_rows)} prompts: mean reward of the best "
         f"{summary['reward/best_mean']:.4f}, of all {summary['reward/all_mean']:.4f}; "
         f"KL(best-of-n ‖ policy) <= log N - (N-1)/N = {summary['kl_bound']:.4f} nats. "
         f"Wrote {out_dir / 'best_of_n.jsonl'} and {len(pair_rows)} pairs to "
-        f"{out_dir / 'pairs.jsonl'}")
+        f"{out_dir / 'pairs.jsonl'}"
+    )
     return summary
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """All rows at once through a temporary file and a rename: never a half-written dataset."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-

@@ -40,51 +40,82 @@ DEFAULT_SIMPO_GAMMA = 0.5
 
 @dataclass
 class DPOConfig(TrainConfig):
-    data: str = arg("demo", "Preference pairs: prompt/chosen/rejected, chosen/rejected whole "
-                    "dialogues (the prompt is their common prefix, e.g. HH-RLHF), or rankings. "
-                    "`demo` is a built-in sample of 300 HH-RLHF pairs.")
+    data: str = arg(
+        "demo",
+        "Preference pairs: prompt/chosen/rejected, chosen/rejected whole "
+        "dialogues (the prompt is their common prefix, e.g. HH-RLHF), or rankings. "
+        "`demo` is a built-in sample of 300 HH-RLHF pairs.",
+    )
     lr: float = arg(5e-6, "Peak learning rate (AdamW).")
-    loss: str = arg("dpo", "Preference loss: dpo (Rafailov et al. 2023), ipo (Azar et al. "
-                    "2023), cdpo (conservative DPO, label smoothing), robust (Chowdhury et al. "
-                    "2024), hinge (SLiC-HF), simpo (Meng et al. 2024, reference-free), orpo "
-                    "(Hong et al. 2024, reference-free), cpo (Xu et al. 2024, reference-free).",
-                    choices=PREFERENCE_LOSSES)
-    beta: float = arg(0.1, "β: the strength of the KL penalty (inverse temperature of the "
-                      "implicit reward); for orpo, λ, the weight of the odds-ratio term.")
-    label_smoothing: float = arg(0.0, "ε in [0, 0.5): the assumed rate of flipped preference "
-                                 "labels (cdpo, robust only).")
-    simpo_gamma: float = arg(DEFAULT_SIMPO_GAMMA, "γ: SimPO's target margin between the "
-                             "length-normalised rewards (simpo only).")
-    ipo_length_norm: bool = arg(False, "ipo only: divide each log-ratio by its completion's "
-                                "length (TRL's IPO; 1/(2β) becomes a per-token margin) instead "
-                                "of summing (Azar et al. 2023, Eq. 17).")
-    sft_weight: float = arg(0.0, "Weight of an NLL term on the chosen completion (mean per "
-                            "token), added to the preference loss as in RPO and Llama 3 "
-                            "(not with orpo/cpo, which already include one).")
-    ref_model: str = arg("", "Reference model (folder or hub name); default: the initial "
-                         "policy (with LoRA, the base model with the adapters disabled).")
-    precompute_ref: bool = arg(False, "Compute the reference log-probs of the whole data set "
-                               "once before training, cache them in the output directory "
-                               "(reused by --resume) and hold no reference model while "
-                               "training.")
+    loss: str = arg(
+        "dpo",
+        "Preference loss: dpo (Rafailov et al. 2023), ipo (Azar et al. "
+        "2023), cdpo (conservative DPO, label smoothing), robust (Chowdhury et al. "
+        "2024), hinge (SLiC-HF), simpo (Meng et al. 2024, reference-free), orpo "
+        "(Hong et al. 2024, reference-free), cpo (Xu et al. 2024, reference-free).",
+        choices=PREFERENCE_LOSSES,
+    )
+    beta: float = arg(
+        0.1,
+        "β: the strength of the KL penalty (inverse temperature of the "
+        "implicit reward); for orpo, λ, the weight of the odds-ratio term.",
+    )
+    label_smoothing: float = arg(
+        0.0, "ε in [0, 0.5): the assumed rate of flipped preference labels (cdpo, robust only)."
+    )
+    simpo_gamma: float = arg(
+        DEFAULT_SIMPO_GAMMA,
+        "γ: SimPO's target margin between the length-normalised rewards (simpo only).",
+    )
+    ipo_length_norm: bool = arg(
+        False,
+        "ipo only: divide each log-ratio by its completion's "
+        "length (TRL's IPO; 1/(2β) becomes a per-token margin) instead "
+        "of summing (Azar et al. 2023, Eq. 17).",
+    )
+    sft_weight: float = arg(
+        0.0,
+        "Weight of an NLL term on the chosen completion (mean per "
+        "token), added to the preference loss as in RPO and Llama 3 "
+        "(not with orpo/cpo, which already include one).",
+    )
+    ref_model: str = arg(
+        "",
+        "Reference model (folder or hub name); default: the initial "
+        "policy (with LoRA, the base model with the adapters disabled).",
+    )
+    precompute_ref: bool = arg(
+        False,
+        "Compute the reference log-probs of the whole data set "
+        "once before training, cache them in the output directory "
+        "(reused by --resume) and hold no reference model while "
+        "training.",
+    )
 
     def check(self) -> None:
-        check_preference_hparams(self.loss, self.beta, self.label_smoothing, self.simpo_gamma,
-                                 sft_weight=self.sft_weight)
+        check_preference_hparams(
+            self.loss, self.beta, self.label_smoothing, self.simpo_gamma, sft_weight=self.sft_weight
+        )
         if self.loss in REFERENCE_FREE:
-            for name, given in (("ref_model", bool(self.ref_model)),
-                                ("precompute_ref", self.precompute_ref)):
+            for name, given in (
+                ("ref_model", bool(self.ref_model)),
+                ("precompute_ref", self.precompute_ref),
+            ):
                 if given:
                     raise PreftuneError(
                         f"{name} is set but loss={self.loss!r} is reference-free and uses no "
                         f"reference model; drop --{name.replace('_', '-')} or choose one of "
-                        + ", ".join(l for l in PREFERENCE_LOSSES if l not in REFERENCE_FREE))
+                        + ", ".join(l for l in PREFERENCE_LOSSES if l not in REFERENCE_FREE)
+                    )
         if self.simpo_gamma != DEFAULT_SIMPO_GAMMA and self.loss != "simpo":
-            raise PreftuneError(f"simpo_gamma={self.simpo_gamma} has no effect with "
-                                f"loss={self.loss!r}; it is used only by simpo")
+            raise PreftuneError(
+                f"simpo_gamma={self.simpo_gamma} has no effect with "
+                f"loss={self.loss!r}; it is used only by simpo"
+            )
         if self.ipo_length_norm and self.loss != "ipo":
-            raise PreftuneError(f"ipo_length_norm has no effect with loss={self.loss!r}; it is "
-                                "used only by ipo")
+            raise PreftuneError(
+                f"ipo_length_norm has no effect with loss={self.loss!r}; it is used only by ipo"
+            )
 
 
 def collate_pairs_with_ref(features: list[dict], pad_id: int, *, pack: bool = False) -> dict:
@@ -130,10 +161,18 @@ class DPOObjective:
         lengths = out.n_tokens.clamp(min=1).to(chosen.dtype)
         # 3. loss
         losses, metrics = preference_loss(
-            chosen, rejected, ref_chosen, ref_rejected, loss_type=cfg.loss, beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-            chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
-            ipo_length_normalize=cfg.ipo_length_norm)
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            loss_type=cfg.loss,
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            simpo_gamma=cfg.simpo_gamma,
+            chosen_lengths=lengths[:n],
+            rejected_lengths=lengths[n:],
+            ipo_length_normalize=cfg.ipo_length_norm,
+        )
         if cfg.sft_weight:
             losses = add_sft_term(losses, chosen, lengths[:n], cfg.sft_weight)
         return losses.sum(), metrics
@@ -145,18 +184,35 @@ def _tokenize(tokenizer, examples, cfg, what: str, log):
     if examples and not features:
         raise PreftuneError(
             f"{what}: no pair is left after tokenization and truncation ({report.summary()}); "
-            f"raise max_length (now {cfg.max_length}) or lower max_prompt_length")
+            f"raise max_length (now {cfg.max_length}) or lower max_prompt_length"
+        )
     return features
 
 
-def precompute_reference(engine: Engine, cfg: TrainConfig, reference: ref_lib.Reference,
-                         policy, *, splits: dict[str, list[dict]], pad_id: int) -> None:
+def precompute_reference(
+    engine: Engine,
+    cfg: TrainConfig,
+    reference: ref_lib.Reference,
+    policy,
+    *,
+    splits: dict[str, list[dict]],
+    pad_id: int,
+) -> None:
     """Attach ref_chosen_logps/ref_rejected_logps to every pair of every split (cached on disk)."""
-    identity = {"reference": cfg.ref_model or cfg.model, "seed": cfg.seed, "dtype": cfg.dtype,
-                "lora_base": reference.kind == "adapters"}
-    seqs = {f"{split}/{side}": [{"input_ids": f[f"{side}_input_ids"],
-                                 "completion_mask": f[f"{side}_completion_mask"]} for f in feats]
-            for split, feats in splits.items() for side in ("chosen", "rejected")}
+    identity = {
+        "reference": cfg.ref_model or cfg.model,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "lora_base": reference.kind == "adapters",
+    }
+    seqs = {
+        f"{split}/{side}": [
+            {"input_ids": f[f"{side}_input_ids"], "completion_mask": f[f"{side}_completion_mask"]}
+            for f in feats
+        ]
+        for split, feats in splits.items()
+        for side in ("chosen", "rejected")
+    }
     key = ref_lib.fingerprint(identity, [s for name in sorted(seqs) for s in seqs[name]])
     pack = cfg.packing == "auto"
 
@@ -177,8 +233,15 @@ def precompute_reference(engine: Engine, cfg: TrainConfig, reference: ref_lib.Re
             # chosen_i and rejected_i in one batch, sharing their common prefix when packed
             both = seqs[f"{split}/chosen"] + seqs[f"{split}/rejected"]
             n = len(feats)
-            logps = ref_lib.sequence_logps(engine, score, both, pad_id, 2 * cfg.batch_size,
-                                           groups=[[i, n + i] for i in range(n)], pack=pack)
+            logps = ref_lib.sequence_logps(
+                engine,
+                score,
+                both,
+                pad_id,
+                2 * cfg.batch_size,
+                groups=[[i, n + i] for i in range(n)],
+                pack=pack,
+            )
             out[f"{split}/chosen"], out[f"{split}/rejected"] = logps[:n], logps[n:]
         model.train(was_training)
         return out
@@ -196,17 +259,26 @@ def run_dpo(cfg: DPOConfig) -> dict:
     policy, tokenizer = load_policy(cfg)
     train_examples, eval_examples = train_eval_examples(cfg, "pairs", log=engine.print)
     train_set = _tokenize(tokenizer, train_examples, cfg, "train", engine.print)
-    eval_set = _tokenize(tokenizer, eval_examples, cfg, "eval", engine.print) if eval_examples else None
+    eval_set = (
+        _tokenize(tokenizer, eval_examples, cfg, "eval", engine.print) if eval_examples else None
+    )
     pad_id = tokenizer.pad_token_id
 
     # The reference: none (reference-free losses), precomputed, the LoRA base, or a frozen model.
     reference = None
     if cfg.loss not in REFERENCE_FREE:
-        reference = ref_lib.build_reference(cfg, engine, policy, tokenizer,
-                                            precompute=cfg.precompute_ref)
+        reference = ref_lib.build_reference(
+            cfg, engine, policy, tokenizer, precompute=cfg.precompute_ref
+        )
         if cfg.precompute_ref:
-            precompute_reference(engine, cfg, reference, policy, pad_id=pad_id,
-                                 splits={"train": train_set, "eval": eval_set or []})
+            precompute_reference(
+                engine,
+                cfg,
+                reference,
+                policy,
+                pad_id=pad_id,
+                splits={"train": train_set, "eval": eval_set or []},
+            )
             reference = None
             gc.collect()
             engine.print("reference log-probs precomputed; training holds no reference model")
@@ -214,9 +286,14 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     module = CompletionLogProbs(policy)
     engine.setup(module, engine.planned_steps(len(train_set)))
-    metrics = train_offline(engine, engine.model, train_set,
-                            lambda f: collate_pairs_with_ref(f, pad_id, pack=cfg.packing == "auto"),
-                            DPOObjective(cfg, reference), eval_set=eval_set)
+    metrics = train_offline(
+        engine,
+        engine.model,
+        train_set,
+        lambda f: collate_pairs_with_ref(f, pad_id, pack=cfg.packing == "auto"),
+        DPOObjective(cfg, reference),
+        eval_set=eval_set,
+    )
     engine.save_pretrained(engine.unwrap().policy, tokenizer, prefix="policy.")
     engine.finish({"metrics": metrics, "train_pairs": len(train_set), "loss": cfg.loss})
     engine.print(f"saved the model to {engine.output_dir}")

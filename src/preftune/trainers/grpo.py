@@ -22,17 +22,30 @@ class GRPOConfig(PolicyGradientConfig):
     BASELINE: ClassVar[str] = "group"
 
     num_generations: int = arg(8, "G: completions sampled per prompt (the group); >= 2.")
-    kl_coef: float = arg(0.0, "β of the per-token KL loss to the reference (0: no KL term; "
-                         "the KL is still measured and logged).")
-    kl_estimator: str = arg("k3", "Per-token KL estimator of the KL loss (Schulman 2020); k3 "
-                            "as in Shao et al. 2024, Eq. 4.", choices=KL_ESTIMATORS)
-    scale_rewards: bool = arg(True, "Divide group-centred rewards by the group's std (GRPO); "
-                              "--no-scale-rewards keeps only the centring (Dr. GRPO).")
-    loss_aggregation: str = arg("sequence", "How per-token losses become the loss: `sequence` "
-                                "(mean per completion, then over completions: GRPO), `token` "
-                                "(over all tokens: DAPO), `constant` (sum / (rows x "
-                                "max_new_tokens): Dr. GRPO), `sequence_sum` (sum per "
-                                "completion, mean over completions).", choices=AGGREGATION_MODES)
+    kl_coef: float = arg(
+        0.0,
+        "β of the per-token KL loss to the reference (0: no KL term; "
+        "the KL is still measured and logged).",
+    )
+    kl_estimator: str = arg(
+        "k3",
+        "Per-token KL estimator of the KL loss (Schulman 2020); k3 as in Shao et al. 2024, Eq. 4.",
+        choices=KL_ESTIMATORS,
+    )
+    scale_rewards: bool = arg(
+        True,
+        "Divide group-centred rewards by the group's std (GRPO); "
+        "--no-scale-rewards keeps only the centring (Dr. GRPO).",
+    )
+    loss_aggregation: str = arg(
+        "sequence",
+        "How per-token losses become the loss: `sequence` "
+        "(mean per completion, then over completions: GRPO), `token` "
+        "(over all tokens: DAPO), `constant` (sum / (rows x "
+        "max_new_tokens): Dr. GRPO), `sequence_sum` (sum per "
+        "completion, mean over completions).",
+        choices=AGGREGATION_MODES,
+    )
     ppo_epochs: int = arg(1, "μ: passes over each rollout (Shao et al. 2024, Alg. 1).")
 
 

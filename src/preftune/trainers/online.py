@@ -29,10 +29,13 @@ from preftune.trainers.common import load_policy
 from preftune.trainers.rollout import RolloutBatch, RolloutSettings, load_prompts, load_reward
 from preftune.trainers.rollout import rollout_metrics
 
-NO_GRAD_ACCUM = ("online trainers split each rollout into micro-batches of batch_size rows "
-                 "themselves; use --batch-size (and --num-minibatches where the command has it)")
-NO_EVAL = ("online trainers have no held-out evaluation; the reward of each rollout is logged "
-           "instead")
+NO_GRAD_ACCUM = (
+    "online trainers split each rollout into micro-batches of batch_size rows "
+    "themselves; use --batch-size (and --num-minibatches where the command has it)"
+)
+NO_EVAL = (
+    "online trainers have no held-out evaluation; the reward of each rollout is logged instead"
+)
 
 
 @dataclass
@@ -41,32 +44,51 @@ class OnlineConfig(RolloutSettings, TrainingSettings):
     blocks and the rollout's, without gradient accumulation or held-out evaluation."""
 
     ABSENT_SETTINGS: ClassVar[dict[str, str]] = {
-        "grad_accum": NO_GRAD_ACCUM, "eval_data": NO_EVAL, "eval_fraction": NO_EVAL,
-        "eval_steps": NO_EVAL}
+        "grad_accum": NO_GRAD_ACCUM,
+        "eval_data": NO_EVAL,
+        "eval_fraction": NO_EVAL,
+        "eval_steps": NO_EVAL,
+    }
 
-    data: str = arg("demo", "Prompts: any file or dataset with a prompt (prompt-only, "
-                    "preference pairs, conversations; extra columns go to the reward "
-                    "function). `demo` is the built-in HH-RLHF sample.")
-    max_steps: int = arg(0, "Training iterations (one rollout each) to run (0: use `epochs` "
-                         "over the prompts).")
-    batch_size: int = arg(8, "Rows (completions; pairs for online DPO) per device per forward "
-                          "pass in the updates; a minibatch is split into such micro-batches.")
+    data: str = arg(
+        "demo",
+        "Prompts: any file or dataset with a prompt (prompt-only, "
+        "preference pairs, conversations; extra columns go to the reward "
+        "function). `demo` is the built-in HH-RLHF sample.",
+    )
+    max_steps: int = arg(
+        0, "Training iterations (one rollout each) to run (0: use `epochs` over the prompts)."
+    )
+    batch_size: int = arg(
+        8,
+        "Rows (completions; pairs for online DPO) per device per forward "
+        "pass in the updates; a minibatch is split into such micro-batches.",
+    )
     logging_steps: int = arg(1, "Log metrics every this many training iterations.")
     lr: float = arg(1e-5, "Peak learning rate (AdamW).")
-    prompts_per_step: int = arg(16, "Prompts per rollout over all processes (the rollout "
-                                "batch); each gets num_generations completions.")
+    prompts_per_step: int = arg(
+        16,
+        "Prompts per rollout over all processes (the rollout "
+        "batch); each gets num_generations completions.",
+    )
     num_generations: int = arg(1, "Completions sampled per prompt in each rollout.")
-    ref_model: str = arg("", "Reference policy (default: the initial policy; with --lora the "
-                         "policy with its adapters disabled, no copy).")
+    ref_model: str = arg(
+        "",
+        "Reference policy (default: the initial policy; with --lora the "
+        "policy with its adapters disabled, no copy).",
+    )
 
     def check(self) -> None:
         for name in ("prompts_per_step", "num_generations"):
             if getattr(self, name) < 1:
-                raise PreftuneError(f"{name}: got {getattr(self, name)!r}, expected an "
-                                    "integer >= 1")
+                raise PreftuneError(
+                    f"{name}: got {getattr(self, name)!r}, expected an integer >= 1"
+                )
         if self.generator == "vllm" and self.lora:
-            raise PreftuneError("generator=vllm with lora: vLLM needs merged weights every "
-                                "step; train without --lora or use --generator hf")
+            raise PreftuneError(
+                "generator=vllm with lora: vLLM needs merged weights every "
+                "step; train without --lora or use --generator hf"
+            )
 
 
 @dataclass
@@ -86,8 +108,10 @@ def load_online(cfg: OnlineConfig, engine) -> OnlineSetup:
     engine.data_fingerprint = data_fingerprint(prompts)  # checked by --resume
     reward = load_reward(cfg, engine.accelerator.device)
     if cfg.prompts_per_step % engine.world_size:
-        raise PreftuneError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
-                            f"number of processes ({engine.world_size})")
+        raise PreftuneError(
+            f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
+            f"number of processes ({engine.world_size})"
+        )
     return OnlineSetup(prompts=prompts, policy=policy, tokenizer=tokenizer, reward=reward)
 
 
@@ -111,8 +135,9 @@ def sync_generator(engine, vllm_backend) -> None:
         vllm_backend.sync_weights(engine.unwrap().policy)
 
 
-def end_iteration(engine, cfg, window, ro: RolloutBatch, step: int, bar, *, vllm_backend,
-                  updates_started: float) -> dict | None:
+def end_iteration(
+    engine, cfg, window, ro: RolloutBatch, step: int, bar, *, vllm_backend, updates_started: float
+) -> dict | None:
     """Phase 4 of every online trainer: hand the updated weights to the generation backend,
     fold in the rollout's metrics and timings (`time/training_s`: since `updates_started`), log
     every `logging_steps` iterations (returning what was logged), checkpoint every
@@ -139,8 +164,9 @@ def finish(engine, tokenizer, logged: dict, value_model: bool = False) -> None:
     engine.save_pretrained(engine.unwrap().policy, tokenizer, prefix="policy.")
     saved = f"saved the policy to {engine.output_dir}"
     if value_model:
-        engine.save_pretrained(engine.unwrap().value_model, tokenizer, prefix="value_model.",
-                               subdir="value_model")
+        engine.save_pretrained(
+            engine.unwrap().value_model, tokenizer, prefix="value_model.", subdir="value_model"
+        )
         saved += f", the value model to {engine.output_dir / 'value_model'}"
     engine.finish({"metrics": logged, "rollouts": engine.total_steps})
     engine.print(saved)

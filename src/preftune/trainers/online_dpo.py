@@ -22,32 +22,45 @@ from preftune.config import arg
 from preftune.engine.engine import Engine
 from preftune.engine.loop import MetricWindow
 from preftune.errors import PreftuneError
-from preftune.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
-                                        check_preference_hparams, preference_loss)
+from preftune.losses.preference import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE,
+    check_preference_hparams,
+    preference_loss,
+)
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
-from preftune.trainers.rollout import (GroupPackingSettings, collect_rollout,
-                                       make_generator_backend, pack_groups)
+from preftune.trainers.rollout import (
+    GroupPackingSettings,
+    collect_rollout,
+    make_generator_backend,
+    pack_groups,
+)
 from preftune.trainers.updates import add_policy_metrics, take
 
 
 @dataclass
 class OnlineDPOConfig(GroupPackingSettings, online.OnlineConfig):
     num_generations: int = arg(2, "Completions per prompt: online DPO compares exactly 2.")
-    loss_type: str = arg("dpo", "Preference loss (the offline DPO family).",
-                         choices=PREFERENCE_LOSSES)
-    beta: float = arg(0.1, "β: strength of the implicit KL to the reference (λ for orpo); "
-                      "online DPO has no separate KL penalty.")
+    loss_type: str = arg(
+        "dpo", "Preference loss (the offline DPO family).", choices=PREFERENCE_LOSSES
+    )
+    beta: float = arg(
+        0.1,
+        "β: strength of the implicit KL to the reference (λ for orpo); "
+        "online DPO has no separate KL penalty.",
+    )
     label_smoothing: float = arg(0.0, "Assumed label-flip rate, cdpo and robust only.")
     simpo_gamma: float = arg(0.5, "SimPO's target reward margin γ.")
 
     def check(self) -> None:
         if self.num_generations != 2:
-            raise PreftuneError(f"num_generations: got {self.num_generations}, online DPO "
-                                "samples exactly 2 completions per prompt and ranks them")
-        check_preference_hparams(self.loss_type, self.beta, self.label_smoothing,
-                                 self.simpo_gamma)
+            raise PreftuneError(
+                f"num_generations: got {self.num_generations}, online DPO "
+                "samples exactly 2 completions per prompt and ranks them"
+            )
+        check_preference_hparams(self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma)
 
 
 def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
@@ -76,8 +89,16 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
     logged: dict = {}
     for step in range(start + 1, n_rollouts + 1):
         # 1. rollout: rows 2i and 2i+1 are the two completions of prompt i ------------------------
-        ro = collect_rollout(cfg, engine, setup, step, reference=reference,
-                             policy_forward=forward, vllm_backend=vllm_backend, pack=pack)
+        ro = collect_rollout(
+            cfg,
+            engine,
+            setup,
+            step,
+            reference=reference,
+            policy_forward=forward,
+            vllm_backend=vllm_backend,
+            pack=pack,
+        )
         batch = ro.batch
 
         # 2. pairs: the reward source ranks the two completions (Guo et al. 2024, Alg. 1) --------
@@ -102,16 +123,29 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
             m = b["completion_mask"]
             weight = untied[pairs.to(untied.device)]
             with engine.sync_context(i, len(micro)):
-                out = forward(b["input_ids"], b["attention_mask"], m, return_entropy=True,
-                              packed=pack(b, rows.cpu()))
+                out = forward(
+                    b["input_ids"],
+                    b["attention_mask"],
+                    m,
+                    return_entropy=True,
+                    packed=pack(b, rows.cpu()),
+                )
                 ref_seq = b["ref_logps"].sum(-1)
                 c, k = out.seq_logps.chunk(2)
                 ref_c, ref_k = ref_seq.chunk(2) if uses_reference else (None, None)
                 n_c, n_k = out.n_tokens.chunk(2)
                 losses, metrics = preference_loss(
-                    c, k, ref_c, ref_k, loss_type=cfg.loss_type, beta=cfg.beta,
-                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                    chosen_lengths=n_c, rejected_lengths=n_k)
+                    c,
+                    k,
+                    ref_c,
+                    ref_k,
+                    loss_type=cfg.loss_type,
+                    beta=cfg.beta,
+                    label_smoothing=cfg.label_smoothing,
+                    simpo_gamma=cfg.simpo_gamma,
+                    chosen_lengths=n_c,
+                    rejected_lengths=n_k,
+                )
                 loss_sum = (losses * weight).sum()
                 engine.backward(loss_sum, n_pairs)
             window.add("loss/policy", loss_sum.detach(), count=float(weight.sum()))
@@ -121,8 +155,19 @@ def run_online_dpo(cfg: OnlineDPOConfig) -> dict:
         window.add("grad_norm", engine.optimizer_step())
 
         # 4. log and checkpoint ----------------------------------------------------------------
-        logged = online.end_iteration(engine, cfg, window, ro, step, bar, vllm_backend=vllm_backend,
-                                      updates_started=t_train) or logged
+        logged = (
+            online.end_iteration(
+                engine,
+                cfg,
+                window,
+                ro,
+                step,
+                bar,
+                vllm_backend=vllm_backend,
+                updates_started=t_train,
+            )
+            or logged
+        )
 
     online.finish(engine, setup.tokenizer, logged)
     return logged

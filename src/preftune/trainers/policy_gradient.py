@@ -31,28 +31,42 @@ from preftune.losses.rl import ppo_policy_loss, whiten
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import online
 from preftune.trainers.reference import build_reference
-from preftune.trainers.rollout import (GroupPackingSettings, collect_rollout,
-                                       make_generator_backend, pack_groups)
-from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings,
-                                       add_clipped_update_metrics, aggregate_loss, loss_units,
-                                       minibatches, take_rows)
+from preftune.trainers.rollout import (
+    GroupPackingSettings,
+    collect_rollout,
+    make_generator_backend,
+    pack_groups,
+)
+from preftune.trainers.updates import (
+    ClippedUpdateSettings,
+    KLSettings,
+    add_clipped_update_metrics,
+    aggregate_loss,
+    loss_units,
+    minibatches,
+    take_rows,
+)
 
 # π_old taken from the update's own forward when the policy cannot have changed in between;
 # tests switch it off to compare with the separate no-grad forward.
 REUSE_CURRENT = True
 
+
 @dataclass
-class PolicyGradientConfig(GroupPackingSettings, ClippedUpdateSettings, KLSettings,
-                           online.OnlineConfig):
+class PolicyGradientConfig(
+    GroupPackingSettings, ClippedUpdateSettings, KLSettings, online.OnlineConfig
+):
     """GRPO's and RLOO's settings; each command sets its defaults and its `BASELINE`."""
 
     BASELINE: ClassVar[str] = "group"  # or "leave_one_out"; not a flag: it is the command
 
     def check(self) -> None:
         if self.num_generations < 2:
-            raise PreftuneError(f"num_generations: got {self.num_generations}, expected an "
-                                "integer >= 2 (the advantage of a completion compares it with "
-                                "the other completions of its prompt)")
+            raise PreftuneError(
+                f"num_generations: got {self.num_generations}, expected an "
+                "integer >= 2 (the advantage of a completion compares it with "
+                "the other completions of its prompt)"
+            )
 
 
 def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
@@ -60,8 +74,11 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
     setup = online.load_online(cfg, engine)
     reference = build_reference(cfg, engine, setup.policy, setup.tokenizer)
     n_rollouts = online.planned_rollouts(cfg, len(setup.prompts))
-    module = engine.setup(CompletionLogProbs(setup.policy), n_rollouts,
-                          schedule_steps=n_rollouts * cfg.steps_per_rollout)
+    module = engine.setup(
+        CompletionLogProbs(setup.policy),
+        n_rollouts,
+        schedule_steps=n_rollouts * cfg.steps_per_rollout,
+    )
     vllm_backend = make_generator_backend(cfg, setup.tokenizer)
     start = online.resume(engine, vllm_backend)
 
@@ -73,27 +90,46 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
     pad_id = setup.tokenizer.pad_token_id
 
     def pack(batch, rows=None):
-        return pack_groups(batch, cfg.num_generations, pad_id, rows) if cfg.packing == "auto" else None
+        return (
+            pack_groups(batch, cfg.num_generations, pad_id, rows) if cfg.packing == "auto" else None
+        )
 
     def old_policy(batch):  # π_old of the ratio (and of RLOO's sequence KL)
-        return {"old_logps": forward(batch["input_ids"], batch["attention_mask"],
-                                     batch["completion_mask"], packed=pack(batch)).token_logps}
+        return {
+            "old_logps": forward(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                packed=pack(batch),
+            ).token_logps
+        }
 
     # With one epoch and one minibatch the policy is unchanged between rollout and update, so
     # π_old is the update's own forward detached (ratio exactly 1, no extra forward pass).
     # RLOO's reward needs π_old before the advantages: its update forward then runs first, on
     # the whole rollout, so only when one micro-batch holds it (`batch_size` bounds memory).
     rows = cfg.prompts_per_step // engine.world_size * cfg.num_generations
-    reuse_current = REUSE_CURRENT and cfg.steps_per_rollout == 1 and (
-        cfg.BASELINE == "group" or rows <= cfg.batch_size)
+    reuse_current = (
+        REUSE_CURRENT
+        and cfg.steps_per_rollout == 1
+        and (cfg.BASELINE == "group" or rows <= cfg.batch_size)
+    )
     bar = engine.progress(start)
     window = MetricWindow()
     logged: dict = {}
     for step in range(start + 1, n_rollouts + 1):
         # 1. rollout ---------------------------------------------------------------------------
-        ro = collect_rollout(cfg, engine, setup, step, reference=reference,
-                             policy_forward=forward, vllm_backend=vllm_backend, pack=pack,
-                             old_policy=None if reuse_current else old_policy)
+        ro = collect_rollout(
+            cfg,
+            engine,
+            setup,
+            step,
+            reference=reference,
+            policy_forward=forward,
+            vllm_backend=vllm_backend,
+            pack=pack,
+            old_policy=None if reuse_current else old_policy,
+        )
         batch = ro.batch
         t_train = time.perf_counter()
         module.train()
@@ -101,15 +137,23 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
         # 2. advantages ------------------------------------------------------------------------
         current = None  # RLOO with reuse: the update's forward over the whole rollout
         if cfg.BASELINE == "group":  # Shao et al. 2024, Sec. 4.1.2
-            advantages = group_advantages(ro.rewards, cfg.num_generations,
-                                          normalize_std=cfg.scale_rewards)
+            advantages = group_advantages(
+                ro.rewards, cfg.num_generations, normalize_std=cfg.scale_rewards
+            )
         else:  # KL-penalised sequence reward, leave-one-out baseline: Ahmadian et al. 2024, Eq. 8
             if "old_logps" not in batch:  # π_old = π: the update's forward, run now
-                current = forward(batch["input_ids"], batch["attention_mask"],
-                                  batch["completion_mask"], return_entropy=True, packed=pack(batch))
+                current = forward(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["completion_mask"],
+                    return_entropy=True,
+                    packed=pack(batch),
+                )
                 batch["old_logps"] = current.token_logps.detach()
-            seq_kl = (kl_penalty(batch["old_logps"], batch["ref_logps"], cfg.kl_estimator)
-                      * batch["completion_mask"].float()).sum(-1)
+            seq_kl = (
+                kl_penalty(batch["old_logps"], batch["ref_logps"], cfg.kl_estimator)
+                * batch["completion_mask"].float()
+            ).sum(-1)
             penalised = ro.rewards - cfg.kl_coef * seq_kl  # r(x, y) − β·KL(y), Sec. 2
             window.add("reward/penalised", penalised)
             advantages = leave_one_out_advantages(penalised, cfg.num_generations)
@@ -124,14 +168,21 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
                 if current is not None:  # the one micro-batch: the rollout's rows, reordered
                     out = take_rows(current, mb.rows, mask.shape[1])
                 else:
-                    out = forward(b["input_ids"], b["attention_mask"], mask,
-                                  return_entropy=first_epoch, packed=pack(b, mb.rows))
+                    out = forward(
+                        b["input_ids"],
+                        b["attention_mask"],
+                        mask,
+                        return_entropy=first_epoch,
+                        packed=pack(b, mb.rows),
+                    )
                 old = b["old_logps"] if "old_logps" in b else out.token_logps.detach()
-                per_token, pg = ppo_policy_loss(out.token_logps, old, b["advantages"][:, None],
-                                                mask, clip_eps=cfg.clip_eps)  # Shao et al. Eq. 3
+                per_token, pg = ppo_policy_loss(
+                    out.token_logps, old, b["advantages"][:, None], mask, clip_eps=cfg.clip_eps
+                )  # Shao et al. Eq. 3
                 if cfg.BASELINE == "group" and cfg.kl_coef:  # β·D_KL in the objective, Eq. 3-4
                     per_token = per_token + cfg.kl_coef * kl_penalty(
-                        out.token_logps, b["ref_logps"], cfg.kl_estimator)
+                        out.token_logps, b["ref_logps"], cfg.kl_estimator
+                    )
                 loss_sum = aggregate_loss(per_token, mask, cfg)
                 engine.backward(loss_sum, mb.global_units)
             window.add("loss/policy", loss_sum.detach(), count=loss_units(mask, cfg))
@@ -140,8 +191,19 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
                 window.add("grad_norm", engine.optimizer_step())
 
         # 4. log and checkpoint ----------------------------------------------------------------
-        logged = online.end_iteration(engine, cfg, window, ro, step, bar, vllm_backend=vllm_backend,
-                                      updates_started=t_train) or logged
+        logged = (
+            online.end_iteration(
+                engine,
+                cfg,
+                window,
+                ro,
+                step,
+                bar,
+                vllm_backend=vllm_backend,
+                updates_started=t_train,
+            )
+            or logged
+        )
 
     online.finish(engine, setup.tokenizer, logged)
     return logged

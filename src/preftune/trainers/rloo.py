@@ -26,20 +26,31 @@ from preftune.trainers.policy_gradient import PolicyGradientConfig, run_policy_g
 class RLOOConfig(PolicyGradientConfig):
     BASELINE: ClassVar[str] = "leave_one_out"
 
-    num_generations: int = arg(4, "k: completions sampled per prompt; >= 2 (each one's "
-                               "baseline is the mean reward of the other k − 1).")
+    num_generations: int = arg(
+        4,
+        "k: completions sampled per prompt; >= 2 (each one's "
+        "baseline is the mean reward of the other k − 1).",
+    )
     kl_coef: float = arg(0.05, "β of the sequence KL penalty subtracted from the reward.")
-    kl_estimator: str = arg("k1", "Per-token KL estimator summed into the sequence penalty "
-                            "(k1: the log-ratio, as in Ahmadian et al. 2024).",
-                            choices=KL_ESTIMATORS)
-    normalize_advantages: bool = arg(False, "Whiten the advantages over the rollout (mean 0, "
-                                     "std 1) before the update.")
-    loss_aggregation: str = arg("sequence_sum", "How per-token losses become the loss: "
-                                "`sequence_sum` (Σ over each completion, mean over completions: "
-                                "REINFORCE's sequence log-prob, Ahmadian et al. 2024), "
-                                "`constant` (Σ / (rows x max_new_tokens): the same direction, "
-                                "max_new_tokens times smaller), `sequence` (mean per "
-                                "completion), `token`.", choices=AGGREGATION_MODES)
+    kl_estimator: str = arg(
+        "k1",
+        "Per-token KL estimator summed into the sequence penalty "
+        "(k1: the log-ratio, as in Ahmadian et al. 2024).",
+        choices=KL_ESTIMATORS,
+    )
+    normalize_advantages: bool = arg(
+        False, "Whiten the advantages over the rollout (mean 0, std 1) before the update."
+    )
+    loss_aggregation: str = arg(
+        "sequence_sum",
+        "How per-token losses become the loss: "
+        "`sequence_sum` (Σ over each completion, mean over completions: "
+        "REINFORCE's sequence log-prob, Ahmadian et al. 2024), "
+        "`constant` (Σ / (rows x max_new_tokens): the same direction, "
+        "max_new_tokens times smaller), `sequence` (mean per "
+        "completion), `token`.",
+        choices=AGGREGATION_MODES,
+    )
     clip_eps: float = arg(0.2, "ε of the clipped ratio when a rollout is reused.")
     ppo_epochs: int = arg(1, "Passes over each rollout (1: plain REINFORCE).")
 

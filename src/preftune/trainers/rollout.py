@@ -37,47 +37,84 @@ from preftune.trainers.reference import Reference
 class RewardSettings(Settings):
     """Where the reward of a completion comes from, and the penalties subtracted from it."""
 
-    reward_model: str = arg("", "Reward model folder (a sequence classifier with one output, "
-                            "e.g. the output of `preftune reward`).")
-    reward_fn: list[str] = arg([], "Reward function(s) `module:function` or "
-                               "`path/to/file.py:function`, called as fn(prompts, completions, "
-                               "**extra_columns) and returning one number per completion. "
-                               "The file is imported and run with your user's rights.")
-    reward_weights: list[float] = arg([], "One weight per reward source (the reward model "
-                                      "first, then the functions in order); default all 1.")
+    reward_model: str = arg(
+        "",
+        "Reward model folder (a sequence classifier with one output, "
+        "e.g. the output of `preftune reward`).",
+    )
+    reward_fn: list[str] = arg(
+        [],
+        "Reward function(s) `module:function` or "
+        "`path/to/file.py:function`, called as fn(prompts, completions, "
+        "**extra_columns) and returning one number per completion. "
+        "The file is imported and run with your user's rights.",
+    )
+    reward_weights: list[float] = arg(
+        [],
+        "One weight per reward source (the reward model "
+        "first, then the functions in order); default all 1.",
+    )
     reward_batch_size: int = arg(32, "Completions per reward-model forward pass.")
-    ensemble_agg: str = arg("mean", "How the members of a reward-model ensemble (a folder from "
-                            "`preftune reward --ensemble K`) are combined (Coste et al. 2023): "
-                            "mean; min (worst case); mean-minus-std or mean-minus-var (mean "
-                            "minus ensemble_coef times the members' std or variance).",
-                            choices=("mean", "min", "mean-minus-std", "mean-minus-var"))
-    ensemble_coef: float = arg(1.0, "The multiple of the members' std (or variance) that "
-                               "mean-minus-std (mean-minus-var) subtracts.")
-    reward_timeout: float = arg(600.0, "Seconds a reward function may take for one call "
-                                "before the run stops with an error (0: no limit).")
-    missing_eos_penalty: float = arg(0.0, "Subtracted from the reward of a completion cut at "
-                                     "max_new_tokens without EOS (Huang et al. 2024).")
+    ensemble_agg: str = arg(
+        "mean",
+        "How the members of a reward-model ensemble (a folder from "
+        "`preftune reward --ensemble K`) are combined (Coste et al. 2023): "
+        "mean; min (worst case); mean-minus-std or mean-minus-var (mean "
+        "minus ensemble_coef times the members' std or variance).",
+        choices=("mean", "min", "mean-minus-std", "mean-minus-var"),
+    )
+    ensemble_coef: float = arg(
+        1.0,
+        "The multiple of the members' std (or variance) that "
+        "mean-minus-std (mean-minus-var) subtracts.",
+    )
+    reward_timeout: float = arg(
+        600.0,
+        "Seconds a reward function may take for one call "
+        "before the run stops with an error (0: no limit).",
+    )
+    missing_eos_penalty: float = arg(
+        0.0,
+        "Subtracted from the reward of a completion cut at "
+        "max_new_tokens without EOS (Huang et al. 2024).",
+    )
     length_penalty: float = arg(0.0, "Subtracted from the reward once per completion token.")
 
     def check(self) -> None:
-        _require(self.reward_batch_size >= 1, "reward_batch_size", self.reward_batch_size,
-                 "an integer >= 1")
-        _require(self.reward_timeout >= 0, "reward_timeout", self.reward_timeout,
-                 "a number of seconds >= 0 (0: no limit)")
+        _require(
+            self.reward_batch_size >= 1,
+            "reward_batch_size",
+            self.reward_batch_size,
+            "an integer >= 1",
+        )
+        _require(
+            self.reward_timeout >= 0,
+            "reward_timeout",
+            self.reward_timeout,
+            "a number of seconds >= 0 (0: no limit)",
+        )
         for name in ("missing_eos_penalty", "length_penalty"):
             value = getattr(self, name)
-            _require(math.isfinite(value) and value >= 0, name, value,
-                     "a finite number >= 0 (it is subtracted from the reward)")
+            _require(
+                math.isfinite(value) and value >= 0,
+                name,
+                value,
+                "a finite number >= 0 (it is subtracted from the reward)",
+            )
         if not self.reward_model and not self.reward_fn:
-            raise PreftuneError("no reward source: pass --reward-model PATH and/or "
-                                "--reward-fn module:function (or path/to/file.py:function)")
+            raise PreftuneError(
+                "no reward source: pass --reward-model PATH and/or "
+                "--reward-fn module:function (or path/to/file.py:function)"
+            )
         n_sources = int(bool(self.reward_model)) + len(self.reward_fn)
         if self.reward_weights and len(self.reward_weights) != n_sources:
             raise PreftuneError(
                 f"reward_weights: got {len(self.reward_weights)} weights for {n_sources} reward "
-                "sources; give one per source, the reward model first, then the functions")
-        check_ensemble_settings(self.ensemble_agg, self.ensemble_coef,
-                                is_ensemble(self.reward_model), self.reward_model)
+                "sources; give one per source, the reward model first, then the functions"
+            )
+        check_ensemble_settings(
+            self.ensemble_agg, self.ensemble_coef, is_ensemble(self.reward_model), self.reward_model
+        )
 
 
 @dataclass
@@ -85,32 +122,51 @@ class SamplingSettings(Settings):
     """How completions are sampled, and by which backend."""
 
     max_new_tokens: int = arg(64, "Most tokens sampled per completion (EOS included).")
-    temperature: float = arg(1.0, "Sampling temperature (> 0); log-probs are computed under "
-                             "the same tempered distribution.")
+    temperature: float = arg(
+        1.0,
+        "Sampling temperature (> 0); log-probs are computed under the same tempered distribution.",
+    )
     top_p: float = arg(1.0, "Nucleus sampling mass in (0, 1]; 1 keeps every token.")
     generation_batch_size: int = arg(64, "Rows per generation forward pass (HF backend).")
-    generator: str = arg("hf", "Generation backend: `hf` (our KV-cache loop, CPU or GPU) or "
-                         "`vllm` (needs vllm and a CUDA GPU; weights synced every step).",
-                         choices=("hf", "vllm"))
+    generator: str = arg(
+        "hf",
+        "Generation backend: `hf` (our KV-cache loop, CPU or GPU) or "
+        "`vllm` (needs vllm and a CUDA GPU; weights synced every step).",
+        choices=("hf", "vllm"),
+    )
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU memory share for the vLLM engine.")
 
     def check(self) -> None:
-        _require(self.generation_batch_size >= 1, "generation_batch_size",
-                 self.generation_batch_size, "an integer >= 1")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
-                 "an integer >= 1")
-        _require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
-                 self.temperature, "a number > 0 (use e.g. 1e-3 for near-greedy sampling)")
+        _require(
+            self.generation_batch_size >= 1,
+            "generation_batch_size",
+            self.generation_batch_size,
+            "an integer >= 1",
+        )
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "temperature",
+            self.temperature,
+            "a number > 0 (use e.g. 1e-3 for near-greedy sampling)",
+        )
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _require(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
-                 self.vllm_gpu_memory_utilization, "a number in (0, 1]")
+        _require(
+            0 < self.vllm_gpu_memory_utilization <= 1,
+            "vllm_gpu_memory_utilization",
+            self.vllm_gpu_memory_utilization,
+            "a number in (0, 1]",
+        )
         if self.generator == "vllm" and not vllm_available():
-            raise PreftuneError("generator=vllm needs the `vllm` package and a CUDA GPU "
-                                "(pip install 'preftune[vllm]'); use --generator hf here")
+            raise PreftuneError(
+                "generator=vllm needs the `vllm` package and a CUDA GPU "
+                "(pip install 'preftune[vllm]'); use --generator hf here"
+            )
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p).validate()
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+        ).validate()
 
 
 @dataclass
@@ -123,7 +179,8 @@ class RolloutSettings(SamplingSettings, RewardSettings, LengthSettings, ModelSet
             raise PreftuneError(
                 f"max_new_tokens={self.max_new_tokens} does not fit after a prompt of up to "
                 f"{self.prompt_limit} tokens within max_length={self.max_length}; lower "
-                "max_new_tokens or max_prompt_length, or raise max_length")
+                "max_new_tokens or max_prompt_length, or raise max_length"
+            )
         if self.generator == "vllm" and self.model.startswith("tiny"):
             raise PreftuneError("generator=vllm needs a model folder or hub name, not `tiny`")
 
@@ -133,20 +190,24 @@ class GroupPackingSettings(Settings):
     """How the completions of one prompt go through the model after sampling (the commands
     that sample several per prompt: grpo, rloo, online-dpo)."""
 
-    packing: str = arg("auto", "Run the completions of one prompt as one packed row that "
-                       "computes the prompt once (reference, old-policy and update forward "
-                       "passes), exact to float rounding. `auto`: where the model is verified "
-                       "for it (Llama, Mistral, Qwen2/3 with sdpa or eager attention), else "
-                       "padded rows; `off`: always padded rows.", choices=("auto", "off"))
+    packing: str = arg(
+        "auto",
+        "Run the completions of one prompt as one packed row that "
+        "computes the prompt once (reference, old-policy and update forward "
+        "passes), exact to float rounding. `auto`: where the model is verified "
+        "for it (Llama, Mistral, Qwen2/3 with sdpa or eager attention), else "
+        "padded rows; `off`: always padded rows.",
+        choices=("auto", "off"),
+    )
 
 
 # --- loading ---------------------------------------------------------------------------------
 
+
 def load_prompts(cfg, tokenizer, log=print) -> list[dict]:
     """Read `data` as prompts {"prompt_ids", "prompt", "extra"}, truncated to `prompt_limit`."""
     examples = read_examples(cfg.data, "prompts", cfg, log)
-    prompts, report = tokenize_prompts(tokenizer, examples, cfg.prompt_limit,
-                                       cfg.prompt_truncation)
+    prompts, report = tokenize_prompts(tokenizer, examples, cfg.prompt_limit, cfg.prompt_truncation)
     log(report.summary())
     if not prompts:
         raise PreftuneError(f"{cfg.data}: no usable prompts left after tokenization")
@@ -155,22 +216,36 @@ def load_prompts(cfg, tokenizer, log=print) -> list[dict]:
 
 def load_reward(cfg: RewardSettings, device) -> Any:
     """The reward source (a preftune.rewards.RewardSource) of the settings."""
-    return parse_reward_spec(cfg.reward_model or None, cfg.reward_fn, cfg.reward_weights or None,
-                             batch_size=cfg.reward_batch_size, max_length=cfg.max_length,
-                             device=device, ensemble_agg=cfg.ensemble_agg,
-                             ensemble_coef=cfg.ensemble_coef, timeout=cfg.reward_timeout)
+    return parse_reward_spec(
+        cfg.reward_model or None,
+        cfg.reward_fn,
+        cfg.reward_weights or None,
+        batch_size=cfg.reward_batch_size,
+        max_length=cfg.max_length,
+        device=device,
+        ensemble_agg=cfg.ensemble_agg,
+        ensemble_coef=cfg.ensemble_coef,
+        timeout=cfg.reward_timeout,
+    )
 
 
 def make_generator_backend(cfg: RolloutSettings, tokenizer):
     """None for the HF loop; a VLLMGenerator when `generator=vllm` (imports vllm only then)."""
     if cfg.generator != "vllm":
         return None
-    return VLLMGenerator(cfg.model, cfg.sampling(), cfg.vllm_gpu_memory_utilization,
-                         dtype=cfg.dtype, max_model_len=cfg.max_length, seed=cfg.seed,
-                         eos_token_ids=[tokenizer.eos_token_id])
+    return VLLMGenerator(
+        cfg.model,
+        cfg.sampling(),
+        cfg.vllm_gpu_memory_utilization,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_length,
+        seed=cfg.seed,
+        eos_token_ids=[tokenizer.eos_token_id],
+    )
 
 
 # --- prompt order and sampling randomness ---------------------------------------------------
+
 
 @functools.lru_cache(maxsize=4)
 def _prompt_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
@@ -178,8 +253,9 @@ def _prompt_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n_prompts, generator=generator).tolist())
 
 
-def step_prompt_indices(n_prompts: int, prompts_per_step: int, step: int, seed: int,
-                        rank: int = 0, world_size: int = 1) -> list[int]:
+def step_prompt_indices(
+    n_prompts: int, prompts_per_step: int, step: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[int]:
     """This process's prompts for training iteration `step` (1-based).
 
     The prompts form one endless stream, a fresh permutation per pass; iteration `step` takes
@@ -201,6 +277,7 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
 
 # --- sample and score ------------------------------------------------------------------------
 
+
 @dataclass
 class Scored:
     """G completions of each prompt, prompt-major, with their rewards."""
@@ -212,9 +289,18 @@ class Scored:
     components: dict[str, torch.Tensor]  # unweighted score per source, [N]
 
 
-def sample_and_score(cfg: RolloutSettings, model, tokenizer, reward, features: list[dict],
-                     num_samples: int, seed: int, device, times: dict[str, float],
-                     vllm_backend=None) -> Scored:
+def sample_and_score(
+    cfg: RolloutSettings,
+    model,
+    tokenizer,
+    reward,
+    features: list[dict],
+    num_samples: int,
+    seed: int,
+    device,
+    times: dict[str, float],
+    vllm_backend=None,
+) -> Scored:
     """Sample `num_samples` completions per prompt from `model` (a plain HF model), decode and
     score them; add the seconds spent to `times`."""
     t0 = time.perf_counter()
@@ -223,14 +309,22 @@ def sample_and_score(cfg: RolloutSettings, model, tokenizer, reward, features: l
         rollout = vllm_backend.generate(prompt_ids, num_samples=num_samples)
     else:
         generator = torch.Generator(device=device).manual_seed(seed)
-        rollout = generate(model, tokenizer, prompt_ids, cfg.sampling(), num_samples=num_samples,
-                           batch_size=cfg.generation_batch_size, generator=generator)
+        rollout = generate(
+            model,
+            tokenizer,
+            prompt_ids,
+            cfg.sampling(),
+            num_samples=num_samples,
+            batch_size=cfg.generation_batch_size,
+            generator=generator,
+        )
     t1 = time.perf_counter()
     completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     prompts = [f["prompt"] for f in features for _ in range(num_samples)]
     extras = extra_columns([f["extra"] for f in features for _ in range(num_samples)])
-    rewards, components = score(reward, prompts, completions, extras, rollout.finished,
-                                rollout.completion_lengths, cfg)
+    rewards, components = score(
+        reward, prompts, completions, extras, rollout.finished, rollout.completion_lengths, cfg
+    )
     times["time/generation_s"] = times.get("time/generation_s", 0.0) + t1 - t0
     times["time/scoring_s"] = times.get("time/scoring_s", 0.0) + time.perf_counter() - t1
     return Scored(rollout, prompts, completions, rewards, components)
@@ -244,22 +338,31 @@ def extra_columns(extras: list[dict]) -> dict[str, list]:
     return {name: [e.get(name) for e in extras] for name in names}
 
 
-def score(reward, prompts, completions, extras, finished, lengths, cfg: RewardSettings
-          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def score(
+    reward, prompts, completions, extras, finished, lengths, cfg: RewardSettings
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reward source's total with the penalties applied, and its components."""
     total, components = reward.score_with_components(prompts, completions, **extras)
     total = torch.as_tensor(total, dtype=torch.float32).cpu()
     bad = (~torch.isfinite(total)).nonzero().flatten().tolist()
     if bad:  # a reward model can return NaN; functions are checked by FunctionReward
-        raise PreftuneError(f"the reward source {getattr(reward, 'name', 'reward')!r} returned "
-                            f"{len(bad)} non-finite (NaN or inf) rewards of {len(total)}, e.g. "
-                            f"for completion {completions[bad[0]]!r}")
-    total = apply_penalties(total, finished, lengths, missing_eos_penalty=cfg.missing_eos_penalty,
-                            length_penalty=cfg.length_penalty)
+        raise PreftuneError(
+            f"the reward source {getattr(reward, 'name', 'reward')!r} returned "
+            f"{len(bad)} non-finite (NaN or inf) rewards of {len(total)}, e.g. "
+            f"for completion {completions[bad[0]]!r}"
+        )
+    total = apply_penalties(
+        total,
+        finished,
+        lengths,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        length_penalty=cfg.length_penalty,
+    )
     return total, components
 
 
 # --- the rollout of a training iteration -----------------------------------------------------
+
 
 @dataclass
 class RolloutBatch:
@@ -276,8 +379,12 @@ class RolloutBatch:
     times: dict[str, float]
 
 
-def pack_groups(batch: dict[str, torch.Tensor], num_generations: int, pad_id: int,
-                rows: torch.Tensor | None = None) -> PackedBatch:
+def pack_groups(
+    batch: dict[str, torch.Tensor],
+    num_generations: int,
+    pad_id: int,
+    rows: torch.Tensor | None = None,
+) -> PackedBatch:
     """Rows of a rollout batch (right-padded) packed so that the completions of one prompt
     share it: one packed row per prompt, [prompt, completion 1, ..., completion k], each
     completion seeing the prompt and itself (`models/packing.py`). `rows`: the rollout rows
@@ -285,8 +392,10 @@ def pack_groups(batch: dict[str, torch.Tensor], num_generations: int, pad_id: in
     same prompt when r // num_generations == s // num_generations (prompt-major rollouts)."""
     lengths = batch["attention_mask"].sum(-1).tolist()
     ids, completion = batch["input_ids"].tolist(), batch["completion_mask"].tolist()
-    seqs = [{"input_ids": ids[i][:n], "completion_mask": completion[i][:n]}
-            for i, n in enumerate(lengths)]
+    seqs = [
+        {"input_ids": ids[i][:n], "completion_mask": completion[i][:n]}
+        for i, n in enumerate(lengths)
+    ]
     rollout_rows = range(len(seqs)) if rows is None else rows.tolist()
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(rollout_rows):
@@ -294,11 +403,18 @@ def pack_groups(batch: dict[str, torch.Tensor], num_generations: int, pad_id: in
     return pack_sequences(seqs, list(groups.values()), pad_id=pad_id)
 
 
-def collect_rollout(cfg, engine, setup, step: int, *, reference: Reference,
-                    policy_forward: Callable[..., Any],
-                    old_policy: Callable[[dict], dict[str, torch.Tensor]] | None = None,
-                    pack: Callable[[dict], PackedBatch | None] | None = None,
-                    vllm_backend=None) -> RolloutBatch:
+def collect_rollout(
+    cfg,
+    engine,
+    setup,
+    step: int,
+    *,
+    reference: Reference,
+    policy_forward: Callable[..., Any],
+    old_policy: Callable[[dict], dict[str, torch.Tensor]] | None = None,
+    pack: Callable[[dict], PackedBatch | None] | None = None,
+    vllm_backend=None,
+) -> RolloutBatch:
     """Training iteration `step`'s rollout: sample `num_generations` completions per prompt from
     the current policy, score them, then the reference log-probs and, when the update needs
     them, `old_policy(batch)`: a no-grad forward of the current policy before any update whose
@@ -308,27 +424,48 @@ def collect_rollout(cfg, engine, setup, step: int, *, reference: Reference,
     (`pack_groups`), or None for padded rows."""
     prompts, tokenizer = setup.prompts, setup.tokenizer
     device = engine.accelerator.device
-    indices = step_prompt_indices(len(prompts), cfg.prompts_per_step, step, cfg.seed,
-                                  engine.rank, engine.world_size)
+    indices = step_prompt_indices(
+        len(prompts), cfg.prompts_per_step, step, cfg.seed, engine.rank, engine.world_size
+    )
     features = [prompts[i] for i in indices]
     times: dict[str, float] = {}
     # Generate with the plain HF model, outside DDP.
-    s = sample_and_score(cfg, engine.unwrap().policy, tokenizer, setup.reward, features,
-                         cfg.num_generations, sampling_seed(cfg.seed, step, engine.rank), device,
-                         times, vllm_backend)
+    s = sample_and_score(
+        cfg,
+        engine.unwrap().policy,
+        tokenizer,
+        setup.reward,
+        features,
+        cfg.num_generations,
+        sampling_seed(cfg.seed, step, engine.rank),
+        device,
+        times,
+        vllm_backend,
+    )
     t0 = time.perf_counter()
     batch = {k: v.to(device) for k, v in s.rollout.to_batch(tokenizer.pad_token_id).items()}
-    batch["ref_logps"] = reference(policy_forward, batch["input_ids"], batch["attention_mask"],
-                                   batch["completion_mask"], temperature=cfg.temperature,
-                                   packed=pack(batch) if pack is not None else None).token_logps
+    batch["ref_logps"] = reference(
+        policy_forward,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        temperature=cfg.temperature,
+        packed=pack(batch) if pack is not None else None,
+    ).token_logps
     if old_policy is not None:
         with torch.no_grad():
             batch.update(old_policy(batch))
     times["time/scoring_s"] += time.perf_counter() - t0
-    return RolloutBatch(batch=batch, prompts=s.prompts, completions=s.completions,
-                        rewards=s.rewards.to(device), components=s.components,
-                        finished=s.rollout.finished, lengths=s.rollout.completion_lengths,
-                        times=times)
+    return RolloutBatch(
+        batch=batch,
+        prompts=s.prompts,
+        completions=s.completions,
+        rewards=s.rewards.to(device),
+        components=s.components,
+        finished=s.rollout.finished,
+        lengths=s.rollout.completion_lengths,
+        times=times,
+    )
 
 
 def rollout_metrics(ro: RolloutBatch) -> dict[str, Any]:

@@ -17,9 +17,12 @@ from preftune.trainers.common import load_policy, train_eval_examples, truncatio
 
 @dataclass
 class SFTConfig(TrainConfig):
-    data: str = arg("demo", "Demonstrations: prompt/completion, text, chat messages, or "
-                    "preference data (its chosen responses are used). `demo` is a built-in "
-                    "sample of 300 HH-RLHF dialogues.")
+    data: str = arg(
+        "demo",
+        "Demonstrations: prompt/completion, text, chat messages, or "
+        "preference data (its chosen responses are used). `demo` is a built-in "
+        "sample of 300 HH-RLHF dialogues.",
+    )
     lr: float = arg(2e-4, "Peak learning rate (AdamW).")
 
 
@@ -31,7 +34,9 @@ class SFTObjective:
 
     def __call__(self, module, batch):
         packed = {"packed": batch["packed"]} if "packed" in batch else {}  # padding-free rows
-        out = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **packed)
+        out = module(
+            batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **packed
+        )
         loss_sum, n_tokens = nll_loss(out.token_logps, batch["completion_mask"])
         per_example_nll = -out.seq_logps / out.n_tokens.clamp(min=1)
         return loss_sum, {"nll/per_token": per_example_nll.detach()}
@@ -50,8 +55,14 @@ def run_sft(cfg: SFTConfig) -> dict:
     engine.setup(module, engine.planned_steps(len(train_set)))
     pad_id = tokenizer.pad_token_id
     pack = cfg.packing == "auto"
-    metrics = train_offline(engine, engine.model, train_set, lambda f: collate_sft(f, pad_id, pack=pack),
-                            SFTObjective(), eval_set=eval_set)
+    metrics = train_offline(
+        engine,
+        engine.model,
+        train_set,
+        lambda f: collate_sft(f, pad_id, pack=pack),
+        SFTObjective(),
+        eval_set=eval_set,
+    )
     engine.save_pretrained(engine.unwrap().policy, tokenizer, prefix="policy.")
     engine.finish({"metrics": metrics, "train_examples": len(train_set)})
     engine.print(f"saved the model to {engine.output_dir}")
