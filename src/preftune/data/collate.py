@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.models.packing import PackedBatch, pack_sequences
+from preftune.models.packing import PackedBatch, pack_sequences, pair_groups
 
 
 def pad_sequences(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -69,9 +69,7 @@ def collate_pairs(features: list[dict], pad_id: int, *, pack: bool = False) -> d
     batch: dict = pad_sequences(seqs, pad_id)
     if pack:
         n = len(features)
-        packed = pack_sequences(
-            seqs, [[i, n + i] for i in range(n)], pad_id=pad_id, padding_free=True
-        )
+        packed = pack_sequences(seqs, pair_groups(n), pad_id=pad_id, padding_free=True)
         if fewer_tokens(packed, batch["input_ids"]):
             batch["packed"] = packed
     batch["num_pairs"] = len(features)

@@ -117,6 +117,12 @@ def _first_fit_decreasing(lengths: list[int], capacity: int | None) -> list[list
     return bins
 
 
+def pair_groups(num_pairs: int) -> list[list[int]]:
+    """The groups of pairs laid out as [chosen_0..chosen_{n-1}, rejected_0..rejected_{n-1}]:
+    chosen_i with rejected_i."""
+    return [[i, num_pairs + i] for i in range(num_pairs)]
+
+
 def pack_sequences(
     seqs: list[dict],
     groups: list[list[int]] | None = None,

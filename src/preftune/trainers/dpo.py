@@ -32,6 +32,7 @@ from preftune.losses.preference import (
     preference_loss,
 )
 from preftune.models.logprobs import CompletionLogProbs
+from preftune.models.packing import pair_groups
 from preftune.trainers import reference as ref_lib
 from preftune.trainers.common import load_policy, train_eval_examples, truncation
 
@@ -239,7 +240,7 @@ def precompute_reference(
                 both,
                 pad_id,
                 2 * cfg.batch_size,
-                groups=[[i, n + i] for i in range(n)],
+                groups=pair_groups(n),
                 pack=pack,
             )
             out[f"{split}/chosen"], out[f"{split}/rejected"] = logps[:n], logps[n:]

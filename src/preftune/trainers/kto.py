@@ -27,7 +27,7 @@ from preftune.engine.engine import Engine
 from preftune.engine.loop import train_offline
 from preftune.errors import PreftuneError
 from preftune.losses.kto import kto_loss
-from preftune.models.packing import pack_sequences
+from preftune.models.packing import pack_sequences, pair_groups
 from preftune.models.logprobs import CompletionLogProbs
 from preftune.trainers import reference as ref_lib
 from preftune.trainers.common import load_policy, train_eval_examples, truncation
@@ -105,9 +105,7 @@ def collate_kto(features: list[dict], pad_id: int, max_length: int, *, pack: boo
                 batch[key] = packed
         both = matched + mismatched
         n = len(features)
-        packed = pack_sequences(
-            both, [[i, n + i] for i in range(n)], pad_id=pad_id, padding_free=True
-        )
+        packed = pack_sequences(both, pair_groups(n), pad_id=pad_id, padding_free=True)
         if packed.input_ids.numel() < batch["input_ids"].numel() + kl["input_ids"].numel():
             batch.update({f"ref_{k}": v for k, v in pad_sequences(both, pad_id).items()})
             batch["ref_packed"] = packed

@@ -94,13 +94,10 @@ def run_policy_gradient(cfg: PolicyGradientConfig, command: str) -> dict:
             pack_groups(batch, cfg.num_generations, pad_id, rows) if cfg.packing == "auto" else None
         )
 
-    def old_policy(batch):  # π_old of the ratio (and of RLOO's sequence KL)
+    def old_policy(batch, packed):  # π_old of the ratio (and of RLOO's sequence KL)
         return {
             "old_logps": forward(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["completion_mask"],
-                packed=pack(batch),
+                batch["input_ids"], batch["attention_mask"], batch["completion_mask"], packed=packed
             ).token_logps
         }
 

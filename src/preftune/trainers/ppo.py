@@ -184,7 +184,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     def policy_forward(*args, **kw):  # the log-probs alone, for the LoRA-base reference
         return forward(*args, **kw)[0]
 
-    def old_policy(batch):  # π_old and V_old, before any update of this rollout
+    def old_policy(batch, packed):  # π_old and V_old, before any update (PPO packs nothing)
         out, values = forward(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         return {"old_logps": out.token_logps, "old_values": values}
 

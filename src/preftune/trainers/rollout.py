@@ -411,17 +411,17 @@ def collect_rollout(
     *,
     reference: Reference,
     policy_forward: Callable[..., Any],
-    old_policy: Callable[[dict], dict[str, torch.Tensor]] | None = None,
+    old_policy: Callable[[dict, PackedBatch | None], dict[str, torch.Tensor]] | None = None,
     pack: Callable[[dict], PackedBatch | None] | None = None,
     vllm_backend=None,
 ) -> RolloutBatch:
     """Training iteration `step`'s rollout: sample `num_generations` completions per prompt from
     the current policy, score them, then the reference log-probs and, when the update needs
-    them, `old_policy(batch)`: a no-grad forward of the current policy before any update whose
-    tensors (old_logps, ...) join the batch. `setup` holds the prompts, tokenizer and reward
+    them, `old_policy(batch, packed)`: a no-grad forward of the current policy before any update
+    whose tensors (old_logps, ...) join the batch. `setup` holds the prompts, tokenizer and reward
     source; `policy_forward` is the prepared policy's log-prob forward (the reference runs it
-    with the adapters disabled); `pack(batch)`: the batch packed for the reference's forward
-    (`pack_groups`), or None for padded rows."""
+    with the adapters disabled); `pack(batch)`: the batch packed for the reference's and
+    `old_policy`'s forwards (`pack_groups`, packed once), or None for padded rows."""
     prompts, tokenizer = setup.prompts, setup.tokenizer
     device = engine.accelerator.device
     indices = step_prompt_indices(
@@ -444,17 +444,18 @@ def collect_rollout(
     )
     t0 = time.perf_counter()
     batch = {k: v.to(device) for k, v in s.rollout.to_batch(tokenizer.pad_token_id).items()}
+    packed = pack(batch) if pack is not None else None
     batch["ref_logps"] = reference(
         policy_forward,
         batch["input_ids"],
         batch["attention_mask"],
         batch["completion_mask"],
         temperature=cfg.temperature,
-        packed=pack(batch) if pack is not None else None,
+        packed=packed,
     ).token_logps
     if old_policy is not None:
         with torch.no_grad():
-            batch.update(old_policy(batch))
+            batch.update(old_policy(batch, packed))
     times["time/scoring_s"] += time.perf_counter() - t0
     return RolloutBatch(
         batch=batch,
